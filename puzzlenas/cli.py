@@ -1,0 +1,124 @@
+"""`puzzlenas` command line: convert, info, generate, run."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _torch_dtype(name: str):
+    import torch
+
+    return getattr(torch, name)
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from .info import architecture_table
+    from .parent import convert_parent
+    from .modeling import DeciLMConfig
+
+    out = convert_parent(args.parent, args.out, _torch_dtype(args.dtype))
+    print(architecture_table(DeciLMConfig.from_pretrained(out)))
+    print(f"wrote {out}")
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from .info import architecture_table
+    from .parent import nas_config_from_hf, read_hf_config, resolve_parent_dir
+
+    config = nas_config_from_hf(read_hf_config(resolve_parent_dir(args.model)))
+    print(architecture_table(config, args.kv_dtype))
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    import torch
+    from transformers import AutoTokenizer
+
+    from .parent import load_parent, resolve_parent_dir
+
+    model_dir = resolve_parent_dir(args.model)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model = load_parent(model_dir, _torch_dtype(args.dtype)).to(device)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    if args.chat and tokenizer.chat_template:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}],
+                                             tokenize=False, add_generation_prompt=True)
+    else:
+        text = args.prompt
+    inputs = tokenizer(text, return_tensors="pt").to(device)
+    with torch.no_grad():
+        output = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=args.temperature > 0,
+                                temperature=args.temperature if args.temperature > 0 else None,
+                                top_p=None, top_k=None, pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
+    print(tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from .pipeline import run_pipeline
+
+    run_pipeline(args.config, run_dir=args.run_dir, until=args.until, force=args.force, overrides=args.set)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="puzzlenas", description=(
+        "Puzzle NAS: turn a parent LLM into a faster heterogeneous child (Nemotron-NAS format). "
+        "PARENT / MODEL may be a local checkpoint directory, a hub id, or 'smollm2-135m' (bundled)."))
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("convert", help="convert a parent into a Nemotron-NAS checkpoint with all-parent blocks",
+                       description="Convert a Llama / Mistral / Qwen2 parent into the Nemotron-NAS layout.")
+    p.add_argument("parent", help="local directory, hub id, or smollm2-135m")
+    p.add_argument("out", type=Path, help="output directory")
+    p.add_argument("--dtype", choices=DTYPES, default="float32", help="weight dtype written (default float32)")
+    p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("info", help="per-layer table: blocks, parameters, KV-cache bytes per token",
+                       description="Print a model's per-layer architecture table and totals.")
+    p.add_argument("model", help="puzzlenas child, parent directory, hub id, or smollm2-135m")
+    p.add_argument("--kv-dtype", choices=("bfloat16", "float16", "float32", "fp8"), default="bfloat16",
+                   help="dtype of the KV cache and weights for the byte counts (default bfloat16)")
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("generate", help="generate text from a model with its KV cache",
+                       description="Generate a continuation of PROMPT (greedy unless --temperature > 0).")
+    p.add_argument("model", help="puzzlenas child, parent directory, hub id, or smollm2-135m")
+    p.add_argument("prompt")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
+    p.add_argument("--dtype", choices=DTYPES, default="float32")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("run", help="run the pipeline (default: the bundled parent)",
+                       description="Run the pipeline stages of CONFIG into a run directory, resuming "
+                                   "finished stages. Without CONFIG: the default job on the bundled parent.")
+    p.add_argument("config", nargs="?", default=None, help="YAML run config (default: built-in default job)")
+    p.add_argument("--run-dir", type=Path, default=None, help="run directory (default runs/<name>)")
+    p.add_argument("--until", default=None, help="stop after this stage")
+    p.add_argument("--force", action="append", default=[], help="rerun this stage even if done (repeatable)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config field, e.g. --set parent=/path/to/llama (repeatable)")
+    p.set_defaults(func=cmd_run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError) as err:
+        # Our errors name the problem and the fix; a traceback would only bury that.
+        print(f"puzzlenas {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,127 @@
+"""Run configuration: typed dataclasses are the schema, YAML is a dump of them.
+
+Unknown keys, wrong types and impossible values fail at load with the key's path and
+what is allowed. `--set a.b=value` overrides parse `value` as YAML.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A run config that cannot be used as written."""
+
+
+@dataclass
+class RunConfig:
+    """One puzzlenas job: which parent, where, at which precision."""
+
+    name: str = "default"  # run directory name under runs/
+    parent: str = "smollm2-135m"  # local checkpoint dir, hub id, or a bundled parent name
+    parent_dtype: str = "float32"  # dtype the converted parent is stored in: float32 | bfloat16
+    seed: int = 0
+
+    def validate(self) -> None:
+        if self.parent_dtype not in ("float32", "bfloat16"):
+            raise ConfigError(f"parent_dtype = {self.parent_dtype!r}; allowed: float32, bfloat16")
+        if not self.name or "/" in self.name:
+            raise ConfigError(f"name = {self.name!r} must be a non-empty directory name without '/'")
+
+
+def from_dict(cls: type, data: dict[str, Any], path: str = "") -> Any:
+    """Build dataclass `cls` from a dict, checking keys and types recursively."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path or 'config'} must be a mapping, got {type(data).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        where = f"{path}." if path else ""
+        raise ConfigError(f"unknown config key(s) {[where + k for k in unknown]}; allowed at "
+                          f"{path or 'top level'}: {sorted(fields)}")
+    hints = typing.get_type_hints(cls)
+    kwargs = {name: _coerce(hints[name], value, f"{path}.{name}" if path else name)
+              for name, value in data.items()}
+    obj = cls(**kwargs)
+    if hasattr(obj, "validate"):
+        obj.validate()
+    return obj
+
+
+def _coerce(hint: Any, value: Any, path: str) -> Any:
+    origin = typing.get_origin(hint)
+    if dataclasses.is_dataclass(hint):
+        return from_dict(hint, value, path)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(hint)
+        if value is None and type(None) in options:
+            return None
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _coerce(option, value, path)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{path} = {value!r} has the wrong type; expected {hint}")
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{path} = {value!r} must be a list")
+        (item,) = typing.get_args(hint)[:1] or (Any,)
+        return [_coerce(item, v, f"{path}[{i}]") for i, v in enumerate(value)]
+    if origin is dict or hint is Any:
+        return value
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint in (int, float, str, bool) and not (isinstance(value, hint) and
+                                                 not (hint is int and isinstance(value, bool))):
+        raise ConfigError(f"{path} = {value!r} has type {type(value).__name__}; expected {hint.__name__}")
+    return value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `key.sub=value` overrides (value parsed as YAML) to a config dict."""
+    data = json.loads(json.dumps(data))
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like key=value (e.g. parent=smollm2-135m)")
+        key, raw = item.split("=", 1)
+        target = data
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            target = target.setdefault(part, {})
+        target[parts[-1]] = yaml.safe_load(raw)
+    return data
+
+
+def load_run_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
+    """The default job (path None) or a YAML file, with overrides, validated."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} not found")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path} is not valid YAML: {err}") from err
+    return from_dict(RunConfig, apply_overrides(data, list(overrides)))
+
+
+def config_hash(obj: Any) -> str:
+    """Stable short hash of a dataclass (or dict) for stage DONE markers."""
+    data = dataclasses.asdict(obj) if dataclasses.is_dataclass(obj) else obj
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def dump_yaml(cfg: Any) -> str:
+    return yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False)
