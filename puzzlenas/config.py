@@ -17,6 +17,10 @@ from typing import Any
 
 import yaml
 
+from .bld import BLDConfig
+from .data import DataConfig
+from .library import LibraryConfig
+
 
 class ConfigError(ValueError):
     """A run config that cannot be used as written."""
@@ -24,18 +28,24 @@ class ConfigError(ValueError):
 
 @dataclass
 class RunConfig:
-    """One puzzlenas job: which parent, where, at which precision."""
+    """One puzzlenas job: which parent, which data, which search space, how to train it."""
 
     name: str = "default"  # run directory name under runs/
     parent: str = "smollm2-135m"  # local checkpoint dir, hub id, or a bundled parent name
     parent_dtype: str = "float32"  # dtype the converted parent is stored in: float32 | bfloat16
     seed: int = 0
+    device: str = "auto"  # auto (cuda if available, else cpu) | cpu | cuda | cuda:N
+    data: DataConfig = field(default_factory=DataConfig)
+    library: LibraryConfig = field(default_factory=LibraryConfig)
+    bld: BLDConfig = field(default_factory=BLDConfig)
 
     def validate(self) -> None:
         if self.parent_dtype not in ("float32", "bfloat16"):
             raise ConfigError(f"parent_dtype = {self.parent_dtype!r}; allowed: float32, bfloat16")
         if not self.name or "/" in self.name:
             raise ConfigError(f"name = {self.name!r} must be a non-empty directory name without '/'")
+        if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
+            raise ConfigError(f"device = {self.device!r}; allowed: auto, cpu, cuda, cuda:N")
 
 
 def from_dict(cls: type, data: dict[str, Any], path: str = "") -> Any:
@@ -51,9 +61,14 @@ def from_dict(cls: type, data: dict[str, Any], path: str = "") -> Any:
     hints = typing.get_type_hints(cls)
     kwargs = {name: _coerce(hints[name], value, f"{path}.{name}" if path else name)
               for name, value in data.items()}
-    obj = cls(**kwargs)
-    if hasattr(obj, "validate"):
-        obj.validate()
+    try:
+        obj = cls(**kwargs)
+        if hasattr(obj, "validate"):
+            obj.validate()
+    except ConfigError:
+        raise
+    except ValueError as err:  # a section's own validation: say where it is
+        raise ConfigError(f"{path or 'config'}: {err}") from err
     return obj
 
 
@@ -120,8 +135,8 @@ def load_run_config(path: str | Path | None, overrides: list[str] = ()) -> RunCo
 def config_hash(obj: Any) -> str:
     """Stable short hash of a dataclass (or dict) for stage DONE markers."""
     data = dataclasses.asdict(obj) if dataclasses.is_dataclass(obj) else obj
-    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def dump_yaml(cfg: Any) -> str:
-    return yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False)
+    return yaml.safe_dump(json.loads(json.dumps(dataclasses.asdict(cfg), default=str)), sort_keys=False)

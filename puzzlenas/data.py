@@ -54,9 +54,10 @@ import sys
 import time
 import uuid
 import warnings
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Iterable, Iterator, NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -131,15 +132,16 @@ SOURCE_LICENSES: dict[str, str] = {
     ),
     "python-docs": (
         "Python reference documentation (pydoc_data.topics from the running CPython): PSF "
-        "License Agreement (Python documentation license)."
+        "License Agreement, as stated in the Python documentation's license page (code examples "
+        "in the documentation are also under the Zero-Clause BSD license since Python 3.8.6)."
     ),
     "txt": "user-provided local files: the user's responsibility.",
     "jsonl": "user-provided local files: the user's responsibility.",
     "parquet": "user-provided local files: the user's responsibility.",
-    "hf": "Hugging Face dataset: the license stated on the dataset's card; the user's responsibility.",
+    "hf": "Hugging Face dataset: the license on its dataset card; the user's responsibility.",
 }
 
-DEFAULT_CACHE_DIR = Path("~/.cache/puzzlenas/data")
+DEFAULT_CACHE_DIR = "~/.cache/puzzlenas/data"
 _MAX_SEQ_LEN = 1 << 20
 _ENCODE_BATCH_CHARS = 200_000  # tokenize this many characters at a time (bounds waste at a cap)
 _ENCODE_BATCH_DOCS = 256
@@ -186,7 +188,8 @@ class DataConfig:
         sources: source specs; see the module docstring (``["default"]``).
         seq_len: tokens per packed row.
         train_fraction / validation_fraction / test_fraction: document split, sum to 1.
-        cache_dir: where packed caches live (used when ``build_dataset`` gets no cache_dir).
+        cache_dir: where packed caches live (used when ``build_dataset`` gets no cache_dir);
+            kept as a ``str`` so that ``dataclasses.asdict`` stays JSON / YAML serialisable.
         max_tokens_per_source: cap on tokens (EOS included, all splits together) taken from
             each source, read in document order; the document crossing the cap is truncated.
         text_field: text field of jsonl rows / parquet columns / hf dataset columns.
@@ -200,7 +203,7 @@ class DataConfig:
     train_fraction: float = 0.9
     validation_fraction: float = 0.05
     test_fraction: float = 0.05
-    cache_dir: Path = DEFAULT_CACHE_DIR
+    cache_dir: str = DEFAULT_CACHE_DIR
     max_tokens_per_source: int | None = None
     text_field: str = "text"
     id_field: str | None = None
@@ -240,9 +243,10 @@ class DataConfig:
             raise ValueError(
                 f"DataConfig split fractions are invalid: train_fraction + validation_fraction + "
                 f"test_fraction = {total!r}, must be 1.0")
-        if not isinstance(self.cache_dir, (str, os.PathLike)):
-            raise ValueError(f"DataConfig.cache_dir={self.cache_dir!r} is invalid: must be a path")
-        self.cache_dir = Path(self.cache_dir)
+        if not isinstance(self.cache_dir, (str, os.PathLike)) or not os.fspath(self.cache_dir):
+            raise ValueError(f"DataConfig.cache_dir={self.cache_dir!r} is invalid: must be a "
+                             f"non-empty path")
+        self.cache_dir = os.fspath(self.cache_dir)
         if self.max_tokens_per_source is not None:
             _check_int("max_tokens_per_source", self.max_tokens_per_source, 1, None,
                        extra=" or None")
@@ -260,9 +264,7 @@ class DataConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict of the config."""
-        d = asdict(self)
-        d["cache_dir"] = str(self.cache_dir)
-        return d
+        return asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> DataConfig:
@@ -718,7 +720,7 @@ def assign_split(namespace: str, doc_id: str, fractions: dict[str, float]) -> st
 
     u < train -> "train", u < train + validation -> "validation", else "test".
     """
-    digest = hashlib.sha1(f"{namespace}\0{doc_id}".encode("utf-8")).digest()
+    digest = hashlib.sha1(f"{namespace}\0{doc_id}".encode()).digest()
     u = int.from_bytes(digest[:8], "big") / 2.0 ** 64
     if u < fractions["train"]:
         return "train"
@@ -771,8 +773,8 @@ def _eos_id(tokenizer: Any) -> int:
     if isinstance(eos, (list, tuple)) and eos:
         eos = eos[0]
     if eos is None or isinstance(eos, bool) or not isinstance(eos, (int, np.integer)) or eos < 0:
-        raise ValueError(f"tokenizer {getattr(tokenizer, 'name_or_path', type(tokenizer).__name__)!r} "
-                         f"has no usable eos_token_id ({eos!r}); set one, e.g. "
+        name = getattr(tokenizer, "name_or_path", type(tokenizer).__name__)
+        raise ValueError(f"tokenizer {name!r} has no usable eos_token_id ({eos!r}); set one, e.g. "
                          f"tokenizer.eos_token = '</s>' for an HF tokenizer")
     return int(eos)
 
@@ -841,15 +843,17 @@ def _tokenize_sources(cfg: DataConfig, specs: list[SourceSpec], tokenizer: Any
         docs = iter_source(src, cfg)
         try:
             for batch in _doc_batches(docs):
-                keep = []
+                keep, digests, in_batch = [], [], set()
                 for doc in batch:
                     digest = hashlib.sha1(doc.text.encode("utf-8")).digest()
-                    if digest in seen:
+                    if digest in seen or digest in in_batch:
                         st["duplicates_dropped"] += 1
                         continue
-                    seen.add(digest)
+                    in_batch.add(digest)
                     keep.append(doc)
-                for doc, ids in zip(keep, tokenize_documents(tokenizer, [d.text for d in keep])):
+                    digests.append(digest)
+                ids_list = tokenize_documents(tokenizer, [d.text for d in keep])
+                for doc, digest, ids in zip(keep, digests, ids_list, strict=True):
                     toks = np.asarray(list(ids) + [eos], dtype=np.int64)  # (doc_len + 1,)
                     if cap is not None and used + len(toks) > cap:
                         if cap - used < 2:  # no room for one token + EOS: stop here
@@ -857,6 +861,7 @@ def _tokenize_sources(cfg: DataConfig, specs: list[SourceSpec], tokenizer: Any
                             break
                         toks = np.append(toks[: cap - used - 1], eos)  # truncated doc keeps EOS
                         st["truncated_at_cap"] = True
+                    seen.add(digest)  # only documents actually used count as seen
                     split = assign_split(ns, doc.doc_id, cfg.fractions)
                     parts[split].append(toks)
                     st[split]["docs"] += 1
@@ -1125,7 +1130,8 @@ class TokenBatches:
     """
 
     def __init__(self, rows: np.ndarray | torch.Tensor, batch_size: int, num_tokens: int,
-                 seed: int = 0, *, rank: int = 0, world_size: int = 1) -> None:
+                 seed: int = 0, *, rank: int = 0, world_size: int = 1,
+                 _stacklevel: int = 2) -> None:
         if isinstance(rows, torch.Tensor):
             rows = rows.detach().cpu().numpy()
         rows = np.asarray(rows)
@@ -1157,7 +1163,7 @@ class TokenBatches:
                 f"{self.seq_len} tokens but the split has {self.num_rows:,} rows "
                 f"({self.num_rows * self.seq_len:,} tokens): repeating it over "
                 f"{self.epochs:.2f} epochs ({math.ceil(self.epochs)} passes, reshuffled each "
-                f"epoch with seed {self.seed})", DataRepeatWarning, stacklevel=2)
+                f"epoch with seed {self.seed})", DataRepeatWarning, stacklevel=_stacklevel)
 
     def __len__(self) -> int:
         """Batches this rank yields."""
@@ -1194,4 +1200,4 @@ def token_batches(dataset_split: np.ndarray | torch.Tensor, batch_size: int, num
     epochs) when the budget exceeds the split.
     """
     return TokenBatches(dataset_split, batch_size, num_tokens, seed, rank=rank,
-                        world_size=world_size)
+                        world_size=world_size, _stacklevel=3)

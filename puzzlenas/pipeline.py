@@ -68,7 +68,160 @@ def run_parent(cfg: RunConfig, run_dir: Path) -> Path:
     return out
 
 
-STAGES: list[tuple[str, Stage]] = [("parent", run_parent)]
+# ---- stage: data ------------------------------------------------------------------------------
+def resolve_device(name: str):
+    import torch
+
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", int(__import__("os").environ.get("LOCAL_RANK", "0")))
+        return torch.device("cpu")
+    return torch.device(name)
+
+
+def data_fingerprint(cfg: RunConfig) -> str:
+    return config_hash({"parent": parent_fingerprint(cfg), "data": cfg.data})
+
+
+def load_data(cfg: RunConfig, run_dir: Path, verbose: bool = False):
+    """The packed dataset of this run (built by the data stage, cached in run_dir/data)."""
+    from transformers import AutoTokenizer
+
+    from .data import DEFAULT_CACHE_DIR, build_dataset
+
+    tokenizer = AutoTokenizer.from_pretrained(run_dir / "parent")
+    cache = run_dir / "data" if Path(cfg.data.cache_dir) == Path(DEFAULT_CACHE_DIR) else cfg.data.cache_dir
+    return build_dataset(cfg.data, tokenizer, cache_dir=cache, verbose=verbose)
+
+
+def run_data(cfg: RunConfig, run_dir: Path) -> Path:
+    """Tokenize and pack the corpus into train / validation / test rows (split by document)."""
+    out = run_dir / "data"
+    fingerprint = data_fingerprint(cfg)
+    if stage_done(out, fingerprint):
+        print(f"[data] done already: {out}")
+        return out
+    out.mkdir(parents=True, exist_ok=True)
+    dataset = load_data(cfg, run_dir, verbose=True)
+    mark_done(out, fingerprint, tokens={s: dataset.num_tokens(s) for s in ("train", "validation", "test")})
+    return out
+
+
+# ---- stage: library ---------------------------------------------------------------------------
+def library_fingerprint(cfg: RunConfig) -> str:
+    return config_hash({"data": data_fingerprint(cfg), "library": cfg.library, "seed": cfg.seed})
+
+
+def run_library(cfg: RunConfig, run_dir: Path) -> Path:
+    """The search space per layer and the calibration statistics that initialize it."""
+    from safetensors.torch import save_file
+
+    from .data import token_batches
+    from .library import calibration_statistics, search_space, space_table, write_space
+    from .parent import load_parent
+
+    out = run_dir / "library"
+    fingerprint = library_fingerprint(cfg)
+    if stage_done(out, fingerprint):
+        print(f"[library] done already: {out}")
+        print((out / "space.txt").read_text(), end="")
+        return out
+    out.mkdir(parents=True, exist_ok=True)
+    parent = load_parent(run_dir / "parent").to(resolve_device(cfg.device))
+    space = search_space(parent.config, cfg.library)
+    dataset = load_data(cfg, run_dir)
+    batches = token_batches(dataset.train, cfg.library.calibration_batch_size, cfg.library.calibration_tokens,
+                            seed=cfg.seed)
+    started = time.time()
+    stats = calibration_statistics(parent, batches, cfg.library)
+    save_file(stats, str(out / "calibration.safetensors"))
+    write_space(out / "space.json", space)
+    table = space_table(space)
+    (out / "space.txt").write_text(table + "\n")
+    print(table)
+    mark_done(out, fingerprint, calibration_tokens=batches.tokens_served,
+              calibration_seconds=round(time.time() - started, 1))
+    return out
+
+
+# ---- stage: bld -------------------------------------------------------------------------------
+def bld_fingerprint(cfg: RunConfig) -> str:
+    return config_hash({"library": library_fingerprint(cfg), "bld": cfg.bld})
+
+
+def run_bld(cfg: RunConfig, run_dir: Path) -> Path:
+    """Blockwise local distillation of every library variant (split over torchrun ranks)."""
+    import torch
+    from safetensors.torch import load_file
+
+    from .bld import (BLDTrainer, barrier, collect_metrics, coupled_jobs, decoupled_jobs, distributed_rank,
+                      library_table, reset_if_stale, run_jobs)
+    from .data import token_batches
+    from .library import read_space
+    from .parent import load_parent
+
+    out = run_dir / "bld"
+    fingerprint = bld_fingerprint(cfg)
+    if stage_done(out, fingerprint):
+        print(f"[bld] done already: {out}")
+        print(library_table(collect_metrics(out)))
+        return out
+    rank, world = distributed_rank()
+    if rank == 0:
+        reset_if_stale(out, fingerprint)
+    barrier(world)
+    device = resolve_device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    parent = load_parent(run_dir / "parent").to(device)
+    parent.requires_grad_(False)
+    stats = load_file(str(run_dir / "library" / "calibration.safetensors"))
+    space = read_space(run_dir / "library" / "space.json")
+    dataset = load_data(cfg, run_dir)
+    layers = cfg.bld.layers if cfg.bld.layers is not None else list(range(len(space)))
+    bad = [i for i in layers if not 0 <= i < len(space)]
+    if bad:
+        raise ValueError(f"bld.layers {bad} out of range: the parent has {len(space)} layers (0..{len(space) - 1})")
+    train = token_batches(dataset.train, cfg.bld.batch_size, max(cfg.bld.tokens, 1), seed=cfg.seed)
+    val_rows = dataset.validation[: max(1, -(-cfg.bld.validation_tokens // dataset.seq_len))]
+    if len(val_rows) == 0:
+        raise ValueError("the validation split is empty: add data or raise data.validation_fraction")
+    val = [torch.from_numpy(val_rows[k:k + cfg.bld.batch_size].astype("int64"))
+           for k in range(0, len(val_rows), cfg.bld.batch_size)]
+    trainer = BLDTrainer(parent, stats, cfg.library, cfg.bld, out, dataset.seq_len, seed=cfg.seed)
+    counts = _variant_param_counts(parent.config, space)
+    if cfg.bld.mode in ("decoupled", "hybrid"):
+        run_jobs(trainer, decoupled_jobs(space, layers), train, val, rank, world, counts)
+        barrier(world)  # hybrid: coupled jobs start from every rank's decoupled results
+    if cfg.bld.mode in ("coupled", "hybrid"):
+        jobs = coupled_jobs(space, layers, cfg.bld.coupled_pairs, from_decoupled=cfg.bld.mode == "hybrid")
+        run_jobs(trainer, jobs, train, val, rank, world, counts)
+    barrier(world)
+    if rank == 0:
+        rows = collect_metrics(out)
+        (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        table = library_table(rows)
+        (out / "table.txt").write_text(table + "\n")
+        print(table)
+        mark_done(out, fingerprint, jobs=len(rows), world_size=world)
+    barrier(world)
+    return out
+
+
+def _variant_param_counts(config, space) -> dict[str, int]:
+    from .blocks import AttentionConfig, BlockConfig, FFNConfig
+    from .info import attention_params, ffn_params
+
+    counts = {}
+    for attention, ffn in space:
+        for v in attention:
+            counts[v.name] = attention_params(config, BlockConfig(v.config, FFNConfig("no_op")))
+        for v in ffn:
+            counts[v.name] = ffn_params(config, BlockConfig(AttentionConfig("no_op"), v.config))
+    return counts
+
+
+STAGES: list[tuple[str, Stage]] = [("parent", run_parent), ("data", run_data), ("library", run_library),
+                                   ("bld", run_bld)]
 
 
 def run_pipeline(config_path: str | Path | None, run_dir: Path | None = None, until: str | None = None,

@@ -1,0 +1,543 @@
+"""Blockwise local distillation (METHOD.md section 3).
+
+Every library variant is trained alone to imitate its parent subblock, from the parent's own
+input activations (teacher forcing), on the normalized MSE
+
+    L = MSE(o_parent, o_child) / MSE(o_parent, 0),  o = the layer's residual update (y - x).
+
+All variants of a layer share the denominator, so their losses are comparable: 0 is the
+parent, 1 is as bad as skipping the whole layer.
+
+- decoupled (default): an attention variant is trained in front of the parent's (frozen)
+  FFN of its layer, an FFN variant behind the parent's attention;
+- coupled: (attention, FFN) pairs trained together;
+- hybrid: decoupled, then coupled on a reduced set of pairs, starting from the decoupled weights.
+
+Work is a list of jobs, one per (layer, variant). One frozen parent forward per batch feeds
+every job a worker owns: the parent runs layer by layer and each layer's jobs train as soon
+as its activations exist. Jobs split across `torchrun` ranks with no communication; each
+job checkpoints, and a killed run resumes without redoing finished jobs.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .activations import LayerActivations, visit_parent_layers
+from .library import (AttentionUnit, FFNUnit, LibraryConfig, Variant, build_unit, parent_attention_unit,
+                      parent_ffn_unit)
+from .modeling import DeciLMForCausalLM, ForwardContext
+
+MODES = ("decoupled", "coupled", "hybrid")
+
+
+class BLDError(RuntimeError):
+    """A BLD run that cannot go on (non-finite loss, corrupted checkpoint...)."""
+
+
+@dataclass
+class BLDConfig:
+    """How the library's variants are trained."""
+
+    mode: str = "decoupled"  # decoupled | coupled | hybrid
+    # Reduced space for coupled / hybrid: [[attention_variant, ffn_variant], ...] for every layer.
+    # Empty with mode=coupled: every pair of the space.
+    coupled_pairs: list[list[str]] = field(default_factory=list)
+    tokens: int = 1_000_000  # training tokens seen by each job
+    batch_size: int = 8  # sequences per step
+    lr: float = 1e-4
+    min_lr_fraction: float = 0.1  # cosine decay ends at lr * this
+    warmup_fraction: float = 0.05
+    weight_decay: float = 0.1
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    grad_clip: float = 1.0
+    validation_tokens: int = 32768
+    checkpoint_every: int = 100  # steps between job checkpoints
+    jobs_per_round: int = 0  # 0: all jobs of a rank share each parent forward
+    init: str = "parent"  # parent | random (ablation: same shapes, random weights)
+    autocast: str = "auto"  # auto (bf16 on CUDA, off on CPU) | bf16 | off
+    save_dtype: str = "float32"  # float32 | bfloat16
+    layers: list[int] | None = None  # train only these layers (None: all)
+
+    def validate(self) -> None:
+        checks = {"mode": (self.mode, MODES), "init": (self.init, ("parent", "random")),
+                  "autocast": (self.autocast, ("auto", "bf16", "off")),
+                  "save_dtype": (self.save_dtype, ("float32", "bfloat16"))}
+        for key, (value, allowed) in checks.items():
+            if value not in allowed:
+                raise ValueError(f"bld.{key} = {value!r}; allowed: {', '.join(allowed)}")
+        if self.tokens < 0 or self.batch_size < 1 or self.validation_tokens < 1:
+            raise ValueError("bld.tokens must be >= 0, bld.batch_size and bld.validation_tokens >= 1")
+        if not (self.lr > 0 and 0 <= self.min_lr_fraction <= 1 and 0 <= self.warmup_fraction < 1):
+            raise ValueError("bld.lr must be > 0, min_lr_fraction in [0, 1], warmup_fraction in [0, 1)")
+        if len(self.betas) != 2 or self.checkpoint_every < 1 or self.jobs_per_round < 0:
+            raise ValueError("bld.betas needs two values, checkpoint_every >= 1, jobs_per_round >= 0")
+        if self.mode == "hybrid" and not self.coupled_pairs:
+            raise ValueError("bld.mode = hybrid needs bld.coupled_pairs (the reduced space), e.g. "
+                             "[[attn_kv1, ffn_768], [attn_noop, ffn_1536]]")
+        for pair in self.coupled_pairs:
+            if len(pair) != 2:
+                raise ValueError(f"bld.coupled_pairs entry {pair}: give [attention_variant, ffn_variant]")
+
+
+# =============================================================================================
+# Jobs
+# =============================================================================================
+@dataclass(frozen=True)
+class Job:
+    """One (layer, variant) to train or evaluate. `attention` / `ffn` None = the parent's own,
+    frozen (decoupled); both set = coupled."""
+
+    layer: int
+    attention: Variant | None
+    ffn: Variant | None
+    init_from_decoupled: bool = False  # hybrid: start from the decoupled-trained units
+
+    @property
+    def kind(self) -> str:
+        if self.attention is not None and self.ffn is not None:
+            return "coupled"
+        return "attention" if self.attention is not None else "ffn"
+
+    @property
+    def name(self) -> str:
+        if self.kind == "coupled":
+            return f"{self.attention.name}+{self.ffn.name}"
+        return (self.attention or self.ffn).name
+
+    @property
+    def relpath(self) -> str:
+        return f"layers/{self.layer:03d}/" + ("coupled/" if self.kind == "coupled" else "") + self.name
+
+    @property
+    def variants(self) -> list[Variant]:
+        return [v for v in (self.attention, self.ffn) if v is not None]
+
+    @property
+    def trainable(self) -> bool:
+        return any(v.trainable for v in self.variants)
+
+
+def decoupled_jobs(space, layers: Iterable[int]) -> list[Job]:
+    jobs = []
+    for i in layers:
+        attention, ffn = space[i]
+        jobs += [Job(i, v, None) for v in attention] + [Job(i, None, v) for v in ffn]
+    return jobs
+
+
+def coupled_jobs(space, layers: Iterable[int], pairs: list[list[str]], from_decoupled: bool) -> list[Job]:
+    jobs = []
+    for i in layers:
+        attention = {v.name: v for v in space[i][0]}
+        ffn = {v.name: v for v in space[i][1]}
+        chosen = pairs or [[a, f] for a in attention for f in ffn]
+        for a, f in chosen:
+            if a not in attention or f not in ffn:
+                raise ValueError(f"bld.coupled_pairs: [{a}, {f}] is not in layer {i}'s space; attention: "
+                                 f"{sorted(attention)}, ffn: {sorted(ffn)}")
+            jobs.append(Job(i, attention[a], ffn[f], init_from_decoupled=from_decoupled))
+    return jobs
+
+
+def job_cost(job: Job, param_counts: dict[str, int]) -> float:
+    """Relative work of a job, for balancing ranks (trainable parameters; evaluation ~ free)."""
+    return 1.0 + (sum(param_counts.get(v.name, 0) for v in job.variants if v.trainable) if job.trainable else 0)
+
+
+def assign_jobs(jobs: list[Job], world_size: int, costs: list[float]) -> list[list[Job]]:
+    """Longest-processing-time-first split of jobs over ranks; deterministic."""
+    loads, out = [0.0] * world_size, [[] for _ in range(world_size)]
+    for idx in sorted(range(len(jobs)), key=lambda k: (-costs[k], jobs[k].layer, jobs[k].name)):
+        rank = min(range(world_size), key=lambda r: (loads[r], r))
+        out[rank].append(jobs[idx])
+        loads[rank] += costs[idx]
+    return [sorted(js, key=lambda j: (j.layer, j.kind, j.name)) for js in out]
+
+
+# =============================================================================================
+# One job's model: what is trained and what is the parent's (frozen)
+# =============================================================================================
+class JobBlock(nn.Module):
+    """The block a job trains: attention unit then FFN unit, either trainable or the parent's."""
+
+    def __init__(self, attention: AttentionUnit, ffn: FFNUnit, use_parent_mid: bool):
+        super().__init__()
+        self.attention, self.ffn = attention, ffn
+        self.use_parent_mid = use_parent_mid  # FFN job: the parent's attention output is given
+
+    def forward(self, acts: LayerActivations, ctx: ForwardContext) -> torch.Tensor:
+        """The predicted residual update of the layer (B, T, C)."""
+        if self.use_parent_mid:
+            return (acts.m - acts.x) + self.ffn(acts.m)
+        a = self.attention(acts.x, ctx)
+        return a + self.ffn(acts.x + a)
+
+
+def normalized_mse_terms(pred: torch.Tensor, acts: LayerActivations) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum of squared error, sum of squared target) of the layer's residual update, in fp32."""
+    target = (acts.y - acts.x).float()
+    return (pred.float() - target).pow(2).sum(), target.pow(2).sum()
+
+
+@dataclass
+class JobState:
+    job: Job
+    block: JobBlock
+    trainables: list[nn.Module]  # the units whose weights this job writes
+    optimizer: torch.optim.Optimizer | None
+    scheduler: torch.optim.lr_scheduler.LambdaLR | None
+    start_step: int = 0
+    step: int = 0
+    metrics: dict = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+# =============================================================================================
+# The trainer
+# =============================================================================================
+class BLDTrainer:
+    """Trains / evaluates a list of jobs against one parent, writing results under `out_dir`."""
+
+    def __init__(self, parent: DeciLMForCausalLM, stats: dict | None, lib_cfg: LibraryConfig, cfg: BLDConfig,
+                 out_dir: Path, seq_len: int, seed: int = 0, log=print):
+        self.parent, self.stats, self.lib_cfg, self.cfg = parent, stats, lib_cfg, cfg
+        self.out_dir, self.seq_len, self.seed, self.log = out_dir, seq_len, seed, log
+        self.config = parent.config
+        self.device = parent.model.embed_tokens.weight.device
+        use_bf16 = cfg.autocast == "bf16" or (cfg.autocast == "auto" and self.device.type == "cuda")
+        self.autocast_dtype = torch.bfloat16 if use_bf16 else None
+        self.steps = math.ceil(cfg.tokens / (cfg.batch_size * seq_len)) if cfg.tokens else 0
+
+    # ---- building -------------------------------------------------------------------------
+    def _unit(self, variant: Variant | None, layer: int, subblock: str, from_decoupled: bool) -> nn.Module:
+        parent_layer = self.parent.model.layers[layer]
+        if variant is None or variant.is_parent:
+            return (parent_attention_unit if subblock == "attention" else parent_ffn_unit)(self.config, parent_layer)
+        if from_decoupled and variant.trainable:
+            return load_trained_unit(self.out_dir, Job(layer, variant, None) if subblock == "attention"
+                                     else Job(layer, None, variant), self.config, self.device)
+        seed = self.seed * 1_000_003 + layer * 1009 + sum(map(ord, variant.name))
+        return build_unit(variant, self.config, self.parent, layer, self.stats, self.lib_cfg,
+                          init=self.cfg.init, seed=seed)
+
+    def _lr_lambda(self, step: int) -> float:
+        warmup = int(self.cfg.warmup_fraction * self.steps)
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, self.steps - warmup)
+        floor = self.cfg.min_lr_fraction
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    def build(self, job: Job) -> JobState:
+        attention = self._unit(job.attention, job.layer, "attention", job.init_from_decoupled)
+        ffn = self._unit(job.ffn, job.layer, "ffn", job.init_from_decoupled)
+        block = JobBlock(attention, ffn, use_parent_mid=job.kind == "ffn")
+        trainables = [u for u, v in ((attention, job.attention), (ffn, job.ffn)) if v is not None and v.trainable]
+        params = [p for u in trainables for p in u.parameters()]
+        for unit in (attention, ffn):
+            if unit not in trainables:
+                unit.requires_grad_(False)
+        optimizer = scheduler = None
+        if params and self.steps:
+            decay = [p for p in params if p.dim() >= 2]
+            no_decay = [p for p in params if p.dim() < 2]  # norms and biases: no weight decay
+            optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": self.cfg.weight_decay},
+                                           {"params": no_decay, "weight_decay": 0.0}],
+                                          lr=self.cfg.lr, betas=tuple(self.cfg.betas))
+            scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self._lr_lambda)
+        return JobState(job, block, trainables, optimizer, scheduler)
+
+    # ---- one step -------------------------------------------------------------------------
+    def _autocast(self):
+        if self.autocast_dtype is None:
+            return torch.autocast(self.device.type, enabled=False)
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    def train_step(self, state: JobState, acts: LayerActivations, ctx: ForwardContext) -> float:
+        with torch.enable_grad(), self._autocast():
+            err, ref = normalized_mse_terms(state.block(acts, ctx), acts)
+            loss = err / ref.clamp(min=1e-12)
+        if not torch.isfinite(loss):
+            raise BLDError(f"job layer {state.job.layer} {state.job.name}: non-finite loss at step {state.step} "
+                           f"(lr {state.scheduler.get_last_lr()[0]:.2e}). Lower bld.lr or use bld.autocast=off; "
+                           f"finished jobs and checkpoints are kept and a rerun resumes from them")
+        loss.backward()
+        params = [p for u in state.trainables for p in u.parameters()]
+        torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip)
+        state.optimizer.step()
+        state.scheduler.step()
+        state.optimizer.zero_grad(set_to_none=True)
+        return loss.item()
+
+    # ---- evaluation -----------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self, states: list[JobState], batches: list[torch.Tensor]) -> list[float]:
+        """Validation normalized MSE of each job (summed errors over summed targets)."""
+        by_layer = _group_by_layer(states)
+        err = {id(s): 0.0 for s in states}
+        ref = {id(s): 0.0 for s in states}
+
+        def visit(i: int, acts: LayerActivations, ctx: ForwardContext) -> None:
+            for s in by_layer.get(i, []):
+                with self._autocast():
+                    e, r = normalized_mse_terms(s.block(acts, ctx), acts)
+                err[id(s)] += e.item()
+                ref[id(s)] += r.item()
+
+        for batch in batches:
+            visit_parent_layers(self.parent, batch.to(self.device), max(by_layer), visit)
+        return [err[id(s)] / max(ref[id(s)], 1e-30) for s in states]
+
+    # ---- a round of jobs ------------------------------------------------------------------
+    def run_round(self, jobs: list[Job], train_batches, val_batches: list[torch.Tensor]) -> None:
+        states = [self.build(j) for j in jobs]
+        for s in states:
+            self._maybe_resume(s)
+        fresh = [s for s in states if "nmse_init" not in s.metrics]
+        if fresh:
+            for s, value in zip(fresh, self.evaluate(fresh, val_batches)):
+                s.metrics["nmse_init"] = value
+        training = [s for s in states if s.optimizer is not None and s.start_step < self.steps]
+        if training:
+            self._train(training, train_batches)
+        for s, value in zip(states, self.evaluate(states, val_batches)):
+            s.metrics["nmse_final"] = value
+            self._finish(s)
+
+    def _train(self, states: list[JobState], train_batches) -> None:
+        by_layer = _group_by_layer(states)
+        first = min(s.start_step for s in states)
+        for step, batch in enumerate(train_batches):
+            if step < first:
+                continue  # resumed: these batches were seen before the checkpoint
+            if step >= self.steps:
+                break
+            active = {i: [s for s in ss if s.step <= step] for i, ss in by_layer.items()}
+            active = {i: ss for i, ss in active.items() if ss}
+            if not active:
+                continue
+
+            def visit(i: int, acts: LayerActivations, ctx: ForwardContext) -> None:
+                for s in active.get(i, []):
+                    started = time.perf_counter()
+                    s.metrics["last_loss"] = self.train_step(s, acts, ctx)
+                    s.step = step + 1
+                    s.seconds += time.perf_counter() - started
+
+            visit_parent_layers(self.parent, batch.to(self.device), max(active), visit)
+            if (step + 1) % self.cfg.checkpoint_every == 0 and step + 1 < self.steps:
+                for s in states:
+                    self._checkpoint(s)
+            if (step + 1) % max(1, self.steps // 10) == 0:
+                losses = [s.metrics["last_loss"] for s in states if "last_loss" in s.metrics]
+                self.log(f"  step {step + 1}/{self.steps}: {len(states)} jobs, mean train loss "
+                         f"{sum(losses) / max(1, len(losses)):.4f}")
+
+    # ---- files ----------------------------------------------------------------------------
+    def job_dir(self, job: Job) -> Path:
+        return self.out_dir / job.relpath
+
+    def _checkpoint(self, s: JobState) -> None:
+        d = self.job_dir(s.job)
+        d.mkdir(parents=True, exist_ok=True)
+        tensors = {f"unit{k}.{n}": p.detach().contiguous() for k, u in enumerate(s.trainables)
+                   for n, p in u.state_dict().items()}
+        opt = s.optimizer.state_dict()
+        for pid, st in opt["state"].items():
+            for key, value in st.items():
+                tensors[f"opt.{pid}.{key}"] = value.detach().reshape(-1) if key == "step" else value.detach()
+        _atomic_save(tensors, d / "ckpt.safetensors")
+        meta = {"step": s.step, "metrics": s.metrics, "seconds": s.seconds,
+                "param_groups": opt["param_groups"], "scheduler": s.scheduler.state_dict()}
+        _atomic_write(d / "ckpt.json", json.dumps(meta))
+
+    def _maybe_resume(self, s: JobState) -> None:
+        d = self.job_dir(s.job)
+        if not (d / "ckpt.json").is_file() or s.optimizer is None:
+            return
+        try:
+            meta = json.loads((d / "ckpt.json").read_text())
+            tensors = load_file(str(d / "ckpt.safetensors"), device=str(self.device))
+        except Exception as err:  # a checkpoint torn by a kill: start this job over
+            self.log(f"  {s.job.relpath}: unreadable checkpoint ({err}); restarting this job")
+            return
+        for k, unit in enumerate(s.trainables):
+            unit.load_state_dict({n[len(f"unit{k}."):]: t for n, t in tensors.items() if n.startswith(f"unit{k}.")})
+        state: dict = {}
+        for name, t in tensors.items():
+            if name.startswith("opt."):
+                _, pid, key = name.split(".", 2)
+                state.setdefault(int(pid), {})[key] = t.reshape(()) if key == "step" else t
+        s.optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+        s.scheduler.load_state_dict(meta["scheduler"])
+        s.start_step = s.step = meta["step"]
+        s.metrics, s.seconds = meta["metrics"], meta["seconds"]
+        self.log(f"  {s.job.relpath}: resumed at step {s.step}")
+
+    def _finish(self, s: JobState) -> None:
+        d = self.job_dir(s.job)
+        d.mkdir(parents=True, exist_ok=True)
+        dtype = getattr(torch, self.cfg.save_dtype)
+        if s.trainables:
+            tensors = {f"{prefix}.{n}": p.detach().to("cpu", dtype).contiguous()
+                       for prefix, u in _unit_prefixes(s) for n, p in u.state_dict().items()}
+            _atomic_save(tensors, d / "weights.safetensors")
+        tokens = s.step * self.cfg.batch_size * self.seq_len
+        metrics = {"layer": s.job.layer, "name": s.job.name, "kind": s.job.kind,
+                   "variants": [v.to_json() for v in s.job.variants], "trained": bool(s.trainables),
+                   "init": self.cfg.init if s.trainables else None,
+                   "nmse_init": s.metrics.get("nmse_init"), "nmse_final": s.metrics.get("nmse_final"),
+                   "last_train_loss": s.metrics.get("last_loss"), "tokens": tokens, "steps": s.step,
+                   "seconds": round(s.seconds, 3),
+                   "params": sum(p.numel() for u in s.trainables for p in u.parameters())}
+        _atomic_write(d / "metrics.json", json.dumps(metrics, indent=1))
+        _atomic_write(d / "DONE", "")
+        for name in ("ckpt.safetensors", "ckpt.json"):
+            (d / name).unlink(missing_ok=True)
+
+
+def _unit_prefixes(s: JobState):
+    for unit in s.trainables:
+        yield ("attention" if isinstance(unit, AttentionUnit) else "ffn"), unit
+
+
+def _group_by_layer(states: list[JobState]) -> dict[int, list[JobState]]:
+    out: dict[int, list[JobState]] = {}
+    for s in states:
+        out.setdefault(s.job.layer, []).append(s)
+    return out
+
+
+def _atomic_save(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
+    os.replace(tmp, path)
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def job_is_done(out_dir: Path, job: Job) -> bool:
+    return (out_dir / job.relpath / "DONE").is_file()
+
+
+def load_trained_unit(out_dir: Path, job: Job, config, device) -> nn.Module:
+    """The trained unit of a finished decoupled job (attention or FFN)."""
+    variant = job.attention or job.ffn
+    path = out_dir / job.relpath / "weights.safetensors"
+    if not path.is_file():
+        raise BLDError(f"{path} is missing: the decoupled job {job.relpath} has not finished; rerun bld")
+    unit = (AttentionUnit if variant.subblock == "attention" else FFNUnit)(config, variant.config)
+    prefix = "attention." if variant.subblock == "attention" else "ffn."
+    state = {k[len(prefix):]: v for k, v in load_file(str(path)).items() if k.startswith(prefix)}
+    unit.load_state_dict(state)
+    return unit.to(device=device, dtype=torch.float32)
+
+
+# =============================================================================================
+# Driver: split jobs over ranks, run them in rounds
+# =============================================================================================
+def distributed_rank() -> tuple[int, int]:
+    """(rank, world_size) from torchrun's environment, initializing the process group if needed."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return dist.get_rank(), dist.get_world_size()
+
+
+def barrier(world_size: int) -> None:
+    if world_size > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+def run_jobs(trainer: BLDTrainer, jobs: list[Job], train_batches, val_batches, rank: int, world_size: int,
+             param_counts: dict[str, int]) -> list[Job]:
+    """Run this rank's share of `jobs` (skipping finished ones); return that share."""
+    mine = assign_jobs(jobs, world_size, [job_cost(j, param_counts) for j in jobs])[rank]
+    todo = [j for j in mine if not job_is_done(trainer.out_dir, j)]
+    skipped = len(mine) - len(todo)
+    trainer.log(f"[bld] rank {rank}/{world_size}: {len(mine)} jobs ({skipped} finished before), "
+                f"{trainer.steps} steps of {trainer.cfg.batch_size}x{trainer.seq_len} tokens each")
+    per_round = trainer.cfg.jobs_per_round or max(1, len(todo))
+    for start in range(0, len(todo), per_round):
+        round_jobs = todo[start:start + per_round]
+        started = time.time()
+        trainer.run_round(round_jobs, train_batches, val_batches)
+        trainer.log(f"[bld] rank {rank}: round of {len(round_jobs)} jobs in {time.time() - started:.1f} s")
+    return mine
+
+
+def collect_metrics(out_dir: Path) -> list[dict]:
+    rows = []
+    for path in sorted(out_dir.glob("layers/*/**/metrics.json")):
+        rows.append(json.loads(path.read_text()))
+    return sorted(rows, key=lambda r: (r["layer"], r["kind"] == "coupled", r["kind"], r["name"]))
+
+
+def library_table(rows: list[dict], per_layer: bool = False) -> str:
+    """Mean validation normalized MSE per variant over layers (or every row with per_layer)."""
+    if not rows:
+        return "no BLD results yet"
+    lines = []
+    if per_layer:
+        lines.append(f"{'layer':>5} {'variant':<24} {'nmse init':>10} {'nmse final':>10} {'tokens':>10} {'s':>7}")
+        for r in rows:
+            lines.append(f"{r['layer']:>5} {r['name']:<24} {_fmt(r['nmse_init']):>10} {_fmt(r['nmse_final']):>10} "
+                         f"{r['tokens']:>10,} {r['seconds']:>7.1f}")
+        return "\n".join(lines)
+    groups: dict[str, list[dict]] = {}
+    for r in rows:
+        groups.setdefault(r["name"], []).append(r)
+    lines.append(f"{'variant':<24} {'layers':>6} {'nmse init':>10} {'nmse final':>10} {'improved':>9} "
+                 f"{'tokens/job':>11} {'s/job':>7}")
+    for name, rs in groups.items():
+        init = [r["nmse_init"] for r in rs]
+        final = [r["nmse_final"] for r in rs]
+        better = sum(f < i for f, i in zip(final, init)) if rs[0]["trained"] else None
+        lines.append(f"{name:<24} {len(rs):>6} {_fmt(sum(init) / len(init)):>10} {_fmt(sum(final) / len(final)):>10} "
+                     f"{(f'{better}/{len(rs)}' if better is not None else '-'):>9} "
+                     f"{rs[0]['tokens']:>11,} {sum(r['seconds'] for r in rs) / len(rs):>7.1f}")
+    lines.append("normalized MSE of the layer's residual update on validation tokens (0 = parent, "
+                 "1 = as bad as skipping the layer), mean over layers")
+    return "\n".join(lines)
+
+
+def _fmt(x: float | None) -> str:
+    return "-" if x is None else f"{x:.4f}"
+
+
+def reset_if_stale(out_dir: Path, fingerprint: str) -> None:
+    """A bld folder from another config must not be resumed: move it aside."""
+    marker = out_dir / "fingerprint"
+    if out_dir.exists() and (not marker.is_file() or marker.read_text() != fingerprint):
+        stale = out_dir.with_name(out_dir.name + f".stale-{int(time.time())}")
+        out_dir.rename(stale)
+        print(f"[bld] {out_dir} was made with another config; moved to {stale}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    marker.write_text(fingerprint)
+
+
+def remove_partial(out_dir: Path) -> None:
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
