@@ -255,7 +255,8 @@ class BLDTrainer:
             no_decay = [p for p in params if p.dim() < 2]  # norms and biases: no weight decay
             optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": self.cfg.weight_decay},
                                            {"params": no_decay, "weight_decay": 0.0}],
-                                          lr=self.cfg.lr, betas=tuple(self.cfg.betas))
+                                          lr=self.cfg.lr, betas=tuple(self.cfg.betas),
+                                          fused=self.device.type == "cuda")
             scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self._lr_lambda)
         return JobState(job, block, trainables, optimizer, scheduler)
 
@@ -265,40 +266,52 @@ class BLDTrainer:
             return torch.autocast(self.device.type, enabled=False)
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
-    def train_step(self, state: JobState, acts: LayerActivations, ctx: ForwardContext) -> float:
+    def train_step(self, state: JobState, acts: LayerActivations, ctx: ForwardContext) -> torch.Tensor:
+        """One optimizer step of one job; returns the (detached) loss without syncing the GPU."""
         with torch.enable_grad(), self._autocast():
             err, ref = normalized_mse_terms(state.block(acts, ctx), acts)
             loss = err / ref.clamp(min=1e-12)
-        if not torch.isfinite(loss):
-            raise BLDError(f"job layer {state.job.layer} {state.job.name}: non-finite loss at step {state.step} "
-                           f"(lr {state.scheduler.get_last_lr()[0]:.2e}). Lower bld.lr or use bld.autocast=off; "
-                           f"finished jobs and checkpoints are kept and a rerun resumes from them")
         loss.backward()
         params = [p for u in state.trainables for p in u.parameters()]
-        torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip)
+        torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip, foreach=True)
         state.optimizer.step()
         state.scheduler.step()
         state.optimizer.zero_grad(set_to_none=True)
-        return loss.item()
+        return loss.detach()
+
+    def check_finite(self, states: list[JobState]) -> None:
+        """One GPU sync for all jobs: stop on a non-finite loss before it reaches a checkpoint."""
+        losses = [s.metrics["last_loss"] for s in states if isinstance(s.metrics.get("last_loss"), torch.Tensor)]
+        if not losses or bool(torch.isfinite(torch.stack(losses)).all()):
+            for s in states:
+                if isinstance(s.metrics.get("last_loss"), torch.Tensor):
+                    s.metrics["last_loss"] = s.metrics["last_loss"].item()
+            return
+        bad = [s for s in states if isinstance(s.metrics.get("last_loss"), torch.Tensor)
+               and not torch.isfinite(s.metrics["last_loss"])]
+        names = ", ".join(f"layer {s.job.layer} {s.job.name}" for s in bad[:5])
+        raise BLDError(f"non-finite loss at step {bad[0].step} in {len(bad)} job(s): {names}. Lower bld.lr "
+                       f"(now {self.cfg.lr:g}) or use bld.autocast=off; finished jobs and the checkpoints "
+                       f"before this step are kept, and a rerun resumes from them")
 
     # ---- evaluation -----------------------------------------------------------------------
     @torch.no_grad()
     def evaluate(self, states: list[JobState], batches: list[torch.Tensor]) -> list[float]:
         """Validation normalized MSE of each job (summed errors over summed targets)."""
         by_layer = _group_by_layer(states)
-        err = {id(s): 0.0 for s in states}
+        err = {id(s): 0.0 for s in states}  # running sums stay on the device: no sync per batch
         ref = {id(s): 0.0 for s in states}
 
         def visit(i: int, acts: LayerActivations, ctx: ForwardContext) -> None:
             for s in by_layer.get(i, []):
                 with self._autocast():
                     e, r = normalized_mse_terms(s.block(acts, ctx), acts)
-                err[id(s)] += e.item()
-                ref[id(s)] += r.item()
+                err[id(s)] = err[id(s)] + e.double()
+                ref[id(s)] = ref[id(s)] + r.double()
 
         for batch in batches:
             visit_parent_layers(self.parent, batch.to(self.device), max(by_layer), visit)
-        return [err[id(s)] / max(ref[id(s)], 1e-30) for s in states]
+        return [float(err[id(s)]) / max(float(ref[id(s)]), 1e-30) for s in states]
 
     # ---- a round of jobs ------------------------------------------------------------------
     def run_round(self, jobs: list[Job], train_batches, val_batches: list[torch.Tensor]) -> None:
@@ -337,10 +350,14 @@ class BLDTrainer:
                     s.seconds += time.perf_counter() - started
 
             visit_parent_layers(self.parent, batch.to(self.device), max(active), visit)
-            if (step + 1) % self.cfg.checkpoint_every == 0 and step + 1 < self.steps:
+            checkpoint = (step + 1) % self.cfg.checkpoint_every == 0 and step + 1 < self.steps
+            report = (step + 1) % max(1, self.steps // 10) == 0
+            if checkpoint or report or step + 1 == self.steps:
+                self.check_finite(states)
+            if checkpoint:
                 for s in states:
                     self._checkpoint(s)
-            if (step + 1) % max(1, self.steps // 10) == 0:
+            if report:
                 losses = [s.metrics["last_loss"] for s in states if "last_loss" in s.metrics]
                 self.log(f"  step {step + 1}/{self.steps}: {len(states)} jobs, mean train loss "
                          f"{sum(losses) / max(1, len(losses)):.4f}")
@@ -379,7 +396,7 @@ class BLDTrainer:
         for name, t in tensors.items():
             if name.startswith("opt."):
                 _, pid, key = name.split(".", 2)
-                state.setdefault(int(pid), {})[key] = t.reshape(()) if key == "step" else t
+                state.setdefault(int(pid), {})[key] = t.reshape(()).cpu() if key == "step" else t
         s.optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
         s.scheduler.load_state_dict(meta["scheduler"])
         s.start_step = s.step = meta["step"]

@@ -127,7 +127,9 @@ def run_library(cfg: RunConfig, run_dir: Path) -> Path:
         print((out / "space.txt").read_text(), end="")
         return out
     out.mkdir(parents=True, exist_ok=True)
-    parent = load_parent(run_dir / "parent").to(resolve_device(cfg.device))
+    import torch
+
+    parent = load_parent(run_dir / "parent", getattr(torch, cfg.parent_dtype)).to(resolve_device(cfg.device))
     space = search_space(parent.config, cfg.library)
     dataset = load_data(cfg, run_dir)
     batches = token_batches(dataset.train, cfg.library.calibration_batch_size, cfg.library.calibration_tokens,
@@ -172,7 +174,7 @@ def run_bld(cfg: RunConfig, run_dir: Path) -> Path:
     barrier(world)
     device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
-    parent = load_parent(run_dir / "parent").to(device)
+    parent = load_parent(run_dir / "parent", getattr(torch, cfg.parent_dtype)).to(device)
     parent.requires_grad_(False)
     stats = load_file(str(run_dir / "library" / "calibration.safetensors"))
     space = read_space(run_dir / "library" / "space.json")
