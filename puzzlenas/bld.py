@@ -558,3 +558,41 @@ def reset_if_stale(out_dir: Path, fingerprint: str) -> None:
 def remove_partial(out_dir: Path) -> None:
     if out_dir.exists():
         shutil.rmtree(out_dir)
+
+
+def load_job_block(out_dir: Path, job: Job, parent: DeciLMForCausalLM, dtype: torch.dtype) -> JobBlock:
+    """The block of a finished job with its trained weights (parent / no-op parts as they are)."""
+    config, device = parent.config, parent.model.embed_tokens.weight.device
+    path = out_dir / job.relpath / "weights.safetensors"
+    weights = load_file(str(path)) if job.trainable else {}
+    if job.trainable and not weights:
+        raise BLDError(f"{path} is missing or empty: job {job.relpath} has not finished; rerun bld")
+
+    def unit(variant: Variant | None, subblock: str) -> nn.Module:
+        parent_layer = parent.model.layers[job.layer]
+        if variant is None or variant.is_parent:
+            return (parent_attention_unit if subblock == "attention" else parent_ffn_unit)(config, parent_layer)
+        made = (AttentionUnit if subblock == "attention" else FFNUnit)(config, variant.config)
+        if variant.trainable:
+            prefix = f"{subblock}."
+            made.load_state_dict({k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)})
+        return made.to(device=device, dtype=dtype).eval()
+
+    return JobBlock(unit(job.attention, "attention"), unit(job.ffn, "ffn"), use_parent_mid=job.kind == "ffn")
+
+
+def finished_jobs(out_dir: Path, space, layers: Iterable[int] | None = None) -> list[Job]:
+    """Every job with a DONE marker in a bld folder, rebuilt from its metrics."""
+    jobs = []
+    layers = set(layers) if layers is not None else None
+    for path in sorted(out_dir.glob("layers/*/**/metrics.json")):
+        if not (path.parent / "DONE").is_file():
+            continue
+        m = json.loads(path.read_text())
+        if layers is not None and m["layer"] not in layers:
+            continue
+        variants = [Variant.from_json(v) for v in m["variants"]]
+        attention = next((v for v in variants if v.subblock == "attention"), None)
+        ffn = next((v for v in variants if v.subblock == "ffn"), None)
+        jobs.append(Job(m["layer"], attention, ffn))
+    return jobs

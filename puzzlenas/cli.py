@@ -59,6 +59,21 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_library(args: argparse.Namespace) -> int:
+    from .bld import collect_metrics, library_table
+
+    run_dir = Path(args.run)
+    if not (run_dir / "library" / "space.txt").is_file():
+        raise FileNotFoundError(f"{run_dir} has no library yet: run `puzzlenas run CONFIG --until library` first")
+    print((run_dir / "library" / "space.txt").read_text(), end="")
+    rows = collect_metrics(run_dir / "bld") if (run_dir / "bld").is_dir() else []
+    if rows:
+        print(library_table(rows, per_layer=args.per_layer))
+    else:
+        print("no BLD results yet: run `puzzlenas run CONFIG --until bld`")
+    return 0
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from .pipeline import run_pipeline
 
@@ -96,6 +111,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=DTYPES, default="float32")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("library", help="table of a run's replacement library and its BLD results",
+                       description="Print the search space of RUN and the validation normalized MSE of every "
+                                   "variant at initialization and after blockwise local distillation.")
+    p.add_argument("run", help="run directory, e.g. runs/default")
+    p.add_argument("--per-layer", action="store_true", help="one row per (layer, variant) instead of means")
+    p.set_defaults(func=cmd_library)
 
     p = sub.add_parser("run", help="run the pipeline (default: the bundled parent)",
                        description="Run the pipeline stages of CONFIG into a run directory, resuming "

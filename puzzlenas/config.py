@@ -20,6 +20,7 @@ import yaml
 from .bld import BLDConfig
 from .data import DataConfig
 from .library import LibraryConfig
+from .scoring import ScoringConfig
 
 
 class ConfigError(ValueError):
@@ -38,6 +39,7 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     library: LibraryConfig = field(default_factory=LibraryConfig)
     bld: BLDConfig = field(default_factory=BLDConfig)
+    scoring: ScoringConfig = field(default_factory=ScoringConfig)
 
     def validate(self) -> None:
         if self.parent_dtype not in ("float32", "bfloat16"):
@@ -118,9 +120,20 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
+PRESETS_DIR = Path(__file__).parent / "presets"
+
+
+def default_preset_path() -> Path:
+    """The default job for this machine: the GPU preset where CUDA is available, else the CPU one."""
+    import torch
+
+    return PRESETS_DIR / ("gpu.yaml" if torch.cuda.is_available() else "cpu.yaml")
+
+
 def load_run_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
-    """The default job (path None) or a YAML file, with overrides, validated."""
+    """The default job (path None: the preset for this machine) or a YAML file, with overrides."""
     data: dict[str, Any] = {}
+    path = default_preset_path() if path is None else path
     if path is not None:
         path = Path(path)
         if not path.is_file():

@@ -209,6 +209,68 @@ def run_bld(cfg: RunConfig, run_dir: Path) -> Path:
     return out
 
 
+# ---- stage: scores ----------------------------------------------------------------------------
+def scores_fingerprint(cfg: RunConfig) -> str:
+    return config_hash({"bld": bld_fingerprint(cfg), "scoring": cfg.scoring})
+
+
+def validation_batches(dataset, tokens: int, batch_size: int) -> list:
+    """The first `tokens` of the validation split (whole rows), in order, as (B, T) batches."""
+    import torch
+
+    rows = dataset.validation[: max(1, -(-tokens // dataset.seq_len))]
+    if len(rows) == 0:
+        raise ValueError("the validation split is empty: add data or raise data.validation_fraction")
+    return [torch.from_numpy(rows[k:k + batch_size].astype("int64")) for k in range(0, len(rows), batch_size)]
+
+
+def run_scores(cfg: RunConfig, run_dir: Path) -> Path:
+    """Replace-1-block KL and LM loss of every trained library item (split over ranks)."""
+    import torch
+
+    from .bld import barrier, distributed_rank, finished_jobs
+    from .library import read_space
+    from .parent import load_parent
+    from .scoring import score_items, scores_table, split_items
+
+    out = run_dir / "scores"
+    fingerprint = scores_fingerprint(cfg)
+    if stage_done(out, fingerprint):
+        print(f"[scores] done already: {out}")
+        print((out / "table.txt").read_text(), end="")
+        return out
+    rank, world = distributed_rank()
+    if rank == 0:
+        from .bld import reset_if_stale
+
+        reset_if_stale(out, fingerprint)
+    barrier(world)
+    device = resolve_device(cfg.device)
+    parent = load_parent(run_dir / "parent", getattr(torch, cfg.parent_dtype)).to(device)
+    parent.requires_grad_(False)
+    space = read_space(run_dir / "library" / "space.json")
+    items = finished_jobs(run_dir / "bld", space)
+    if not items:
+        raise ValueError(f"{run_dir / 'bld'} holds no finished library items: run the bld stage first")
+    mine = split_items(items, len(space), rank, world)
+    batches = validation_batches(load_data(cfg, run_dir), cfg.scoring.tokens, cfg.scoring.batch_size)
+    print(f"[scores] rank {rank}/{world}: {len(mine)} of {len(items)} items on {len(batches)} batches")
+    results = score_items(parent, run_dir / "bld", mine, batches, cfg.scoring, out / f"progress-rank{rank}.json")
+    part = out / f"part-rank{rank}.jsonl"
+    part.write_text("".join(json.dumps(r) + "\n" for r in results.values()))
+    barrier(world)
+    if rank == 0:
+        rows = [json.loads(line) for p in sorted(out.glob("part-rank*.jsonl")) for line in p.read_text().splitlines()]
+        rows.sort(key=lambda r: (r["layer"], r["kind"], r["name"]))
+        (out / "scores.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        table = scores_table(rows, "kl") + "\n\n" + scores_table(rows, "lm_loss_delta")
+        (out / "table.txt").write_text(table + "\n\n" + scores_table(rows, "kl", per_layer=True) + "\n")
+        print(table)
+        mark_done(out, fingerprint, items=len(rows), world_size=world)
+    barrier(world)
+    return out
+
+
 def _variant_param_counts(config, space) -> dict[str, int]:
     from .blocks import AttentionConfig, BlockConfig, FFNConfig
     from .info import attention_params, ffn_params
@@ -223,7 +285,7 @@ def _variant_param_counts(config, space) -> dict[str, int]:
 
 
 STAGES: list[tuple[str, Stage]] = [("parent", run_parent), ("data", run_data), ("library", run_library),
-                                   ("bld", run_bld)]
+                                   ("bld", run_bld), ("scores", run_scores)]
 
 
 def run_pipeline(config_path: str | Path | None, run_dir: Path | None = None, until: str | None = None,

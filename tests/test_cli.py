@@ -8,7 +8,7 @@ import pytest
 
 from puzzlenas.cli import main
 
-COMMANDS = ["convert", "info", "generate", "run"]
+COMMANDS = ["convert", "info", "generate", "library", "run"]
 
 
 @pytest.mark.parametrize("command", [None, *COMMANDS])
@@ -56,7 +56,7 @@ def test_errors_are_one_clear_line(capsys):
 
 def test_run_converts_the_parent_and_resumes(tmp_path, tiny_llama_dir, capsys):
     run_dir = tmp_path / "run"
-    args = ["run", "--run-dir", str(run_dir), "--set", f"parent={tiny_llama_dir}"]
+    args = ["run", "--run-dir", str(run_dir), "--set", f"parent={tiny_llama_dir}", "--until", "parent"]
     assert main(args) == 0
     assert (run_dir / "parent" / "DONE").is_file()
     first = (run_dir / "parent" / "model.safetensors").stat().st_mtime_ns

@@ -1,0 +1,153 @@
+"""Static-KV-cache inference: the one path that costs, throughput and the generation
+benchmark all use, for parent and child alike.
+
+Each GQA layer owns a preallocated (B, kv_heads, max_len, D) K and V buffer; the write
+position is a device tensor, so a prefill or a decode step has static shapes and no host
+synchronization and can be captured in a CUDA graph. Attention reads the whole buffer under
+a validity mask (keys at positions <= the query's), as static-cache engines do.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Callable
+
+import torch
+
+from .modeling import DeciLMForCausalLM, ForwardContext
+
+
+class StaticKVCache:
+    """Per-layer K/V buffers sized by each layer's own KV-head count (GQA layers only)."""
+
+    def __init__(self, model: DeciLMForCausalLM, batch_size: int, max_len: int,
+                 dtype: torch.dtype | None = None, device: torch.device | None = None):
+        weight = model.model.embed_tokens.weight
+        self._allocate(model.blocks, model.config.head_dim, batch_size, max_len, dtype or weight.dtype,
+                       device or weight.device)
+
+    @classmethod
+    def for_blocks(cls, blocks, head_dim: int, batch_size: int, max_len: int, dtype: torch.dtype,
+                   device: torch.device) -> "StaticKVCache":
+        """A cache for a bare list of blocks (used to time single layers)."""
+        cache = cls.__new__(cls)
+        cache._allocate(blocks, head_dim, batch_size, max_len, dtype, device)
+        return cache
+
+    def _allocate(self, blocks, head_dim, batch_size, max_len, dtype, device) -> None:
+        self.max_len = max_len
+        self.k, self.v = [], []
+        for block in blocks:
+            if block.attention.kind == "gqa":
+                shape = (batch_size, block.attention.num_kv_heads, max_len, head_dim)
+                self.k.append(torch.zeros(shape, dtype=dtype, device=device))
+                self.v.append(torch.zeros(shape, dtype=dtype, device=device))
+        self.pos = torch.zeros((), dtype=torch.long, device=device)  # tokens already written
+
+    def update(self, k: torch.Tensor, v: torch.Tensor, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k, v (B, h, T, D) at positions pos..pos+T-1; return the whole buffers."""
+        positions = self.pos + torch.arange(k.shape[2], device=k.device)
+        self.k[index].index_copy_(2, positions, k)
+        self.v[index].index_copy_(2, positions, v)
+        return self.k[index], self.v[index]
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:  # transformers' Cache interface
+        return int(self.pos)
+
+    def bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.k + self.v)
+
+
+def static_forward(model: DeciLMForCausalLM, input_ids: torch.Tensor, cache: StaticKVCache) -> torch.Tensor:
+    """Prefill or decode T new tokens (B, T) at the cache's position; returns the last
+    position's logits (B, V) and advances the position. Graph-capturable."""
+    B, T = input_ids.shape
+    x = model.model.embed_tokens(input_ids)  # (B, T, C)
+    q_pos = cache.pos + torch.arange(T, device=x.device)  # (T,)
+    cos, sin = model.model.rotary_emb(q_pos.unsqueeze(0).expand(B, T), x.dtype)
+    k_pos = torch.arange(cache.max_len, device=x.device)
+    mask = (k_pos[None, :] <= q_pos[:, None])[None, None]  # (1, 1, T, max_len)
+    ctx = ForwardContext(cos, sin, mask, False, cache)
+    for layer in model.model.layers:
+        x = layer(x, ctx)
+    cache.pos.add_(T)
+    return model.lm_head(model.model.norm(x[:, -1]))  # (B, V)
+
+
+# =============================================================================================
+# Timing
+# =============================================================================================
+def time_fn(fn: Callable[[], object], device: torch.device, iters: int = 20, warmup: int = 3,
+            calls_per_sample: int = 1, use_graph: bool = True) -> float:
+    """Median seconds of one call of `fn`. On CUDA: captured in a CUDA graph (launch overhead
+    would hide small blocks) and timed with events; elsewhere: wall clock."""
+    if device.type == "cuda" and use_graph:
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(warmup):
+                fn()
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for _ in range(calls_per_sample):
+                fn()
+        samples = []
+        for _ in range(iters):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            graph.replay()
+            end.record()
+            end.synchronize()
+            samples.append(start.elapsed_time(end) / 1e3 / calls_per_sample)
+        return statistics.median(samples)
+    for _ in range(warmup):
+        fn()
+    samples = []
+    for _ in range(iters):
+        _sync(device)
+        started = time.perf_counter()
+        for _ in range(calls_per_sample):
+            fn()
+        _sync(device)
+        samples.append((time.perf_counter() - started) / calls_per_sample)
+    return statistics.median(samples)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.no_grad()
+def measure_generation(model: DeciLMForCausalLM, batch_size: int, prompt_tokens: int, generate_tokens: int,
+                       iters: int = 5, use_graph: bool = True) -> dict:
+    """End-to-end greedy generation on the static-cache path: prefill `prompt_tokens`, then
+    `generate_tokens` decode steps. Returns prefill / decode-step times (medians), tokens/s
+    and peak memory."""
+    device = model.model.embed_tokens.weight.device
+    V = model.config.vocab_size
+    max_len = prompt_tokens + generate_tokens
+    cache = StaticKVCache(model, batch_size, max_len)
+    prompt = torch.randint(0, V, (batch_size, prompt_tokens), device=device)
+    token = torch.zeros(batch_size, 1, dtype=torch.long, device=device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+    def prefill() -> None:
+        cache.pos.zero_()
+        token.copy_(static_forward(model, prompt, cache).argmax(-1, keepdim=True))
+
+    def decode() -> None:
+        cache.pos.fill_(max_len - 1)  # the last step: attention over the full buffer
+        token.copy_(static_forward(model, token, cache).argmax(-1, keepdim=True))
+
+    prefill_s = time_fn(prefill, device, iters=iters, use_graph=use_graph)
+    decode_s = time_fn(decode, device, iters=max(iters, 10), calls_per_sample=4, use_graph=use_graph)
+    total = prefill_s + generate_tokens * decode_s
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+    return {"batch_size": batch_size, "prompt_tokens": prompt_tokens, "generate_tokens": generate_tokens,
+            "prefill_s": prefill_s, "decode_step_s": decode_s, "generate_s": total,
+            "decode_tokens_per_s": batch_size / decode_s, "generate_tokens_per_s": batch_size * generate_tokens / total,
+            "kv_cache_bytes": cache.bytes(), "peak_memory_bytes": peak}

@@ -1,0 +1,62 @@
+"""Static-cache inference path and the cost model built on it."""
+
+import pytest
+import torch
+
+from puzzlenas.blocks import AttentionConfig, BlockConfig, FFNConfig
+from puzzlenas.costs import (CostConfig, Scenario, check_against_whole_models, measure_costs, predicted_costs,
+                             subblock_key)
+from puzzlenas.inference import StaticKVCache, measure_generation, static_forward
+from tests.test_child import MIXED_BLOCKS, make_child
+
+
+def test_static_cache_greedy_equals_dynamic_generate():
+    model = make_child()
+    prompt = torch.randint(3, 128, (2, 6))
+    with torch.no_grad():
+        expected = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=8,
+                                  min_new_tokens=8, do_sample=False, pad_token_id=0)
+        cache = StaticKVCache(model, batch_size=2, max_len=6 + 8)
+        ids = prompt
+        logits = static_forward(model, prompt, cache)
+        for _ in range(8):
+            token = logits.argmax(-1, keepdim=True)
+            ids = torch.cat([ids, token], 1)
+            logits = static_forward(model, token, cache)
+    assert torch.equal(ids, expected)
+    assert [k.shape[1] for k in cache.k] == [4, 1, 2]  # each GQA layer's own KV heads
+
+
+def test_static_prefill_logits_match_the_full_forward():
+    model = make_child()
+    ids = torch.randint(0, 128, (3, 11))
+    cache = StaticKVCache(model, 3, 20)
+    with torch.no_grad():
+        assert torch.allclose(static_forward(model, ids, cache), model(ids).logits[:, -1], atol=1e-5)
+
+
+def test_measure_generation_reports_consistent_numbers():
+    model = make_child()
+    r = measure_generation(model, batch_size=2, prompt_tokens=8, generate_tokens=4, iters=2)
+    assert r["generate_s"] == pytest.approx(r["prefill_s"] + 4 * r["decode_step_s"])
+    assert r["decode_tokens_per_s"] == pytest.approx(2 / r["decode_step_s"])
+    assert r["kv_cache_bytes"] == 2 * (4 + 1 + 2) * 16 * 12 * 2 * 4  # (K+V) x heads x D x len x B x fp32
+
+
+def test_cost_table_and_whole_model_check_on_cpu():
+    model = make_child()
+    config = model.config
+    attention = [b.attention for b in MIXED_BLOCKS]
+    ffn = [b.ffn for b in MIXED_BLOCKS]
+    cfg = CostConfig(scenarios=[Scenario("tiny", 2, 16, 4)], dtype="float32", iters=3, check_children=0)
+    table = measure_costs(config, attention, ffn, cfg, torch.device("cpu"), log=lambda *a: None)
+    assert set(table["attention"]) == {subblock_key(a) for a in attention}
+    assert table["attention"]["no-op"]["decode_s/tiny"] == 0.0
+    assert table["attention"]["gqa kv=1"]["kv_bytes_per_token"] == 2 * 1 * 16 * 4
+    assert table["ffn"]["ffn 512"]["params_bytes"] == (3 * 64 * 512 + 64) * 4
+    assert table["ffn"]["ffn 512"]["prefill_s/tiny"] > 0
+    predicted = predicted_costs(table, MIXED_BLOCKS)
+    assert predicted["params_bytes"] == sum(p.numel() for p in model.parameters()) * 4
+    rows = check_against_whole_models(config, table, {"child": MIXED_BLOCKS}, cfg, torch.device("cpu"),
+                                      log=lambda *a: None)
+    assert rows[0]["decode_s"] > 0 and rows[0]["decode_s_predicted"] > 0
