@@ -20,7 +20,9 @@ import yaml
 from .bld import BLDConfig
 from .data import DataConfig
 from .library import LibraryConfig
+from .costs import CostConfig
 from .scoring import ScoringConfig
+from .search_stage import SearchConfig
 
 
 class ConfigError(ValueError):
@@ -40,6 +42,8 @@ class RunConfig:
     library: LibraryConfig = field(default_factory=LibraryConfig)
     bld: BLDConfig = field(default_factory=BLDConfig)
     scoring: ScoringConfig = field(default_factory=ScoringConfig)
+    costs: CostConfig = field(default_factory=CostConfig)
+    search: SearchConfig = field(default_factory=SearchConfig)
 
     def validate(self) -> None:
         if self.parent_dtype not in ("float32", "bfloat16"):

@@ -271,6 +271,106 @@ def run_scores(cfg: RunConfig, run_dir: Path) -> Path:
     return out
 
 
+# ---- stage: costs -----------------------------------------------------------------------------
+def costs_fingerprint(cfg: RunConfig) -> str:
+    # Costs depend on the shapes of the space and the device, not on the trained weights.
+    return config_hash({"parent": parent_fingerprint(cfg), "library": cfg.library, "costs": cfg.costs,
+                        "device": cfg.device})
+
+
+def run_costs(cfg: RunConfig, run_dir: Path) -> Path:
+    """Measured prefill / decode cost of every subblock shape, memory, and the whole-model check."""
+    from .costs import check_against_whole_models, measure_costs, random_children
+    from .library import read_space
+    from .modeling import DeciLMConfig
+
+    out = run_dir / "costs"
+    fingerprint = costs_fingerprint(cfg)
+    if stage_done(out, fingerprint):
+        print(f"[costs] done already: {out}")
+        print((out / "table.txt").read_text(), end="")
+        return out
+    out.mkdir(parents=True, exist_ok=True)
+    device = resolve_device(cfg.device)
+    config = DeciLMConfig.from_pretrained(run_dir / "parent")
+    space = read_space(run_dir / "library" / "space.json")
+    attention = [v.config for att, _ in space for v in att]
+    ffn = [v.config for _, f in space for v in f]
+    table = measure_costs(config, attention, ffn, cfg.costs, device)
+    _write_json(out / "costs.json", table)
+    children = {"parent": config.blocks}
+    for k, blocks in enumerate(random_children(space, cfg.costs.check_children, cfg.seed)):
+        children[f"random-{k}"] = blocks
+    check = check_against_whole_models(config, table, children, cfg.costs, device)
+    _write_json(out / "check.json", check)
+    text = costs_table(table, check)
+    (out / "table.txt").write_text(text + "\n")
+    print(text)
+    mark_done(out, fingerprint, device=table["device"].get("name"))
+    return out
+
+
+def costs_table(table: dict, check: list[dict]) -> str:
+    dev = table["device"]
+    lines = [f"costs on {dev.get('name')} ({dev['dtype']}, {dev['timing']}), torch {dev['torch']}"]
+    for s in dev["scenarios"]:
+        n = s["name"]
+        lines.append(f"scenario {n}: batch {s['batch_size']}, prompt {s['prompt_tokens']}, "
+                     f"generate {s['generate_tokens']}")
+        lines.append(f"  {'subblock':<20} {'params MiB':>10} {'KV B/tok':>9} {'prefill ms':>11} {'decode us':>10}")
+        for kind in ("attention", "ffn"):
+            for key, e in table[kind].items():
+                lines.append(f"  {kind[:4] + ' ' + key:<20} {e['params_bytes'] / 2**20:>10.2f} "
+                             f"{e['kv_bytes_per_token']:>9} {e[f'prefill_s/{n}'] * 1e3:>11.3f} "
+                             f"{e[f'decode_s/{n}'] * 1e6:>10.1f}")
+        f = table["fixed"]
+        lines.append(f"  {'fixed (embed, head)':<20} {f['params_bytes'] / 2**20:>10.2f} {0:>9} "
+                     f"{f[f'prefill_s/{n}'] * 1e3:>11.3f} {f[f'decode_s/{n}'] * 1e6:>10.1f}")
+    lines.append("check: whole model measured end to end vs the sum of its blocks")
+    for r in check:
+        lines.append(f"  {r['model']:<10} {r['scenario']}: decode step {r['decode_s'] * 1e3:.3f} ms measured, "
+                     f"{r['decode_s_predicted'] * 1e3:.3f} predicted ({r['decode_s_error']:+.1%}); prefill "
+                     f"{r['prefill_s_error']:+.1%}; generation {r['generate_s_error']:+.1%}")
+    return "\n".join(lines)
+
+
+# ---- stage: search ----------------------------------------------------------------------------
+def search_fingerprint(cfg: RunConfig) -> str:
+    return config_hash({"scores": scores_fingerprint(cfg), "costs": costs_fingerprint(cfg), "search": cfg.search})
+
+
+def run_search_stage(cfg: RunConfig, run_dir: Path) -> Path:
+    """The MIP of METHOD.md section 6 for every target; solutions saved as block_configs."""
+    from .modeling import DeciLMConfig
+    from .search_stage import run_search, search_table
+
+    out = run_dir / "search"
+    fingerprint = search_fingerprint(cfg)
+    if stage_done(out, fingerprint):
+        print(f"[search] done already: {out}")
+        print((out / "table.txt").read_text(), end="")
+        return out
+    out.mkdir(parents=True, exist_ok=True)
+    config = DeciLMConfig.from_pretrained(run_dir / "parent")
+    scores = [json.loads(line) for line in (run_dir / "scores" / "scores.jsonl").read_text().splitlines()]
+    table = json.loads((run_dir / "costs" / "costs.json").read_text())
+    records, front = run_search(scores, table, config.blocks, cfg.search, cfg.scoring.objective, cfg.costs.dtype,
+                                config.num_attention_heads, config.hidden_size, seed=cfg.seed)
+    (out / "solutions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    _write_json(out / "frontier.json", front)
+    text = search_table(records, front)
+    (out / "table.txt").write_text(text + "\n")
+    print(text)
+    mark_done(out, fingerprint, solutions=len(records))
+    return out
+
+
+def _write_json(path: Path, data) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    tmp.rename(path)
+
+
 def _variant_param_counts(config, space) -> dict[str, int]:
     from .blocks import AttentionConfig, BlockConfig, FFNConfig
     from .info import attention_params, ffn_params
@@ -285,7 +385,8 @@ def _variant_param_counts(config, space) -> dict[str, int]:
 
 
 STAGES: list[tuple[str, Stage]] = [("parent", run_parent), ("data", run_data), ("library", run_library),
-                                   ("bld", run_bld), ("scores", run_scores)]
+                                   ("bld", run_bld), ("scores", run_scores),
+                                   ("costs", run_costs), ("search", run_search_stage)]
 
 
 def run_pipeline(config_path: str | Path | None, run_dir: Path | None = None, until: str | None = None,

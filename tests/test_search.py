@@ -34,7 +34,8 @@ def random_problem(rng: np.random.Generator, budget_mode: str) -> SearchProblem:
     """2-5 layers of 2-5 choices, 1-3 constraints. Scores on a coarse grid so ties happen.
 
     budget_mode: "quantile" (a random level between the cheapest and the dearest architecture),
-    "exact" (exactly some architecture's LHS: the boundary), "below" (under the cheapest: infeasible).
+    "exact" (exactly some architecture's LHS: the boundary), "tight" (the first budget exactly at the
+    cheapest architecture's LHS: only boundary solutions), "below" (under the cheapest: infeasible).
     """
     L = int(rng.integers(2, 6))
     keys = list(COST_SCALES)
@@ -55,6 +56,8 @@ def random_problem(rng: np.random.Generator, budget_mode: str) -> SearchProblem:
         lo, hi = values[k].min(), values[k].max()
         if budget_mode == "below" and k == 0:
             upper = lo - 0.1 * (hi - lo) - 1e-3
+        elif budget_mode == "tight" and k == 0:
+            upper = lo
         elif budget_mode == "exact":
             upper = float(values[k][rng.integers(values.shape[1])])
         else:
@@ -76,7 +79,7 @@ def brute_force_minima(problem: SearchProblem) -> tuple[dict, dict]:
     return alone, given
 
 
-INSTANCES = [(seed, mode) for seed in range(12) for mode in ("quantile", "exact", "below")]
+INSTANCES = [(seed, mode) for seed in range(8) for mode in ("quantile", "exact", "tight", "below")]
 
 
 @pytest.mark.parametrize("seed,mode", INSTANCES)
@@ -120,7 +123,7 @@ def test_mip_matches_brute_force(seed, mode):
 
 
 def test_the_instances_cover_ties_boundaries_and_infeasibility():
-    outcomes = {"feasible": 0, "infeasible": 0, "tied": 0}
+    outcomes = {"feasible": 0, "infeasible": 0, "tied": 0, "at the boundary": 0}
     for seed, mode in INSTANCES:
         problem = random_problem(np.random.default_rng(seed), mode)
         objective, values = enumerate_architectures(problem)
@@ -132,7 +135,11 @@ def test_the_instances_cover_ties_boundaries_and_infeasibility():
         outcomes["feasible"] += 1
         ok = np.all(values <= np.array([c.upper for c in problem.constraints])[:, None] + 1e-6, axis=0)
         outcomes["tied"] += int(np.sum(np.abs(objective[ok] - best) < 1e-12) > 1)
-    assert outcomes["feasible"] >= 15 and outcomes["infeasible"] >= 8 and outcomes["tied"] >= 3, outcomes
+        solution = brute_force(problem)
+        outcomes["at the boundary"] += any(abs(solution.constraint_values[c.name] - c.upper) <= 1e-12 * scale(problem, c)
+                                           for c in problem.constraints)
+    assert outcomes["feasible"] >= 15 and outcomes["infeasible"] >= 6, outcomes
+    assert outcomes["tied"] >= 3 and outcomes["at the boundary"] >= 3, outcomes
 
 
 def budget_problem(L=8, J=6, seed=0, tightness=0.5) -> SearchProblem:

@@ -1,0 +1,280 @@
+"""The search stage: from scores (quality) and costs (device) to one architecture per target.
+
+Each layer's choices are (attention, FFN) pairs. With a decoupled library a pair's score is
+the sum of its two replace-1-block scores and its cost the sum of its two subblocks' measured
+costs; with a coupled library (coupled or hybrid BLD) the pairs are the coupled items with
+their own scores. Targets become linear budgets of the MIP (`search.py`): a speedup or a
+throughput per scenario and metric (decode step, prefill, or whole generation), a latency,
+a memory budget (parameters + KV cache at the scenario's batch and length), a parameter
+budget. Every solution is saved as Nemotron-NAS `block_configs` with its predicted costs.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .blocks import BlockConfig
+from .costs import predicted_costs, subblock_key
+from .info import DTYPE_BYTES
+from .library import Variant
+from .search import (Choice, Constraint, InfeasibleBudgetError, SearchProblem, Solution, solve_diverse,
+                     solve_greedy, solve_mip, solve_random, sweep)
+
+METRICS = ("decode", "prefill", "generate")
+METHODS = ("mip", "greedy", "random")
+
+
+@dataclass
+class Target:
+    """One child to find: budgets that must all hold (unset = no budget)."""
+
+    name: str = "decode-2x"
+    scenario: str | None = None  # costs scenario name (default: the first)
+    metric: str = "decode"  # decode (one step) | prefill | generate (prefill + M decode steps)
+    speedup: float | None = None  # the parent's time / the child's time, on that metric
+    throughput: float | None = None  # tokens/s on that metric (decode: b per step time)
+    latency_s: float | None = None  # the metric's time in seconds
+    memory_gib: float | None = None  # parameters + KV cache of b x (N + M) tokens
+    params: float | None = None  # parameter count
+    solutions: int = 1  # diverse solutions (each differs from the earlier ones in >= (1-alpha) L layers)
+
+    def validate(self) -> None:
+        if self.metric not in METRICS:
+            raise ValueError(f"search target {self.name}: metric = {self.metric!r}; allowed: {', '.join(METRICS)}")
+        for key in ("speedup", "throughput", "latency_s", "memory_gib", "params"):
+            value = getattr(self, key)
+            if value is not None and not value > 0:
+                raise ValueError(f"search target {self.name}: {key} = {value} must be > 0")
+        if self.solutions < 1:
+            raise ValueError(f"search target {self.name}: solutions must be >= 1")
+
+
+@dataclass
+class SearchConfig:
+    """What the search looks for."""
+
+    targets: list[Target] = field(default_factory=lambda: [Target("decode-1.5x", speedup=1.5),
+                                                           Target("decode-2x", speedup=2.0)])
+    alpha: float = 0.8  # diversity between a target's solutions
+    method: str = "mip"  # mip | greedy | random (the paper's ablations)
+    frontier: list[float] = field(default_factory=lambda: [1.25, 1.5, 1.75, 2.0, 2.5, 3.0])  # speedups swept
+    time_limit_s: float = 60.0
+
+    def validate(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"search.method = {self.method!r}; allowed: {', '.join(METHODS)}")
+        if not 0 < self.alpha <= 1:
+            raise ValueError(f"search.alpha = {self.alpha}: must be in (0, 1]")
+        names = [t.name for t in self.targets]
+        if len(set(names)) != len(names):
+            raise ValueError(f"search.targets names must be unique, got {names}")
+        for t in self.targets:
+            t.validate()
+
+
+# =============================================================================================
+# Building the problem
+# =============================================================================================
+@dataclass(frozen=True)
+class PairChoice:
+    """What a Choice's name stands for."""
+
+    attention: Variant
+    ffn: Variant
+
+    @property
+    def block(self) -> BlockConfig:
+        return BlockConfig(self.attention.config, self.ffn.config)
+
+
+def layer_choices(scores: list[dict], cost_table: dict, num_layers: int, objective: str,
+                  param_dtype_bytes: int) -> tuple[list[list[Choice]], list[dict[str, PairChoice]]]:
+    """Choices per layer: coupled items where the library has them, else all decoupled pairs."""
+    by_layer: dict[int, list[dict]] = {}
+    for r in scores:
+        by_layer.setdefault(r["layer"], []).append(r)
+    layers, meaning = [], []
+    for i in range(num_layers):
+        rows = by_layer.get(i, [])
+        coupled = [r for r in rows if r["kind"] == "coupled"]
+        pairs: list[tuple[Variant, Variant, float]] = []
+        if coupled:
+            for r in coupled:
+                a, f = (Variant.from_json(v) for v in r["variants"])
+                pairs.append((a, f, r[objective]))
+            parent_att = next((Variant.from_json(v) for r in rows for v in r["variants"]
+                               if v["subblock"] == "attention" and v["is_parent"]), None)
+            parent_ffn = next((Variant.from_json(v) for r in rows for v in r["variants"]
+                               if v["subblock"] == "ffn" and v["is_parent"]), None)
+            if parent_att and parent_ffn and not any(a.is_parent and f.is_parent for a, f, _ in pairs):
+                pairs.append((parent_att, parent_ffn, 0.0))
+        else:
+            att = [(Variant.from_json(r["variants"][0]), r[objective]) for r in rows if r["kind"] == "attention"]
+            ffn = [(Variant.from_json(r["variants"][0]), r[objective]) for r in rows if r["kind"] == "ffn"]
+            pairs = [(a, f, sa + sf) for a, sa in att for f, sf in ffn]
+        if not pairs:
+            raise ValueError(f"layer {i} has no scored library items; rerun the scores stage")
+        choices, names = [], {}
+        for a, f, score in pairs:
+            name = f"{a.name}+{f.name}"
+            costs = _pair_costs(cost_table, a, f)
+            choices.append(Choice(name, float(max(score, 0.0)), costs))  # tiny negative KL is noise
+            names[name] = PairChoice(a, f)
+        layers.append(choices)
+        meaning.append(names)
+    return layers, meaning
+
+
+def _pair_costs(table: dict, a: Variant, f: Variant) -> dict[str, float]:
+    att, ffn = table["attention"][subblock_key(a.config)], table["ffn"][subblock_key(f.config)]
+    costs = {k: float(att[k]) + float(ffn[k]) for k in att}
+    return costs
+
+
+def scenario_of(table: dict, name: str | None) -> dict:
+    scenarios = table["device"]["scenarios"]
+    if name is None:
+        return scenarios[0]
+    for s in scenarios:
+        if s["name"] == name:
+            return s
+    raise ValueError(f"search target scenario {name!r} is not among the measured ones: "
+                     f"{[s['name'] for s in scenarios]}; add it to costs.scenarios")
+
+
+def target_constraints(target: Target, table: dict, parent_blocks: list[BlockConfig], dtype: str) -> list[Constraint]:
+    """The budgets of one target as linear constraints over the per-layer costs."""
+    s = scenario_of(table, target.scenario)
+    key = f"{target.metric}_s/{s['name']}"
+    fixed = table["fixed"]
+    parent_time = predicted_costs(table, parent_blocks)[key]
+    work = {"decode": s["batch_size"], "prefill": s["batch_size"] * s["prompt_tokens"],
+            "generate": s["batch_size"] * s["generate_tokens"]}[target.metric]  # tokens per unit of time
+    rows = []
+    if target.speedup is not None:
+        rows.append(Constraint(f"{target.metric} time, {s['name']} (>= {target.speedup}x the parent)", {key: 1.0},
+                               parent_time / target.speedup, fixed[key], "s"))
+    if target.throughput is not None:
+        rows.append(Constraint(f"{target.metric} throughput, {s['name']} (>= {target.throughput:g} tok/s)",
+                               {key: 1.0}, work / target.throughput, fixed[key], "s"))
+    if target.latency_s is not None:
+        rows.append(Constraint(f"{target.metric} latency, {s['name']}", {key: 1.0}, target.latency_s, fixed[key], "s"))
+    if target.memory_gib is not None:
+        tokens = s["batch_size"] * (s["prompt_tokens"] + s["generate_tokens"])
+        rows.append(Constraint(f"memory, {s['name']} (params + KV of {tokens} tokens)",
+                               {"params_bytes": 1 / 2**30, "kv_bytes_per_token": tokens / 2**30},
+                               target.memory_gib, fixed["params_bytes"] / 2**30, "GiB"))
+    if target.params is not None:
+        nbytes = DTYPE_BYTES[dtype]
+        rows.append(Constraint("parameters", {"params_bytes": 1 / nbytes}, target.params,
+                               fixed["params_bytes"] / nbytes, "params"))
+    if not rows:
+        raise ValueError(f"search target {target.name} sets no budget: give speedup, throughput, latency_s, "
+                         f"memory_gib or params")
+    return rows
+
+
+def solve_target(problem: SearchProblem, target: Target, cfg: SearchConfig, seed: int) -> list[Solution]:
+    if cfg.method == "greedy":
+        return [solve_greedy(problem)]
+    if cfg.method == "random":
+        solution = solve_random(problem, seed=seed)
+        if solution is None:
+            raise InfeasibleBudgetError(f"target {target.name}: no random architecture of the library met the "
+                                        f"budgets; use method mip to see the best achievable",
+                                        upper={}, best_alone={}, best_given_others={}, violated=[], units={})
+        return [solution]
+    if target.solutions == 1:
+        return [solve_mip(problem, time_limit=cfg.time_limit_s)]
+    return solve_diverse(problem, target.solutions, alpha=cfg.alpha, time_limit=cfg.time_limit_s)
+
+
+def _speedup_hint(problem: SearchProblem, target: Target, err: InfeasibleBudgetError) -> str:
+    """For a speedup budget, the best achievable speedup (what the user asked in)."""
+    if target.speedup is None:
+        return ""
+    row = next(c for c in problem.constraints if "x the parent" in c.name)
+    parent_time = row.upper * target.speedup
+    best = err.best_given_others.get(row.name) or err.best_alone.get(row.name)
+    if not best:
+        return ""
+    return (f"\nbest achievable {target.metric} speedup in this library: {parent_time / best:.2f}x "
+            f"(asked {target.speedup:g}x); lower search.targets[{target.name}].speedup or widen the library")
+
+
+def solution_record(target: Target, k: int, solution: Solution, meaning: list[dict[str, PairChoice]],
+                    table: dict, parent_blocks: list[BlockConfig], num_heads: int, hidden: int) -> dict:
+    """A saved solution: block configs, names, objective, predicted costs and speedups."""
+    blocks = [meaning[i][name].block for i, name in enumerate(solution.names)]
+    predicted = predicted_costs(table, blocks)
+    parent = predicted_costs(table, parent_blocks)
+    speedups = {k2: parent[k2] / predicted[k2] for k2 in predicted if "_s/" in k2 and predicted[k2] > 0}
+    return {"target": target.name, "index": k, "name": f"{target.name}" + (f"-{k}" if k else ""),
+            "method": solution.method, "objective": solution.objective, "names": solution.names,
+            "block_configs": [b.to_nas_dict(num_heads, hidden) for b in blocks],
+            "constraint_values": solution.constraint_values, "predicted": predicted,
+            "predicted_speedup": speedups, "solve_seconds": solution.solve_seconds, "note": solution.note}
+
+
+def frontier(problem_layers: list[list[Choice]], table: dict, parent_blocks: list[BlockConfig],
+             target: Target, speedups: list[float], dtype: str) -> list[dict]:
+    """Best objective for each speedup of `target`'s metric and scenario (None where infeasible)."""
+    if not speedups:
+        return []
+    probe = Target(name="frontier", scenario=target.scenario, metric=target.metric, speedup=1.0)
+    (row,) = target_constraints(probe, table, parent_blocks, dtype)
+    parent_time = row.upper
+    problem = SearchProblem(problem_layers, [row])
+    results = sweep(problem, row.name, [parent_time / s for s in speedups])
+    return [{"speedup": s, "objective": (r.objective if r is not None else None),
+             "names": (r.names if r is not None else None)} for s, r in zip(speedups, results)]
+
+
+def search_table(records: list[dict], front: list[dict]) -> str:
+    lines = [f"{'solution':<16} {'method':<7} {'sum score':>10}  predicted speedup (per cost key)"]
+    for r in records:
+        sp = ", ".join(f"{k.split('/')[0].replace('_s', '')} {v:.2f}x" for k, v in r["predicted_speedup"].items())
+        lines.append(f"{r['name']:<16} {r['method']:<7} {r['objective']:>10.4f}  {sp}")
+        kinds = _count_kinds(r["names"])
+        lines.append(f"{'':<16} " + ", ".join(f"{n} x{c}" for n, c in kinds))
+    if front:
+        lines.append("frontier (" + ("decode" if front else "") + "):  " + "  ".join(
+            f"{f['speedup']:.2f}x: {f['objective']:.4f}" if f["objective"] is not None else f"{f['speedup']:.2f}x: -"
+            for f in front))
+    return "\n".join(lines)
+
+
+def _count_kinds(names: list[str]) -> list[tuple[str, int]]:
+    counts: dict[str, int] = {}
+    for n in names:
+        for part in n.split("+"):
+            counts[part] = counts.get(part, 0) + 1
+    return sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
+
+
+def run_search(scores: list[dict], table: dict, parent_blocks: list[BlockConfig], cfg: SearchConfig,
+               objective: str, dtype: str, num_heads: int, hidden: int, seed: int = 0,
+               log=print) -> tuple[list[dict], list[dict]]:
+    """Solve every target; returns (solution records, frontier)."""
+    layers, meaning = layer_choices(scores, table, len(parent_blocks), objective, DTYPE_BYTES[dtype])
+    records = []
+    for target in cfg.targets:
+        problem = SearchProblem(layers, target_constraints(target, table, parent_blocks, dtype))
+        try:
+            solutions = solve_target(problem, target, cfg, seed)
+        except InfeasibleBudgetError as err:
+            err.args = (f"search target {target.name}: {err}{_speedup_hint(problem, target, err)}",)
+            raise
+        for k, solution in enumerate(solutions):
+            records.append(solution_record(target, k, solution, meaning, table, parent_blocks, num_heads, hidden))
+    front = frontier(layers, table, parent_blocks, cfg.targets[0], cfg.frontier, dtype) if cfg.targets else []
+    return records, front
+
+
+def write_json(path: Path, data) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1, default=lambda o: None if isinstance(o, float) and math.isnan(o) else o))
+    tmp.rename(path)
