@@ -10,8 +10,10 @@ block shrinks, the first and last layers most sensitive, with per-variant noise)
       (i.e. b * seq / sum runtime >= speedup x the parent's tokens/s, METHOD.md section 6)
   latency (prefill of 4096 tokens, s): sum of prefill times <= --latency x the parent's
 
-Timed: one MIP solve (problem compile + HiGHS + exact re-check), 5 diverse solutions
-(alpha 0.8), the greedy and random ablations, and the diagnosis of infeasible budgets.
+Timed, per instance (seed): one MIP solve (problem compile + HiGHS + exact re-check), the same
+at mip_rel_gap 0, 5 diverse solutions (alpha 0.8), the greedy and random ablations, and the
+diagnosis of infeasible budgets (memory cut to 0.3x). Then one MIP solve for each point of a
+grid of budgets (memory x throughput x latency), to show the time does not hinge on one setting.
 
     python benchmarks/search_speed.py --out search_speed.json
 """
@@ -147,17 +149,36 @@ def run(seed: int, args) -> dict:
     }
 
 
+def budget_grid(layers: int) -> list[dict]:
+    """One MIP solve per (memory, speedup, latency) budget setting on the seed-0 instance."""
+    out = []
+    for memory in (0.4, 0.5, 0.6, 0.7):
+        for speedup in (1.5, 2.17, 3.0):
+            for latency in (0.5, 0.6, 0.7):
+                problem = make_problem(0, layers, memory, speedup, latency)
+                start = time.perf_counter()
+                try:
+                    objective = solve_mip(problem).objective
+                except InfeasibleBudgetError:
+                    objective = None
+                out.append({"memory": memory, "speedup": speedup, "latency": latency,
+                            "mip_s": time.perf_counter() - start, "objective": objective})
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--layers", type=int, default=80)
     ap.add_argument("--seeds", type=int, default=3, help="instances (seeds 0..N-1)")
-    ap.add_argument("--memory", type=float, default=0.6, help="memory budget, fraction of the parent's")
+    ap.add_argument("--memory", type=float, default=0.5, help="memory budget, fraction of the parent's")
     ap.add_argument("--speedup", type=float, default=2.17, help="decode throughput target, x the parent's")
-    ap.add_argument("--latency", type=float, default=0.7, help="prefill latency budget, fraction of the parent's")
+    ap.add_argument("--latency", type=float, default=0.6, help="prefill latency budget, fraction of the parent's")
+    ap.add_argument("--no-grid", action="store_true", help="skip the grid of budgets")
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     args = ap.parse_args()
 
     results = [run(seed, args) for seed in range(args.seeds)]
+    grid = [] if args.no_grid else budget_grid(args.layers)
     print(f"{args.layers} layers x {len(ATTENTION) * len(FFN_RATIOS)} choices, 3 budgets; "
           f"{os.cpu_count()} CPUs, scipy {scipy.__version__} (HiGHS)\n")
     head = f"{'seed':>4}  {'MIP s':>7}  {'gap0 s':>7}  {'5 diverse s':>11}  {'greedy s':>8}  {'random s':>8}  " \
@@ -180,11 +201,18 @@ def main() -> None:
                for k in ("mip_s", "mip_gap0_s", "diverse5_s", "greedy_s", "random1000_s", "infeasible_diagnosis_s")}
     print("\nmedian / max over seeds: " + ", ".join(f"{k} {v['median']:.3f} / {v['max']:.3f}"
                                                     for k, v in summary.items()))
+    if grid:
+        times = [g["mip_s"] for g in grid]
+        feasible = [g for g in grid if g["objective"] is not None]
+        summary["grid_mip_s"] = {"median": statistics.median(times), "max": max(times)}
+        print(f"\nbudget grid (seed 0), {len(grid)} settings ({len(feasible)} feasible): MIP (or infeasibility "
+              f"diagnosis) s median {statistics.median(times):.3f}, max {max(times):.3f}; slowest: "
+              f"{max(grid, key=lambda g: g['mip_s'])}")
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"args": vars(args), "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
                                                        "processor": platform.processor(), "scipy": scipy.__version__},
-                       "summary": summary, "results": results}, f, indent=2)
+                       "summary": summary, "results": results, "grid": grid}, f, indent=2)
         print(f"wrote {args.out}")
 
 

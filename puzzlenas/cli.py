@@ -74,6 +74,31 @@ def cmd_library(args: argparse.Namespace) -> int:
     return 0
 
 
+def _stage_command(stage: str, table_file: str):
+    """`puzzlenas STAGE RUN`: run the stage (and any unfinished one before it) with the run's own
+    config.yaml, then print its table."""
+
+    def command(args: argparse.Namespace) -> int:
+        from .pipeline import run_pipeline
+
+        run_dir = Path(args.run)
+        config = run_dir / "config.yaml"
+        if not config.is_file():
+            raise FileNotFoundError(f"{config} not found: {run_dir} is not a run directory (start one with "
+                                    f"`puzzlenas run [CONFIG] --run-dir {run_dir}`)")
+        run_pipeline(config, run_dir=run_dir, until=stage, overrides=args.set)
+        if getattr(args, "per_layer", False) and stage == "scores":
+            import json
+
+            from .scoring import scores_table
+
+            rows = [json.loads(line) for line in (run_dir / "scores" / "scores.jsonl").read_text().splitlines()]
+            print(scores_table(rows, args.metric, per_layer=True))
+        return 0
+
+    return command
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from .pipeline import run_pipeline
 
@@ -118,6 +143,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run", help="run directory, e.g. runs/default")
     p.add_argument("--per-layer", action="store_true", help="one row per (layer, variant) instead of means")
     p.set_defaults(func=cmd_library)
+
+    for name, stage, text in (("score", "scores", "replace-1-block KL / LM loss of every library item"),
+                              ("costs", "costs", "measured prefill / decode cost of every block shape on this device"),
+                              ("search", "search", "MIP search: one architecture per target, and the frontier")):
+        p = sub.add_parser(name, help=text, description=f"{text[0].upper() + text[1:]}: runs the '{stage}' stage "
+                           f"of RUN (and unfinished stages before it) with RUN/config.yaml, then prints its table.")
+        p.add_argument("run", help="run directory, e.g. runs/default")
+        p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
+        if stage == "scores":
+            p.add_argument("--per-layer", action="store_true", help="also print the layer x variant grid")
+            p.add_argument("--metric", default="kl", choices=("kl", "lm_loss", "lm_loss_delta"))
+        p.set_defaults(func=_stage_command(stage, ""))
 
     p = sub.add_parser("run", help="run the pipeline (default: the bundled parent)",
                        description="Run the pipeline stages of CONFIG into a run directory, resuming "

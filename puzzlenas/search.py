@@ -285,22 +285,22 @@ class _MilpResult:
     note: str = ""
 
 
-def _scaled_rows(comp: _Compiled, k: int) -> tuple[np.ndarray, float, bool]:
-    """Constraint k as a row with coefficients in [0, 1] and its right-hand side.
+def _scaled_row(comp: _Compiled, k: int) -> tuple[np.ndarray, float, float, bool]:
+    """Constraint k as a row with coefficients in [0, 1], its right-hand side and its scale.
 
     Since each layer takes exactly one choice, subtracting each layer's smallest cost moves a
     constant to the right-hand side; dividing by the largest shifted cost then brings budgets in
     bytes (1e10) and in seconds (1e-3) to the same scale for HiGHS's absolute tolerances.
-    Returns (row, rhs, needed); needed is False when no architecture can exceed the budget.
+    Returns (row, rhs, scale, needed); needed is False when no architecture can exceed the budget.
     """
     lo = comp.layer_min(comp.cost[k])
     row = comp.cost[k] - lo[comp.layer_of]
     rhs = float(comp.upper[k]) - float(comp.fixed[k]) - math.fsum(lo.tolist())
     scale = float(row.max())
     if scale <= 0 or not math.isfinite(rhs):
-        return row, rhs, False
+        return row, rhs, 1.0, False
     row, rhs = row / scale, rhs / scale
-    return row, rhs, float(comp.layer_max(row).sum()) > rhs
+    return row, rhs, scale, float(comp.layer_max(row).sum()) > rhs
 
 
 def _scaled_objective(comp: _Compiled, values: np.ndarray) -> np.ndarray:
@@ -311,44 +311,71 @@ def _scaled_objective(comp: _Compiled, values: np.ndarray) -> np.ndarray:
     return shifted / spread if spread > 0 else shifted
 
 
+def _undominated(comp: _Compiled, dims: np.ndarray, protected: np.ndarray) -> np.ndarray:
+    """Mask of the choices worth a MIP column. dims: (D, n), every row to be minimized or bounded above.
+
+    Choice j of a layer is dropped when another choice k of that layer is no worse in every row
+    (better in one, or equal everywhere with a lower index) and k is no earlier solution's choice
+    there (`protected`): swapping j for k in any architecture then keeps every budget, does not
+    raise the objective, and shares no more layers with the earlier solutions. Following such swaps
+    ends at a kept choice, so an optimum survives. Real libraries are full of such pairs (e.g. a
+    linear FFN next to a narrow one that is cheaper and better), and fewer columns make HiGHS faster.
+    """
+    keep = np.ones(dims.shape[1], dtype=bool)
+    for a, b in zip(comp.offsets[:-1], comp.offsets[1:]):
+        v = dims[:, a:b].T  # (J, D)
+        no_worse = np.all(v[None, :, :] <= v[:, None, :], axis=2)  # [j, k]: k <= j in every row
+        better = np.any(v[None, :, :] < v[:, None, :], axis=2)
+        order = np.arange(b - a)
+        beats = no_worse & (better | (order[None, :] < order[:, None])) & ~protected[None, a:b]
+        np.fill_diagonal(beats, False)
+        keep[a:b] = ~beats.any(axis=1)
+    return keep
+
+
 def _run_milp(comp: _Compiled, objective: np.ndarray, constraint_ids: Sequence[int],
               previous: Sequence[Sequence[int]] = (), alpha: float = 1.0, time_limit: float | None = None,
               mip_rel_gap: float = DEFAULT_MIP_REL_GAP) -> _MilpResult:
     """Minimize `objective` @ x over architectures meeting `constraint_ids` and the diversity rows."""
     L, n = comp.L, len(comp.scores)
     rows, cols, data, ub = [comp.layer_of], [np.arange(n)], [np.ones(n)], [np.ones(L)]
-    budget_rows: list[tuple[int, int, float]] = []  # (constraint, row number, scale-free rhs)
-    r = L
+    budget_rows: dict[int, tuple[int, float]] = {}  # constraint -> (row number, scale)
+    dims = [objective]
     for k in constraint_ids:
-        row, rhs, needed = _scaled_rows(comp, k)
+        row, rhs, scale, needed = _scaled_row(comp, k)
         if not needed:  # constant or never binding: the exact re-check below still covers it
             continue
-        nz = np.flatnonzero(row)
+        nz, r = np.flatnonzero(row), L + len(ub) - 1  # ub[0] holds the L one-choice-per-layer rows
+        budget_rows[k] = (r, scale)
         rows.append(np.full(len(nz), r)), cols.append(nz), data.append(row[nz]), ub.append([rhs])
-        budget_rows.append((k, r, rhs))
-        r += 1
+        dims.append(row)
+    protected = np.zeros(n, dtype=bool)
     shared = math.floor(alpha * L + 1e-9)  # most layers a new solution may share with an old one
     if shared < L:
         for y in previous:
-            rows.append(np.full(L, r)), cols.append(comp.offsets[:-1] + np.asarray(y)), data.append(np.ones(L))
-            ub.append([shared])
-            r += 1
+            var = comp.offsets[:-1] + np.asarray(y)
+            protected[var] = True
+            rows.append(np.full(L, L + len(ub) - 1)), cols.append(var), data.append(np.ones(L)), ub.append([shared])
+    r = L + len(ub) - 1
     A = scipy.sparse.csr_array((np.concatenate(data), (np.concatenate(rows), np.concatenate(cols))), shape=(r, n))
     ub_all = np.concatenate([np.asarray(u, dtype=float) for u in ub])
     lb_all = np.concatenate([np.ones(L), np.full(r - L, -np.inf)])
+    keep = np.flatnonzero(_undominated(comp, np.array(dims), protected))
+    A, c = A[:, keep], _scaled_objective(comp, objective)[keep]
     options: dict[str, Any] = {"mip_rel_gap": mip_rel_gap}
     if time_limit is not None:
         options["time_limit"] = float(time_limit)
-    c = _scaled_objective(comp, objective)
     for _attempt in range(4):
-        res = milp(c, constraints=LinearConstraint(A, lb_all, ub_all), integrality=np.ones(n),
+        res = milp(c, constraints=LinearConstraint(A, lb_all, ub_all), integrality=np.ones(len(keep)),
                    bounds=Bounds(0, 1), options=options)
         if res.status == 2:
             return _MilpResult("infeasible", None)
         if res.x is None:
             raise SearchError(f"HiGHS stopped without an architecture (status {res.status}: {res.message}); "
                               f"give it a longer time_limit (now {time_limit}) or fewer choices")
-        idx = _round(comp, res.x)
+        x = np.zeros(n)
+        x[keep] = res.x
+        idx = _round(comp, x)
         excess = _excess(comp, idx, constraint_ids)
         if not excess:
             if res.status == 0:
@@ -357,12 +384,11 @@ def _run_milp(comp: _Compiled, objective: np.ndarray, constraint_ids: Sequence[i
             return _MilpResult("time-limit", idx, f"HiGHS stopped early ({res.message.strip()}); not proven "
                                f"optimal" + (f" (gap {gap:.3g})" if gap is not None else ""))
         # HiGHS accepted a row within its own tolerance that the exact sum exceeds: tighten that
-        # row by the excess (plus a margin) and solve again.
+        # row by twice the excess and solve again.
         for k, over in excess.items():
-            for kk, rr, _ in budget_rows:
-                if kk == k:
-                    scale = float((comp.cost[k] - comp.layer_min(comp.cost[k])[comp.layer_of]).max())
-                    ub_all[rr] -= 2 * over / scale + 1e-9
+            if k in budget_rows:
+                rr, scale = budget_rows[k]
+                ub_all[rr] -= 2 * over / scale + 1e-12
     raise SearchError(f"HiGHS keeps returning architectures over the budgets {[comp.names[k] for k in excess]} "
                       f"by {list(excess.values())} after tightening them; the budgets sit at the edge of float "
                       f"precision: loosen them slightly")

@@ -8,7 +8,7 @@ import pytest
 
 from puzzlenas.cli import main
 
-COMMANDS = ["convert", "info", "generate", "library", "run"]
+COMMANDS = ["convert", "info", "generate", "library", "score", "costs", "search", "run"]
 
 
 @pytest.mark.parametrize("command", [None, *COMMANDS])

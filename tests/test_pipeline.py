@@ -74,3 +74,61 @@ def test_impossible_budget_says_the_best_achievable(tmp_path, tiny_run_inputs, f
     assert main(["run", str(path), "--run-dir", str(tmp_path / "run")]) == 2
     message = capsys.readouterr().err
     assert "best achievable decode speedup in this library" in message and "asked 1e+06x" in message
+
+
+def test_stage_commands_print_their_tables(finished_run, capsys):
+    for command, needle in (("score", "replace-1-block kl"), ("costs", "check: whole model"),
+                            ("search", "frontier")):
+        assert main([command, str(finished_run)]) == 0
+        assert needle in capsys.readouterr().out
+    assert main(["score", str(finished_run), "--per-layer"]) == 0
+    assert "kl by layer" in capsys.readouterr().out
+    assert main(["search", str(finished_run.parent / "nowhere")]) == 2
+
+
+def test_scoring_resumes_after_a_kill(finished_run, tmp_path):
+    import torch
+
+    from puzzlenas.bld import finished_jobs
+    from puzzlenas.library import read_space
+    from puzzlenas.parent import load_parent
+    from puzzlenas.scoring import ScoringConfig, score_items
+
+    parent = load_parent(finished_run / "parent")
+    items = [j for j in finished_jobs(finished_run / "bld", read_space(finished_run / "library" / "space.json"))
+             if j.layer == 1]
+    batches = [torch.randint(3, 128, (2, 16), generator=torch.Generator().manual_seed(k)) for k in range(3)]
+    cfg = ScoringConfig(items_per_pass=3)
+    fresh = score_items(parent, finished_run / "bld", items, batches, cfg, tmp_path / "a.json", log=lambda *a: None)
+
+    def die_after_first(message: str) -> None:
+        if "batch 2/" in message:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        score_items(parent, finished_run / "bld", items, batches, cfg, tmp_path / "b.json", log=die_after_first)
+    assert json.loads((tmp_path / "b.json").read_text())["batches_done"] == 2
+    resumed = score_items(parent, finished_run / "bld", items, batches, cfg, tmp_path / "b.json",
+                          log=lambda *a: None)
+    for key, row in fresh.items():
+        assert resumed[key]["kl"] == pytest.approx(row["kl"], rel=1e-9)
+        assert resumed[key]["lm_loss"] == pytest.approx(row["lm_loss"], rel=1e-9)
+
+
+def test_coupled_library_items_become_the_layer_choices():
+    from puzzlenas.search_stage import layer_choices
+
+    def v(name, sub, kind, size, parent=False):
+        return {"name": name, "subblock": sub, "kind": kind, "size": size, "is_parent": parent}
+
+    pa, pf = v("attn_kv2", "attention", "gqa", 2, True), v("ffn_96", "ffn", "gated", 96, True)
+    a1, f1 = v("attn_kv1", "attention", "gqa", 1), v("ffn_48", "ffn", "gated", 48)
+    rows = [{"layer": 0, "name": "attn_kv2", "kind": "attention", "variants": [pa], "kl": 0.0},
+            {"layer": 0, "name": "ffn_96", "kind": "ffn", "variants": [pf], "kl": 0.0},
+            {"layer": 0, "name": "attn_kv1+ffn_48", "kind": "coupled", "variants": [a1, f1], "kl": 0.3}]
+    entry = {"params_bytes": 1.0, "kv_bytes_per_token": 0.0, "decode_s/s": 1.0}
+    table = {"attention": {"gqa kv=2": entry, "gqa kv=1": entry}, "ffn": {"ffn 96": entry, "ffn 48": entry}}
+    layers, meaning = layer_choices(rows, table, 1, "kl", 4)
+    assert sorted(c.name for c in layers[0]) == ["attn_kv1+ffn_48", "attn_kv2+ffn_96"]
+    assert next(c for c in layers[0] if c.name == "attn_kv1+ffn_48").score == 0.3
+    assert meaning[0]["attn_kv1+ffn_48"].block.ffn.intermediate_size == 48

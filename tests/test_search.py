@@ -314,3 +314,14 @@ def test_bad_problems_fail_with_the_fix():
     with pytest.raises(ValueError, match="use solve_mip"):
         brute_force(big)
     assert solve_mip(big).objective == 0.0
+
+
+def test_dominated_choices_still_serve_diversity():
+    # B is worse than A in score and cost, so the MIP drops it from its columns, unless A is an
+    # earlier solution's choice: then B is the cheapest way to differ from it.
+    layer = [Choice("A", 0.0, {"m": 1.0}), Choice("B", 1.0, {"m": 2.0}), Choice("C", 2.0, {"m": 3.0})]
+    problem = SearchProblem([layer, layer], [Constraint("mem", {"m": 1.0}, upper=10.0)])
+    assert solve_mip(problem).names == ["A", "A"]
+    again = solve_mip(problem, previous=[[0, 0]], alpha=0.0)
+    assert again.names == ["B", "B"] and again.objective == 2.0
+    assert [s.names for s in solve_diverse(problem, 3, alpha=0.0)] == [["A", "A"], ["B", "B"], ["C", "C"]]
