@@ -21,6 +21,8 @@ from .bld import BLDConfig
 from .data import DataConfig
 from .library import LibraryConfig
 from .costs import CostConfig
+from .evaluate import EvalConfig
+from .gkd import GKDConfig
 from .scoring import ScoringConfig
 from .search_stage import SearchConfig
 
@@ -44,6 +46,8 @@ class RunConfig:
     scoring: ScoringConfig = field(default_factory=ScoringConfig)
     costs: CostConfig = field(default_factory=CostConfig)
     search: SearchConfig = field(default_factory=SearchConfig)
+    gkd: GKDConfig = field(default_factory=GKDConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     def validate(self) -> None:
         if self.parent_dtype not in ("float32", "bfloat16"):

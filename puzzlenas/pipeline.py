@@ -365,6 +365,214 @@ def run_search_stage(cfg: RunConfig, run_dir: Path) -> Path:
     return out
 
 
+# ---- stage: assemble --------------------------------------------------------------------------
+def solutions(run_dir: Path) -> list[dict]:
+    path = run_dir / "search" / "solutions.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def run_assemble(cfg: RunConfig, run_dir: Path) -> Path:
+    """Each search solution + the trained library -> child-<name>/ (Nemotron-NAS checkpoint)."""
+    import shutil
+
+    import torch
+
+    from .assemble import assemble_child, pairs_from_record
+    from .info import architecture_table
+    from .library import read_space
+    from .parent import copy_tokenizer_files, load_parent
+
+    fingerprint = config_hash({"search": search_fingerprint(cfg)})
+    records = solutions(run_dir)
+    todo = [r for r in records if not stage_done(run_dir / f"child-{r['name']}", fingerprint)]
+    if not todo:
+        print(f"[assemble] done already: {len(records)} children")
+        return run_dir
+    parent = load_parent(run_dir / "parent", getattr(torch, cfg.parent_dtype))
+    space = read_space(run_dir / "library" / "space.json")
+    for record in todo:
+        out = run_dir / f"child-{record['name']}"
+        tmp = run_dir / f"child-{record['name']}.tmp"
+        for d in (out, tmp):
+            if d.exists():
+                shutil.rmtree(d)
+        child = assemble_child(parent, run_dir / "bld", pairs_from_record(record, space), tmp)
+        copy_tokenizer_files(run_dir / "parent", tmp)
+        table = architecture_table(child.config)
+        (tmp / "architecture.txt").write_text(table + "\n")
+        _write_json(tmp / "solution.json", record)
+        mark_done(tmp, fingerprint, target=record["target"])
+        tmp.rename(out)
+        print(f"[assemble] {out.name}: predicted speedup "
+              + ", ".join(f"{k} {v:.2f}x" for k, v in record["predicted_speedup"].items()))
+        print(table)
+    return run_dir
+
+
+# ---- stage: gkd -------------------------------------------------------------------------------
+def run_gkd(cfg: RunConfig, run_dir: Path) -> Path:
+    """Global distillation of every assembled child -> gkd-<name>/."""
+    import shutil
+
+    import torch
+
+    from .bld import distributed_rank
+    from .data import token_batches
+    from .gkd import GKDTrainer, parallelize
+    from .modeling import DeciLMForCausalLM
+    from .parent import copy_tokenizer_files, load_parent
+
+    fingerprint = config_hash({"search": search_fingerprint(cfg), "gkd": cfg.gkd, "seed": cfg.seed})
+    records = solutions(run_dir)
+    todo = [r for r in records if not stage_done(run_dir / f"gkd-{r['name']}", fingerprint)]
+    if not todo:
+        print(f"[gkd] done already: {len(records)} children")
+        return run_dir
+    rank, world = distributed_rank()
+    device = resolve_device(cfg.device)
+    parent = load_parent(run_dir / "parent", getattr(torch, cfg.parent_dtype)).to(device)
+    parent.requires_grad_(False)
+    dataset = load_data(cfg, run_dir)
+    for record in todo:
+        out = run_dir / f"gkd-{record['name']}"
+        work = run_dir / f"gkd-{record['name']}.work"  # checkpoints live here until the child is done
+        if out.exists():
+            shutil.rmtree(out)
+        child = DeciLMForCausalLM.from_pretrained(run_dir / f"child-{record['name']}", dtype=torch.float32).to(device)
+        if world > 1:
+            parallelize(child, parent)
+        batches = token_batches(dataset.train, cfg.gkd.batch_size, max(cfg.gkd.tokens, 1), seed=cfg.seed + 1,
+                                rank=rank, world_size=world)
+        trainer = GKDTrainer(child, parent, cfg.gkd, work, dataset.seq_len, world_size=world)
+        print(f"[gkd] {record['name']}: {trainer.steps} steps of {cfg.gkd.batch_size}x{dataset.seq_len} tokens"
+              f"{f' x {world} ranks' if world > 1 else ''}")
+        history = trainer.train(batches)
+        if rank == 0:
+            from .gkd import _full_state
+
+            state = _full_state(child)
+            final = DeciLMForCausalLM(child.config) if world > 1 else child
+            if world > 1:
+                final.load_state_dict(state)
+            tmp = run_dir / f"gkd-{record['name']}.tmp"
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            final.to(getattr(torch, cfg.parent_dtype)).save_pretrained(tmp)
+            copy_tokenizer_files(run_dir / "parent", tmp)
+            _write_json(tmp / "history.json", history)
+            mark_done(tmp, fingerprint, steps=trainer.steps)
+            tmp.rename(out)
+            trainer.clear_checkpoint()
+            if work.exists():
+                shutil.rmtree(work)
+        from .bld import barrier
+
+        barrier(world)
+    return run_dir
+
+
+# ---- stage: eval ------------------------------------------------------------------------------
+def eval_fingerprint(cfg: RunConfig) -> str:
+    return config_hash({"search": search_fingerprint(cfg), "gkd": cfg.gkd, "eval": cfg.eval, "costs": cfg.costs})
+
+
+def run_eval(cfg: RunConfig, run_dir: Path) -> Path:
+    """Perplexity, KL, agreement, downstream tasks and throughput of the parent and every child."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from .costs import Scenario
+    from .evaluate import lm_metrics, retention
+    from .inference import measure_generation
+    from .info import architecture_table, count_model_params, layer_costs
+    from .modeling import DeciLMForCausalLM
+
+    out = run_dir / "eval"
+    fingerprint = eval_fingerprint(cfg)
+    if stage_done(out, fingerprint):
+        print(f"[eval] done already: {out}")
+        print((out / "table.txt").read_text(), end="")
+        return out
+    out.mkdir(parents=True, exist_ok=True)
+    device = resolve_device(cfg.device)
+    dtype = getattr(torch, cfg.parent_dtype)
+    names = ["parent"] + [f"{kind}-{r['name']}" for r in solutions(run_dir) for kind in ("child", "gkd")]
+    models = {n: DeciLMForCausalLM.from_pretrained(run_dir / n, dtype=dtype).to(device).eval() for n in names
+              if (run_dir / n / "config.json").is_file()}
+    dataset = load_data(cfg, run_dir)
+    rows = dataset.test[: max(1, -(-cfg.eval.tokens // dataset.seq_len))]
+    batches = [torch.from_numpy(rows[k:k + cfg.eval.batch_size].astype("int64"))
+               for k in range(0, len(rows), cfg.eval.batch_size)]
+    results = {n: m for n, m in lm_metrics(models, models["parent"], batches, cfg.eval.logits_chunk).items()}
+    tokenizer = AutoTokenizer.from_pretrained(run_dir / "parent")
+    if cfg.eval.tasks:
+        from .tasks import evaluate_tasks
+
+        for n, model in models.items():
+            results[n]["tasks"] = evaluate_tasks(model, tokenizer, cfg.eval.tasks, max_examples=cfg.eval.max_examples,
+                                                 batch_size=cfg.eval.batch_size, device=device)
+    throughput_dtype = getattr(torch, cfg.costs.dtype)
+    for n, model in models.items():
+        results[n]["params"] = count_model_params(model)
+        results[n]["kv_bytes_per_token"] = sum(c.kv_cache_bytes_per_token for c in layer_costs(model.config,
+                                                                                                cfg.costs.dtype))
+        if cfg.eval.throughput:
+            fast = model.to(throughput_dtype)
+            results[n]["throughput"] = {}
+            for s in cfg.costs.scenarios:
+                s = s if isinstance(s, Scenario) else Scenario(**s)
+                results[n]["throughput"][s.name] = measure_generation(
+                    fast, s.batch_size, s.prompt_tokens, s.generate_tokens, iters=cfg.eval.throughput_iters)
+            model.to(dtype)
+    for n in results:
+        if n != "parent":
+            results[n]["retention"] = retention(results[n], results["parent"])
+            if cfg.eval.throughput:
+                results[n]["speedup"] = {
+                    s: {k: results["parent"]["throughput"][s][k] / results[n]["throughput"][s][k]
+                        for k in ("decode_step_s", "prefill_s", "generate_s")}
+                    for s in results[n]["throughput"]}
+    _write_json(out / "results.json", results)
+    text = eval_table(results)
+    (out / "table.txt").write_text(text + "\n")
+    print(text)
+    mark_done(out, fingerprint, models=len(results))
+    return out
+
+
+def eval_table(results: dict) -> str:
+    tasks = sorted({t for r in results.values() for t in r.get("tasks", {})})
+    head = f"{'model':<22} {'params':>10} {'KV B/tok':>8} {'ppl':>8} {'KL':>7} {'agree':>6} " + \
+        " ".join(f"{t[:14]:>14}" for t in tasks) + f" {'decode x':>8} {'retention':>9}"
+    lines = [head]
+    for n, r in results.items():
+        speed = next(iter(r.get("speedup", {}).values()), {}).get("decode_step_s") if n != "parent" else 1.0
+        ret = r.get("retention", {}).get("tasks_mean", 1.0 if n == "parent" else None)
+        lines.append(f"{n:<22} {r['params'] / 1e6:>9.1f}M {r['kv_bytes_per_token']:>8} {r['perplexity']:>8.2f} "
+                     f"{r['kl_to_parent']:>7.4f} {r['top1_agreement']:>6.3f} "
+                     + " ".join(f"{r.get('tasks', {}).get(t, {}).get('acc', float('nan')):>14.3f}" for t in tasks)
+                     + f" {(f'{speed:.2f}x' if speed else '-'):>8} {(f'{ret:.3f}' if ret is not None else '-'):>9}")
+    lines.append("ppl / KL / agree: test split; task columns: accuracy; decode x: measured decode-step speedup "
+                 "over the parent (first scenario); retention: mean task-accuracy ratio child / parent")
+    return "\n".join(lines)
+
+
+# ---- stage: report ----------------------------------------------------------------------------
+def run_report(cfg: RunConfig, run_dir: Path) -> Path:
+    """report/README.md with the frontier and per-layer plots and the parent-vs-children table."""
+    from .report import write_report
+
+    out = run_dir / "report"
+    fingerprint = config_hash({"eval": eval_fingerprint(cfg)})
+    if stage_done(out, fingerprint):
+        print(f"[report] done already: {out / 'README.md'}")
+        return out
+    path = write_report(run_dir, out)
+    mark_done(out, fingerprint)
+    print(f"[report] {path}")
+    return out
+
+
 def _write_json(path: Path, data) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(data, indent=1))
@@ -386,7 +594,9 @@ def _variant_param_counts(config, space) -> dict[str, int]:
 
 STAGES: list[tuple[str, Stage]] = [("parent", run_parent), ("data", run_data), ("library", run_library),
                                    ("bld", run_bld), ("scores", run_scores),
-                                   ("costs", run_costs), ("search", run_search_stage)]
+                                   ("costs", run_costs), ("search", run_search_stage),
+                                   ("assemble", run_assemble), ("gkd", run_gkd), ("eval", run_eval),
+                                   ("report", run_report)]
 
 
 def run_pipeline(config_path: str | Path | None, run_dir: Path | None = None, until: str | None = None,

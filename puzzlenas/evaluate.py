@@ -1,0 +1,86 @@
+"""Evaluation of the parent and the children on held-out data (the test split).
+
+- language modelling: perplexity, KL(parent || model) of the next-token distributions, and
+  top-1 next-token agreement with the parent;
+- downstream tasks built from real text that installed packages ship, scored by
+  log-likelihood like lm-evaluation-harness (`tasks.py`);
+- throughput: the end-to-end generation benchmark on the static-KV-cache path, the same for
+  parent and child (`inference.measure_generation`), per serving scenario.
+Retention = child / parent (for perplexity: parent / child).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from .modeling import DeciLMForCausalLM
+
+
+@dataclass
+class EvalConfig:
+    """What the eval stage measures."""
+
+    tokens: int = 65536  # test-split tokens for perplexity / KL / agreement
+    batch_size: int = 8
+    tasks: list[str] = field(default_factory=lambda: ["wiki-lastword", "news-continuation",
+                                                      "bible-continuation", "mmlu-dev"])
+    max_examples: int = 200  # per task
+    throughput: bool = True  # end-to-end generation benchmark per costs scenario
+    throughput_iters: int = 10
+    logits_chunk: int = 2048
+
+    def validate(self) -> None:
+        if min(self.tokens, self.batch_size, self.max_examples, self.throughput_iters, self.logits_chunk) < 1:
+            raise ValueError("eval.tokens, batch_size, max_examples, throughput_iters, logits_chunk must be >= 1")
+
+
+@torch.no_grad()
+def final_hidden(model: DeciLMForCausalLM, ids: torch.Tensor) -> torch.Tensor:
+    """(B, T, C) normed final hidden state."""
+    return model.model(input_ids=ids, use_cache=False).last_hidden_state
+
+
+@torch.no_grad()
+def lm_metrics(models: dict[str, DeciLMForCausalLM], parent: DeciLMForCausalLM, batches: list[torch.Tensor],
+               chunk: int) -> dict[str, dict[str, float]]:
+    """Perplexity, KL to the parent and top-1 agreement for each model on the same batches."""
+    device = parent.model.embed_tokens.weight.device
+    sums = {name: {"nll": 0.0, "kl": 0.0, "agree": 0.0} for name in models}
+    n_total = 0
+    for batch in batches:
+        batch = batch.to(device)
+        hp = final_hidden(parent, batch)[:, :-1].flatten(0, 1)  # (N, C)
+        labels = batch[:, 1:].flatten()
+        hidden = {name: final_hidden(m, batch)[:, :-1].flatten(0, 1) for name, m in models.items()}
+        for start in range(0, hp.shape[0], chunk):
+            sl = slice(start, start + chunk)
+            logp = F.log_softmax(parent.lm_head(hp[sl]).float(), dim=-1)
+            for name, model in models.items():
+                logq = F.log_softmax(model.lm_head(hidden[name][sl].to(model.lm_head.weight.dtype)).float(), dim=-1)
+                s = sums[name]
+                s["nll"] += F.nll_loss(logq, labels[sl], reduction="sum").item()
+                s["kl"] += (logp.exp() * (logp - logq)).sum().item()
+                s["agree"] += (logq.argmax(-1) == logp.argmax(-1)).sum().item()
+        n_total += hp.shape[0]
+    return {name: {"loss": s["nll"] / n_total, "perplexity": math.exp(s["nll"] / n_total),
+                   "kl_to_parent": s["kl"] / n_total, "top1_agreement": s["agree"] / n_total, "tokens": n_total}
+            for name, s in sums.items()}
+
+
+def retention(child: dict, parent: dict) -> dict[str, float]:
+    """child / parent for accuracies and agreement, parent / child for perplexity; their mean."""
+    out = {}
+    if "perplexity" in child:
+        out["perplexity"] = parent["perplexity"] / child["perplexity"]
+    for task, scores in child.get("tasks", {}).items():
+        base = parent.get("tasks", {}).get(task, {})
+        if base.get("acc"):
+            out[f"{task}.acc"] = scores["acc"] / base["acc"]
+    task_values = [v for k, v in out.items() if k.endswith(".acc")]
+    if task_values:
+        out["tasks_mean"] = sum(task_values) / len(task_values)
+    return out

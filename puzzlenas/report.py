@@ -1,0 +1,100 @@
+"""The report: what the run produced, at a glance (Markdown + PNG plots).
+
+- frontier.png: measured decode speedup (x) vs retention (y) of every child, before and after
+  GKD, with the search's predicted frontier for reference;
+- layers.png: which attention and FFN variant each layer of each child got;
+- README.md: parent vs children (parameters, KV bytes/token, measured throughput and speedup,
+  perplexity, KL, agreement, task accuracies, retention) and the search's predictions.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display here or on servers
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def frontier_plot(results: dict, records: list[dict], front: list[dict], path: Path) -> None:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    for kind, marker, label in (("child", "o", "assembled (after BLD)"), ("gkd", "*", "after GKD")):
+        xs, ys, names = [], [], []
+        for r in records:
+            res = results.get(f"{kind}-{r['name']}")
+            if not res or "speedup" not in res:
+                continue
+            speed = next(iter(res["speedup"].values()))["decode_step_s"]
+            ret = res["retention"].get("tasks_mean", res["retention"].get("perplexity"))
+            xs.append(speed)
+            ys.append(ret)
+            names.append(r["name"])
+        ax.scatter(xs, ys, marker=marker, s=80, label=label)
+        for x, y, n in zip(xs, ys, names):
+            ax.annotate(n, (x, y), textcoords="offset points", xytext=(5, 5), fontsize=8)
+    ax.scatter([1.0], [1.0], marker="s", color="black", label="parent")
+    ax.set_xlabel("measured decode speedup over the parent")
+    ax.set_ylabel("retention (child / parent)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def layers_plot(records: list[dict], path: Path) -> None:
+    plt = _plt()
+    names = sorted({part for r in records for n in r["names"] for part in n.split("+")})
+    colors = {n: plt.cm.tab20(i % 20) for i, n in enumerate(names)}
+    fig, axes = plt.subplots(len(records), 1, figsize=(10, 1.2 + 1.1 * len(records)), squeeze=False)
+    for ax, r in zip(axes[:, 0], records):
+        for i, n in enumerate(r["names"]):
+            a, f = n.split("+")
+            ax.add_patch(plt.Rectangle((i, 1), 0.95, 0.9, color=colors[a]))
+            ax.add_patch(plt.Rectangle((i, 0), 0.95, 0.9, color=colors[f]))
+        ax.set_xlim(0, len(r["names"]))
+        ax.set_ylim(0, 2)
+        ax.set_yticks([0.45, 1.45], ["FFN", "attention"])
+        ax.set_title(r["name"], fontsize=9, loc="left")
+        ax.set_xticks(range(0, len(r["names"]), max(1, len(r["names"]) // 15)))
+    handles = [plt.Rectangle((0, 0), 1, 1, color=colors[n]) for n in names]
+    fig.legend(handles, names, loc="lower center", ncol=min(6, len(names)), fontsize=7)
+    axes[-1, 0].set_xlabel("layer")
+    fig.tight_layout(rect=(0, 0.12, 1, 1))
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def markdown(results: dict, records: list[dict], eval_table: str, config_text: str) -> str:
+    lines = ["# puzzlenas report", "", "## Parent vs children", "", "```", eval_table, "```", "",
+             "## What the search chose and predicted", ""]
+    for r in records:
+        pred = ", ".join(f"{k} {v:.2f}x" for k, v in r["predicted_speedup"].items())
+        measured = results.get(f"gkd-{r['name']}", results.get(f"child-{r['name']}", {})).get("speedup", {})
+        meas = ", ".join(f"{s}: decode {v['decode_step_s']:.2f}x, generate {v['generate_s']:.2f}x"
+                         for s, v in measured.items())
+        lines += [f"- **{r['name']}** (target {r['target']}, {r['method']}, sum of scores {r['objective']:.4f}): "
+                  f"predicted {pred}; measured {meas or '-'}"]
+    lines += ["", "![frontier](frontier.png)", "", "![layers](layers.png)", "", "## Config", "", "```yaml",
+              config_text.rstrip(), "```"]
+    return "\n".join(lines) + "\n"
+
+
+def write_report(run_dir: Path, out: Path) -> Path:
+    results = json.loads((run_dir / "eval" / "results.json").read_text())
+    records = [json.loads(line) for line in (run_dir / "search" / "solutions.jsonl").read_text().splitlines()]
+    front = json.loads((run_dir / "search" / "frontier.json").read_text())
+    out.mkdir(parents=True, exist_ok=True)
+    frontier_plot(results, records, front, out / "frontier.png")
+    layers_plot(records, out / "layers.png")
+    text = markdown(results, records, (run_dir / "eval" / "table.txt").read_text().rstrip(),
+                    (run_dir / "config.yaml").read_text())
+    (out / "README.md").write_text(text)
+    return out / "README.md"
