@@ -36,7 +36,7 @@ class GKDConfig:
 
     tokens: int = 1_000_000  # training tokens (all ranks together)
     batch_size: int = 8  # sequences per step (per rank)
-    lr: float = 1e-4
+    lr: float = 5e-5  # the child starts close to the parent: Adam's first steps move every weight by ~lr
     min_lr_fraction: float = 0.1
     warmup_fraction: float = 0.05
     weight_decay: float = 0.1
@@ -49,6 +49,7 @@ class GKDConfig:
     activation_checkpointing: bool = False
     checkpoint_every: int = 100
     autocast: str = "auto"  # auto (bf16 on CUDA) | bf16 | off
+    validation_tokens: int = 16384  # held-out tokens on which the GKD loss is reported before / after
 
     def validate(self) -> None:
         if self.autocast not in ("auto", "bf16", "off"):
@@ -151,6 +152,24 @@ class GKDTrainer:
         trunk.backward()
         return {"loss": (self.cfg.cosine_weight * cos + self.cfg.kl_weight * kl + self.cfg.lm_loss_weight * lm).detach(),
                 "cosine": cos.detach(), "kl": kl, "lm": lm}
+
+    @torch.no_grad()
+    def validation_loss(self, batches: list[torch.Tensor]) -> dict[str, float]:
+        """The GKD loss terms on fixed held-out batches (no update)."""
+        self.child.eval()
+        sums = {"cosine": 0.0, "kl": 0.0}
+        for batch in batches:
+            batch = batch.to(self.device)
+            with self._autocast():
+                p_out = self.parent.model(input_ids=batch, output_hidden_states=True, use_cache=False)
+                c_out = self.child.model(input_ids=batch, output_hidden_states=True, use_cache=False)
+                sums["cosine"] += hidden_cosine_loss(c_out.hidden_states, p_out.hidden_states).item()
+                lq = F.log_softmax(self.child.lm_head(c_out.last_hidden_state[:, :-1]).float(), -1)
+                lp = F.log_softmax(self.parent.lm_head(p_out.last_hidden_state[:, :-1]).float(), -1)
+                sums["kl"] += (lp.exp() * (lp - lq)).sum(-1).mean().item()
+        out = {k: v / max(1, len(batches)) for k, v in sums.items()}
+        out["loss"] = self.cfg.cosine_weight * out["cosine"] + self.cfg.kl_weight * out["kl"]
+        return out
 
     def train(self, batches) -> list[dict]:
         self._maybe_resume()

@@ -446,7 +446,13 @@ def run_gkd(cfg: RunConfig, run_dir: Path) -> Path:
         trainer = GKDTrainer(child, parent, cfg.gkd, work, dataset.seq_len, world_size=world)
         print(f"[gkd] {record['name']}: {trainer.steps} steps of {cfg.gkd.batch_size}x{dataset.seq_len} tokens"
               f"{f' x {world} ranks' if world > 1 else ''}")
-        history = trainer.train(batches)
+        val = validation_batches(dataset, cfg.gkd.validation_tokens, cfg.gkd.batch_size)
+        before = trainer.validation_loss(val)
+        steps = trainer.train(batches)
+        after = trainer.validation_loss(val)
+        print(f"[gkd] {record['name']}: validation loss {before['loss']:.4f} -> {after['loss']:.4f} "
+              f"(KL {before['kl']:.4f} -> {after['kl']:.4f}, cosine {before['cosine']:.4f} -> {after['cosine']:.4f})")
+        history = {"validation_before": before, "validation_after": after, "steps": steps}
         if rank == 0:
             from .gkd import _full_state
 

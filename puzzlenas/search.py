@@ -185,6 +185,8 @@ class Solution:
         required = fields - {"note"}
         if not required <= set(d) or not set(d) <= fields:
             raise ValueError(f"not a saved Solution: keys {sorted(d)}; expected {sorted(fields)}")
+        if d["method"] not in METHODS:
+            raise ValueError(f"saved Solution has method {d['method']!r}; known: {', '.join(METHODS)}")
         return cls(choice_index=[int(j) for j in d["choice_index"]], names=list(d["names"]),
                    objective=float(d["objective"]),
                    constraint_values={k: float(v) for k, v in d["constraint_values"].items()},
@@ -269,9 +271,12 @@ def is_feasible(problem: SearchProblem, choice_index: Sequence[int]) -> bool:
 
 def _check_index(comp: _Compiled, idx: Sequence[int], what: str) -> None:
     sizes = np.diff(comp.offsets)
-    if len(idx) != comp.L or any(not 0 <= int(j) < s for j, s in zip(idx, sizes)):
-        raise ValueError(f"{what} = {list(idx)} is not an architecture of this problem: it needs {comp.L} "
-                         f"indices, index i in [0, {list(sizes)}[i])")
+    if len(idx) != comp.L:
+        raise ValueError(f"{what} has {len(idx)} choice indices; this problem has {comp.L} layers")
+    for i, (j, size) in enumerate(zip(idx, sizes)):
+        if not 0 <= int(j) < size:
+            raise ValueError(f"{what}: layer {i} takes choice {j}, but it has choices 0..{size - 1}; "
+                             f"was it made for another problem?")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -311,71 +316,46 @@ def _scaled_objective(comp: _Compiled, values: np.ndarray) -> np.ndarray:
     return shifted / spread if spread > 0 else shifted
 
 
-def _undominated(comp: _Compiled, dims: np.ndarray, protected: np.ndarray) -> np.ndarray:
-    """Mask of the choices worth a MIP column. dims: (D, n), every row to be minimized or bounded above.
-
-    Choice j of a layer is dropped when another choice k of that layer is no worse in every row
-    (better in one, or equal everywhere with a lower index) and k is no earlier solution's choice
-    there (`protected`): swapping j for k in any architecture then keeps every budget, does not
-    raise the objective, and shares no more layers with the earlier solutions. Following such swaps
-    ends at a kept choice, so an optimum survives. Real libraries are full of such pairs (e.g. a
-    linear FFN next to a narrow one that is cheaper and better), and fewer columns make HiGHS faster.
-    """
-    keep = np.ones(dims.shape[1], dtype=bool)
-    for a, b in zip(comp.offsets[:-1], comp.offsets[1:]):
-        v = dims[:, a:b].T  # (J, D)
-        no_worse = np.all(v[None, :, :] <= v[:, None, :], axis=2)  # [j, k]: k <= j in every row
-        better = np.any(v[None, :, :] < v[:, None, :], axis=2)
-        order = np.arange(b - a)
-        beats = no_worse & (better | (order[None, :] < order[:, None])) & ~protected[None, a:b]
-        np.fill_diagonal(beats, False)
-        keep[a:b] = ~beats.any(axis=1)
-    return keep
-
-
 def _run_milp(comp: _Compiled, objective: np.ndarray, constraint_ids: Sequence[int],
               previous: Sequence[Sequence[int]] = (), alpha: float = 1.0, time_limit: float | None = None,
               mip_rel_gap: float = DEFAULT_MIP_REL_GAP) -> _MilpResult:
     """Minimize `objective` @ x over architectures meeting `constraint_ids` and the diversity rows."""
     L, n = comp.L, len(comp.scores)
-    rows, cols, data, ub = [comp.layer_of], [np.arange(n)], [np.ones(n)], [np.ones(L)]
-    budget_rows: dict[int, tuple[int, float]] = {}  # constraint -> (row number, scale)
-    dims = [objective]
+    # Rows 0..L-1: one choice per layer (== 1); then one row per budget, one per earlier solution.
+    rows, cols, data, ub = [comp.layer_of], [np.arange(n)], [np.ones(n)], [1.0] * L
+
+    def add_row(columns: np.ndarray, values: np.ndarray, upper: float) -> int:
+        rows.append(np.full(len(columns), len(ub))), cols.append(columns), data.append(values)
+        ub.append(upper)
+        return len(ub) - 1
+
+    budget_rows: dict[int, tuple[int, float]] = {}  # constraint -> (row, scale)
     for k in constraint_ids:
         row, rhs, scale, needed = _scaled_row(comp, k)
-        if not needed:  # constant or never binding: the exact re-check below still covers it
-            continue
-        nz, r = np.flatnonzero(row), L + len(ub) - 1  # ub[0] holds the L one-choice-per-layer rows
-        budget_rows[k] = (r, scale)
-        rows.append(np.full(len(nz), r)), cols.append(nz), data.append(row[nz]), ub.append([rhs])
-        dims.append(row)
-    protected = np.zeros(n, dtype=bool)
+        if needed:  # a constant or never-binding budget needs no row: the exact re-check covers it
+            nz = np.flatnonzero(row)
+            budget_rows[k] = (add_row(nz, row[nz], rhs), scale)
     shared = math.floor(alpha * L + 1e-9)  # most layers a new solution may share with an old one
     if shared < L:
         for y in previous:
-            var = comp.offsets[:-1] + np.asarray(y)
-            protected[var] = True
-            rows.append(np.full(L, L + len(ub) - 1)), cols.append(var), data.append(np.ones(L)), ub.append([shared])
-    r = L + len(ub) - 1
-    A = scipy.sparse.csr_array((np.concatenate(data), (np.concatenate(rows), np.concatenate(cols))), shape=(r, n))
-    ub_all = np.concatenate([np.asarray(u, dtype=float) for u in ub])
-    lb_all = np.concatenate([np.ones(L), np.full(r - L, -np.inf)])
-    keep = np.flatnonzero(_undominated(comp, np.array(dims), protected))
-    A, c = A[:, keep], _scaled_objective(comp, objective)[keep]
+            add_row(comp.offsets[:-1] + np.asarray(y), np.ones(L), shared)
+    A = scipy.sparse.csr_array((np.concatenate(data), (np.concatenate(rows), np.concatenate(cols))),
+                               shape=(len(ub), n))
+    ub_all = np.array(ub, dtype=float)
+    lb_all = np.concatenate([np.ones(L), np.full(len(ub) - L, -np.inf)])
+    c = _scaled_objective(comp, objective)
     options: dict[str, Any] = {"mip_rel_gap": mip_rel_gap}
     if time_limit is not None:
         options["time_limit"] = float(time_limit)
     for _attempt in range(4):
-        res = milp(c, constraints=LinearConstraint(A, lb_all, ub_all), integrality=np.ones(len(keep)),
+        res = milp(c, constraints=LinearConstraint(A, lb_all, ub_all), integrality=np.ones(n),
                    bounds=Bounds(0, 1), options=options)
         if res.status == 2:
             return _MilpResult("infeasible", None)
         if res.x is None:
             raise SearchError(f"HiGHS stopped without an architecture (status {res.status}: {res.message}); "
                               f"give it a longer time_limit (now {time_limit}) or fewer choices")
-        x = np.zeros(n)
-        x[keep] = res.x
-        idx = _round(comp, x)
+        idx = _round(comp, res.x)
         excess = _excess(comp, idx, constraint_ids)
         if not excess:
             if res.status == 0:
@@ -482,15 +462,14 @@ def _infeasible_error(comp: _Compiled, time_limit: float | None, mip_rel_gap: fl
         given[con.name] = None if res.idx is None else _evaluate(comp, res.idx, "mip", 0.0).constraint_values[con.name]
     lines, violated = [], []
     for k, con in enumerate(cons):
-        over = lambda v: v is not None and v > con.upper + comp.tol[k]  # noqa: E731
-        a, g = alone[con.name], given[con.name]
+        a, g, limit = alone[con.name], given[con.name], con.upper + comp.tol[k]
         budget = f"{con.name}: budget <= {_fmt(con.upper, con.unit)}"
-        if over(a):
+        if a > limit:
             violated.append(con.name)
             extra = "" if g is None or g == a else f"; with the other budgets met: {_fmt(g, con.unit)}"
             lines.append(f"  - {budget}, but the smallest any architecture reaches is {_fmt(a, con.unit)} (the "
                          f"cheapest choice in every layer){extra}; loosen it to >= {_fmt(max(a, g or a), con.unit)}")
-        elif over(g):
+        elif g is not None and g > limit:
             violated.append(con.name)
             lines.append(f"  - {budget}: reachable alone ({_fmt(a, con.unit)}), but with the other budgets met "
                          f"the smallest is {_fmt(g, con.unit)}; loosen it to >= {_fmt(g, con.unit)}, or loosen "
@@ -571,7 +550,7 @@ def solve_greedy(problem: SearchProblem) -> Solution:
     """
     start = time.perf_counter()
     comp = _compile(problem)
-    L, K = comp.L, len(comp.upper)
+    K = len(comp.upper)
     cur = np.array([int(np.argmin(comp.scores[a:b])) for a, b in zip(comp.offsets[:-1], comp.offsets[1:])])
     norm = np.array([float((comp.layer_max(comp.cost[k]) - comp.layer_min(comp.cost[k])).sum()) or 1.0
                      for k in range(K)])

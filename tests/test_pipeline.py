@@ -2,6 +2,8 @@
 
 import json
 
+import torch
+
 import pytest
 import yaml
 
@@ -17,6 +19,8 @@ def config(inputs, **search) -> dict:
     cfg = tiny_run_config(inputs, tokens=2048)
     cfg["scoring"] = {"tokens": 256, "batch_size": 4}
     cfg["costs"] = {"dtype": "float32", "iters": 3, "check_children": 1, "scenarios": [SCENARIO]}
+    cfg["gkd"] = {"tokens": 2048, "batch_size": 4, "lr": 5e-5, "checkpoint_every": 3, "validation_tokens": 512}
+    cfg["eval"] = {"tokens": 256, "batch_size": 4, "tasks": [], "throughput_iters": 2}
     cfg["search"] = {"targets": [{"name": "fast", "metric": "decode", "speedup": 1.3},
                                  {"name": "small", "params": 60000, "solutions": 2}],
                      "frontier": [1.1, 1.3, 1.0e6], **search}
@@ -132,3 +136,95 @@ def test_coupled_library_items_become_the_layer_choices():
     assert sorted(c.name for c in layers[0]) == ["attn_kv1+ffn_48", "attn_kv2+ffn_96"]
     assert next(c for c in layers[0] if c.name == "attn_kv1+ffn_48").score == 0.3
     assert meaning[0]["attn_kv1+ffn_48"].block.ffn.intermediate_size == 48
+
+
+def test_assembled_child_holds_the_library_weights(finished_run):
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    import puzzlenas  # noqa: F401
+    from puzzlenas.parent import load_parent
+
+    record = json.loads((finished_run / "child-fast" / "solution.json").read_text())
+    child = AutoModelForCausalLM.from_pretrained(finished_run / "child-fast")
+    parent = load_parent(finished_run / "parent")
+    state = child.state_dict()
+    for i, name in enumerate(record["names"]):
+        attention, ffn = name.split("+")
+        for sub, variant, key in (("attention", attention, "input_layernorm.weight"),
+                                  ("ffn", ffn, "post_attention_layernorm.weight")):
+            ours = state.get(f"model.layers.{i}.{key}")
+            if variant.endswith("noop"):
+                assert ours is None
+            elif variant in ("attn_kv2", "ffn_96"):  # the parent's own block
+                assert torch.equal(ours, parent.state_dict()[f"model.layers.{i}.{key}"])
+            else:
+                trained = load_file(str(finished_run / "bld" / f"layers/{i:03d}/{variant}/weights.safetensors"))
+                assert torch.equal(ours, trained[f"{sub}.{key}"])
+    assert (finished_run / "child-fast" / "tokenizer.json").is_file()
+
+
+def test_gkd_lowers_its_loss_and_the_report_exists(finished_run):
+    history = json.loads((finished_run / "gkd-fast" / "history.json").read_text())
+    assert history["validation_after"]["loss"] < history["validation_before"]["loss"]
+    assert [h["step"] for h in history["steps"]] == list(range(1, 17))  # 16 steps, each logged
+    results = json.loads((finished_run / "eval" / "results.json").read_text())
+    assert {"parent", "child-fast", "gkd-fast"} <= set(results)
+    assert results["parent"]["kl_to_parent"] < 1e-9 and results["parent"]["top1_agreement"] == 1.0
+    assert "decode_step_s" in results["gkd-fast"]["speedup"]["tiny"]
+    for name in ("README.md", "frontier.png", "layers.png"):
+        assert (finished_run / "report" / name).is_file()
+
+
+def test_chunked_kl_gradient_equals_the_full_one():
+    from puzzlenas.gkd import GKDConfig, chunked_kl_backward
+    from tests.test_child import make_child
+
+    parent, child = make_child(seed=0), make_child(seed=1)
+    ids = torch.randint(0, 128, (2, 9))
+    h_child = child.model(ids, output_hidden_states=True).hidden_states[-1]
+    with torch.no_grad():
+        h_parent = parent.model(ids, output_hidden_states=True).hidden_states[-1]
+    kl, _, grad = chunked_kl_backward(child, parent, h_child, h_parent, ids, GKDConfig(logits_chunk=5))
+    (h_child * grad).sum().backward()
+    chunked = {n: p.grad.clone() for n, p in child.named_parameters() if p.grad is not None}
+    child.zero_grad()
+    logq = torch.log_softmax(child(ids).logits[:, :-1].float(), -1)
+    with torch.no_grad():
+        logp = torch.log_softmax(parent(ids).logits[:, :-1].float(), -1)
+    full = (logp.exp() * (logp - logq)).sum(-1).mean()
+    full.backward()
+    assert kl.item() == pytest.approx(full.item(), rel=1e-5)
+    for n, p in child.named_parameters():
+        if p.grad is not None:
+            assert torch.allclose(chunked[n], p.grad, atol=1e-6), n
+
+
+def test_killed_run_resumes_without_redoing_finished_stages(tmp_path, tiny_run_inputs, monkeypatch, capsys):
+    from puzzlenas import gkd as gkd_module
+
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(config(tiny_run_inputs)))
+    real = gkd_module.GKDTrainer.loss_and_backward
+    calls = {"n": 0}
+
+    def killed(self, batch):
+        calls["n"] += 1
+        if calls["n"] == 5:  # inside the first child's GKD, after its checkpoint at step 3
+            raise KeyboardInterrupt
+        return real(self, batch)
+
+    monkeypatch.setattr(gkd_module.GKDTrainer, "loss_and_backward", killed)
+    with pytest.raises(KeyboardInterrupt):
+        run_pipeline(path, run_dir=tmp_path / "run")
+    stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "run").glob("*/DONE")}
+    assert {p.parent.name for p in stamps} >= {"parent", "data", "library", "bld", "scores", "costs", "search"}
+    capsys.readouterr()
+    monkeypatch.setattr(gkd_module.GKDTrainer, "loss_and_backward", real)
+    run_pipeline(path, run_dir=tmp_path / "run")
+    out = capsys.readouterr().out
+    for stage in ("parent", "data", "library", "bld", "scores", "costs", "search", "assemble"):
+        assert f"[{stage}] done already" in out
+    assert "resumed GKD at step 3" in out
+    assert all(p.stat().st_mtime_ns == t for p, t in stamps.items())
+    assert (tmp_path / "run" / "report" / "DONE").is_file()

@@ -1,7 +1,9 @@
 """The search stage's solver (METHOD.md section 6): MIP against brute force on small instances."""
 
+import itertools
 import json
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import pytest
@@ -66,17 +68,29 @@ def random_problem(rng: np.random.Generator, budget_mode: str) -> SearchProblem:
     return problem
 
 
-def brute_force_minima(problem: SearchProblem) -> tuple[dict, dict]:
-    """Per constraint: the smallest LHS overall, and subject to the other constraints (None if they fail)."""
-    _, values = enumerate_architectures(problem)
-    tol = np.array([1e-9 * scale(problem, c) for c in problem.constraints])
-    ok = values <= np.array([c.upper for c in problem.constraints])[:, None] + tol[:, None]
-    alone, given = {}, {}
-    for k, c in enumerate(problem.constraints):
-        others = np.all(np.delete(ok, k, axis=0), axis=0)
-        alone[c.name] = float(values[k].min())
-        given[c.name] = float(values[k][others].min()) if others.any() else None
-    return alone, given
+@dataclass
+class Reference:
+    """The truth by plain-Python enumeration, independent of puzzlenas.search."""
+
+    best: float | None  # the smallest objective among architectures within every budget
+    argmins: list[tuple]  # the architectures reaching it (several when scores tie)
+    alone: dict[str, float]  # per budget: its smallest LHS over all architectures
+    given_others: dict[str, float | None]  # ... over those within every other budget (None: none)
+
+
+def reference(problem: SearchProblem) -> Reference:
+    archs = list(itertools.product(*[range(len(layer)) for layer in problem.layers]))
+    cons = problem.constraints
+    values = [[lhs(problem, a, c) for c in cons] for a in archs]
+    within = [[v <= c.upper + 1e-9 * scale(problem, c) for v, c in zip(vs, cons)] for vs in values]
+    objective = [math.fsum(problem.layers[i][j].score for i, j in enumerate(a)) for a in archs]
+    feasible = [o for o, ok in zip(objective, within) if all(ok)]
+    best = min(feasible) if feasible else None
+    argmins = [a for a, o, ok in zip(archs, objective, within) if all(ok) and o == best]
+    alone = {c.name: min(vs[k] for vs in values) for k, c in enumerate(cons)}
+    given = {c.name: min((vs[k] for vs, ok in zip(values, within) if all(ok[:k] + ok[k + 1:])), default=None)
+             for k, c in enumerate(cons)}
+    return Reference(best, argmins, alone, given)
 
 
 INSTANCES = [(seed, mode) for seed in range(8) for mode in ("quantile", "exact", "tight", "below")]
@@ -85,27 +99,28 @@ INSTANCES = [(seed, mode) for seed in range(8) for mode in ("quantile", "exact",
 @pytest.mark.parametrize("seed,mode", INSTANCES)
 def test_mip_matches_brute_force(seed, mode):
     problem = random_problem(np.random.default_rng(seed), mode)
-    try:
-        exact = brute_force(problem)
-    except InfeasibleBudgetError:
-        exact = None
-    if exact is None:
-        with pytest.raises(InfeasibleBudgetError) as info:
-            solve_mip(problem)
-        err = info.value
-        alone, given = brute_force_minima(problem)
-        for c in problem.constraints:
-            assert err.best_alone[c.name] == pytest.approx(alone[c.name], rel=1e-9, abs=1e-12)
-            if given[c.name] is None:
-                assert err.best_given_others[c.name] is None
-            else:
-                assert err.best_given_others[c.name] == pytest.approx(given[c.name], rel=1e-7, abs=1e-12)
-        assert err.violated and all(name in str(err) for name in err.violated)
-        assert "loosen" in str(err)
+    ref = reference(problem)
+    if ref.best is None:
+        for solver in (solve_mip, brute_force):
+            with pytest.raises(InfeasibleBudgetError) as info:
+                solver(problem)
+            err = info.value
+            for c in problem.constraints:
+                assert err.best_alone[c.name] == pytest.approx(ref.alone[c.name], rel=1e-9, abs=1e-12)
+                if ref.given_others[c.name] is None:
+                    assert err.best_given_others[c.name] is None
+                else:
+                    assert err.best_given_others[c.name] == pytest.approx(ref.given_others[c.name], rel=1e-7,
+                                                                          abs=1e-12)
+            assert err.violated and all(name in str(err) for name in err.violated)
+        assert "loosen it to >=" in str(err)
         return
+    exact = brute_force(problem)
+    assert exact.objective == pytest.approx(ref.best, abs=1e-12) and tuple(exact.choice_index) in ref.argmins
     found = solve_mip(problem)
     assert found.method == "mip" and len(found.choice_index) == len(problem.layers)
-    assert found.objective == pytest.approx(exact.objective, abs=1e-9)  # ties: any argmin will do
+    assert found.objective == pytest.approx(ref.best, abs=1e-9)
+    assert tuple(found.choice_index) in ref.argmins  # ties: any argmin will do
     assert meets_budgets(problem, found.choice_index) and is_feasible(problem, found.choice_index)
     for c in problem.constraints:
         assert found.constraint_values[c.name] == pytest.approx(lhs(problem, found.choice_index, c), rel=1e-12)
@@ -126,18 +141,14 @@ def test_the_instances_cover_ties_boundaries_and_infeasibility():
     outcomes = {"feasible": 0, "infeasible": 0, "tied": 0, "at the boundary": 0}
     for seed, mode in INSTANCES:
         problem = random_problem(np.random.default_rng(seed), mode)
-        objective, values = enumerate_architectures(problem)
-        try:
-            best = brute_force(problem).objective
-        except InfeasibleBudgetError:
+        ref = reference(problem)
+        if ref.best is None:
             outcomes["infeasible"] += 1
             continue
         outcomes["feasible"] += 1
-        ok = np.all(values <= np.array([c.upper for c in problem.constraints])[:, None] + 1e-6, axis=0)
-        outcomes["tied"] += int(np.sum(np.abs(objective[ok] - best) < 1e-12) > 1)
-        solution = brute_force(problem)
-        outcomes["at the boundary"] += any(abs(solution.constraint_values[c.name] - c.upper) <= 1e-12 * scale(problem, c)
-                                           for c in problem.constraints)
+        outcomes["tied"] += len(ref.argmins) > 1
+        outcomes["at the boundary"] += any(abs(lhs(problem, a, c) - c.upper) <= 1e-12 * scale(problem, c)
+                                           for a in ref.argmins for c in problem.constraints)
     assert outcomes["feasible"] >= 15 and outcomes["infeasible"] >= 6, outcomes
     assert outcomes["tied"] >= 3 and outcomes["at the boundary"] >= 3, outcomes
 
@@ -308,7 +319,7 @@ def test_bad_problems_fail_with_the_fix():
         solve_mip(SearchProblem([good, []], []))
     with pytest.raises(ValueError, match="alpha"):
         solve_mip(SearchProblem([good], []), alpha=1.5)
-    with pytest.raises(ValueError, match="not an architecture"):
+    with pytest.raises(ValueError, match="layer 0 takes choice 3, but it has choices 0..0"):
         solve_mip(SearchProblem([good], []), previous=[[3]])
     big = SearchProblem([[Choice(str(j), 0.0, {}) for j in range(10)] for _ in range(7)], [])
     with pytest.raises(ValueError, match="use solve_mip"):
@@ -317,8 +328,8 @@ def test_bad_problems_fail_with_the_fix():
 
 
 def test_dominated_choices_still_serve_diversity():
-    # B is worse than A in score and cost, so the MIP drops it from its columns, unless A is an
-    # earlier solution's choice: then B is the cheapest way to differ from it.
+    # B is worse than A in score and cost, so no optimum takes it, until A is an earlier solution's
+    # choice: then B is the cheapest way to differ from it (a dominance pruning must keep it).
     layer = [Choice("A", 0.0, {"m": 1.0}), Choice("B", 1.0, {"m": 2.0}), Choice("C", 2.0, {"m": 3.0})]
     problem = SearchProblem([layer, layer], [Constraint("mem", {"m": 1.0}, upper=10.0)])
     assert solve_mip(problem).names == ["A", "A"]
