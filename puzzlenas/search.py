@@ -37,7 +37,7 @@ from scipy.optimize import Bounds, LinearConstraint, milp
 # at this much tighter tolerance (and the MIP re-solved with a tightened row when one fails).
 FEASIBILITY_RTOL = 1e-9
 # HiGHS's own default relative gap (1e-4) may stop short of the optimum; our objective is
-# shifted so the optimum sits near 0 (see `_scaled_rows`), which makes this gap strict.
+# shifted so the optimum sits near 0 (see `_scaled_objective`), which makes this gap strict.
 DEFAULT_MIP_REL_GAP = 1e-6
 BRUTE_FORCE_LIMIT = 1_000_000
 METHODS = ("mip", "greedy", "random", "brute-force")
@@ -321,6 +321,8 @@ def _run_milp(comp: _Compiled, objective: np.ndarray, constraint_ids: Sequence[i
               mip_rel_gap: float = DEFAULT_MIP_REL_GAP) -> _MilpResult:
     """Minimize `objective` @ x over architectures meeting `constraint_ids` and the diversity rows."""
     L, n = comp.L, len(comp.scores)
+    if any(_best_alone(comp, k) > comp.upper[k] + comp.tol[k] for k in constraint_ids):
+        return _MilpResult("infeasible", None)  # e.g. a budget no choice changes, already exceeded: no row for it
     # Rows 0..L-1: one choice per layer (== 1); then one row per budget, one per earlier solution.
     rows, cols, data, ub = [comp.layer_of], [np.arange(n)], [np.ones(n)], [1.0] * L
 
@@ -460,6 +462,13 @@ def _infeasible_error(comp: _Compiled, time_limit: float | None, mip_rel_gap: fl
             continue
         res = _run_milp(comp, comp.cost[k], others, time_limit=time_limit, mip_rel_gap=mip_rel_gap)
         given[con.name] = None if res.idx is None else _evaluate(comp, res.idx, "mip", 0.0).constraint_values[con.name]
+    return _explain(comp, alone, given, prefix)
+
+
+def _explain(comp: _Compiled, alone: dict[str, float], given: dict[str, float | None],
+             prefix: str) -> InfeasibleBudgetError:
+    """The error for budgets with these best achievable values: which to loosen, and to what."""
+    cons = comp.problem.constraints
     lines, violated = [], []
     for k, con in enumerate(cons):
         a, g, limit = alone[con.name], given[con.name], con.upper + comp.tol[k]
@@ -640,20 +649,12 @@ def enumerate_architectures(comp_or_problem: _Compiled | SearchProblem) -> tuple
 
 def _brute_force_infeasible(comp: _Compiled, lhs: np.ndarray) -> InfeasibleBudgetError:
     ok = lhs <= (comp.upper + comp.tol)[:, None]
-    cons = comp.problem.constraints
-    alone = {c.name: float(lhs[k].min()) for k, c in enumerate(cons)}
-    given: dict[str, float | None] = {}
-    for k, c in enumerate(cons):
+    alone, given = {}, {}
+    for k, name in enumerate(comp.names):
         others = np.all(np.delete(ok, k, axis=0), axis=0)
-        given[c.name] = float(lhs[k][others].min()) if others.any() else None
-    violated = [c.name for k, c in enumerate(cons) if alone[c.name] > c.upper + comp.tol[k]
-                or (given[c.name] is not None and given[c.name] > c.upper + comp.tol[k])] or [c.name for c in cons]
-    lines = [f"  - {c.name}: budget <= {_fmt(c.upper, c.unit)}, smallest {_fmt(alone[c.name], c.unit)}"
-             + ("" if given[c.name] is None else f", with the others met {_fmt(given[c.name], c.unit)}")
-             for c in cons if c.name in violated]
-    return InfeasibleBudgetError("brute force: no architecture meets the budgets:\n" + "\n".join(lines),
-                                 upper={c.name: c.upper for c in cons}, best_alone=alone, best_given_others=given,
-                                 violated=violated, units={c.name: c.unit for c in cons})
+        alone[name] = float(lhs[k].min())
+        given[name] = float(lhs[k][others].min()) if others.any() else None
+    return _explain(comp, alone, given, "brute force: no architecture meets the budgets")
 
 
 # ----------------------------------------------------------------------------------------------

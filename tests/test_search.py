@@ -336,3 +336,28 @@ def test_dominated_choices_still_serve_diversity():
     again = solve_mip(problem, previous=[[0, 0]], alpha=0.0)
     assert again.names == ["B", "B"] and again.objective == 2.0
     assert [s.names for s in solve_diverse(problem, 3, alpha=0.0)] == [["A", "A"], ["B", "B"], ["C", "C"]]
+
+
+def test_greedy_stuck_on_feasible_budgets_points_to_the_mip():
+    # Greedy starts at (l0c0, l1c1): memory 3 > 2. Its only memory-saving swap (l1 -> c0) moves the
+    # excess onto the other budget; the fix needs two swaps at once, (l0c1, l1c0), which the MIP finds.
+    layers = [[Choice("l0c0", 0.0, {"a": 1.0, "b": 2.0}), Choice("l0c1", 0.0, {"a": 2.0, "b": 0.0})],
+              [Choice("l1c0", 1.0, {"a": 0.0, "b": 1.0}), Choice("l1c1", 0.0, {"a": 2.0, "b": 0.0})]]
+    problem = SearchProblem(layers, [Constraint("A", {"a": 1.0}, 2.0), Constraint("B", {"b": 1.0}, 2.0)])
+    assert solve_mip(problem).names == ["l0c1", "l1c0"]
+    with pytest.raises(InfeasibleBudgetError, match="budgets are feasible .*use solve_mip") as info:
+        solve_greedy(problem)
+    assert info.value.violated == []
+
+
+def test_a_budget_no_choice_changes_can_still_be_exceeded():
+    # Every choice costs the same "a", so the MIP has no row for it; the diagnosis must still see it.
+    layers = [[Choice("x", 0.0, {"a": 1.0, "b": 1.0}), Choice("y", 1.0, {"a": 1.0, "b": 0.0})] for _ in range(3)]
+    problem = SearchProblem(layers, [Constraint("A", {"a": 1.0}, 2.0, unit="GB"),
+                                     Constraint("B", {"b": 1.0}, 1.0)])
+    with pytest.raises(InfeasibleBudgetError) as info:
+        solve_mip(problem)
+    err = info.value
+    assert err.violated == ["A"] and err.best_alone == {"A": 3.0, "B": 0.0}
+    assert err.best_given_others == {"A": 3.0, "B": None}
+    assert "loosen it to >= 3 GB" in str(err)
