@@ -15,3 +15,13 @@ def test_ci_runs_the_readme_test_command_exactly():
     assert "puzzlenas run" in main_job and "pytest" in test_command
     ci_lines = (ROOT / ".ci" / "run").read_text().splitlines()
     assert test_command in ci_lines
+
+
+def test_every_example_and_preset_config_loads():
+    from puzzlenas.config import PRESETS_DIR, load_run_config
+
+    paths = sorted((ROOT / "examples").glob("*.yaml")) + sorted(PRESETS_DIR.glob("*.yaml"))
+    assert len(paths) >= 5
+    for path in paths:
+        cfg = load_run_config(path)
+        assert cfg.search.targets, path
