@@ -208,7 +208,9 @@ class GKDTrainer:
 
     # ---- checkpoints ------------------------------------------------------------------------
     def _checkpoint(self) -> None:
-        if _rank() != 0:
+        if self.world > 1:
+            # Sharded optimizer state is per rank; gathering it is not implemented, so a
+            # multi-rank GKD resumes from the start of the child (finished children are kept).
             return
         self.out_dir.mkdir(parents=True, exist_ok=True)
         tensors = {f"model.{k}": v.detach().contiguous() for k, v in _full_state(self.child).items()}

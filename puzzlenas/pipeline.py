@@ -453,10 +453,10 @@ def run_gkd(cfg: RunConfig, run_dir: Path) -> Path:
         print(f"[gkd] {record['name']}: validation loss {before['loss']:.4f} -> {after['loss']:.4f} "
               f"(KL {before['kl']:.4f} -> {after['kl']:.4f}, cosine {before['cosine']:.4f} -> {after['cosine']:.4f})")
         history = {"validation_before": before, "validation_after": after, "steps": steps}
-        if rank == 0:
-            from .gkd import _full_state
+        from .gkd import _full_state
 
-            state = _full_state(child)
+        state = _full_state(child)  # a collective with several ranks: every rank calls it
+        if rank == 0:
             final = DeciLMForCausalLM(child.config) if world > 1 else child
             if world > 1:
                 final.load_state_dict(state)
