@@ -5,7 +5,9 @@ A task is a list of :class:`Example` ``(context, choices, gold)``.  Two kinds:
 
 * ``multiple_choice``: the summed log-likelihood of each choice given the context is computed;
   ``acc`` = the gold choice has the highest log-likelihood, ``acc_norm`` = the gold choice has
-  the highest log-likelihood per *character* of the choice (lm-eval's ``acc_norm``).
+  the highest log-likelihood per *character* of the choice (lm-eval's ``acc_norm``; the
+  leading space / newline that separates a choice from the context is not counted, as
+  lm-eval keeps it in ``target_delimiter``).
 * ``last_word`` (LAMBADA style, one choice): ``acc`` = every token of the gold word is the
   model's argmax given the prefix (greedy exact match); ``loglik`` = the word's mean
   log-likelihood.  ``acc_norm`` is ``None``.
@@ -748,6 +750,13 @@ def _pad_id(tokenizer: Any) -> int:
     return 0
 
 
+def _norm_length(choice: str) -> int:
+    """Characters of a continuation for ``acc_norm``: lm-eval divides by ``len(choice)`` where
+    the separator (its ``target_delimiter``, e.g. the leading space) is not part of the choice;
+    our choices carry it, so leading whitespace is not counted."""
+    return max(1, len(choice.lstrip()))
+
+
 def _stderr(values: Sequence[float]) -> float | None:
     n = len(values)
     return float(np.std(values, ddof=1) / math.sqrt(n)) if n > 1 else None
@@ -777,7 +786,7 @@ def evaluate_task(model: Any, tokenizer: Any, task: Task, *, batch_size: int = 8
             acc.append(float(part[0][1]))
             details.append({"loglik": part[0][0], "greedy": part[0][1]})
         else:
-            lengths = np.array([float(len(c)) for c in ex.choices])
+            lengths = np.array([float(_norm_length(c)) for c in ex.choices])
             acc.append(float(np.argmax(lls) == ex.gold))
             acc_norm.append(float(np.argmax(lls / lengths) == ex.gold))
             details.append({"logliks": lls.tolist(), "gold": ex.gold})
@@ -917,26 +926,43 @@ def _require_lm_eval() -> Any:
     return lm_eval
 
 
+def _common_delimiter(choices: list[str]) -> str:
+    """The leading whitespace every choice starts with (lm-eval's ``target_delimiter``)."""
+    lead = [c[:len(c) - len(c.lstrip())] for c in choices]
+    delim = lead[0] if lead else ""
+    for x in lead[1:]:
+        while not x.startswith(delim):
+            delim = delim[:-1]
+    return delim if all(len(c) > len(delim) for c in choices) else ""
+
+
 def export_lm_eval_task(task: Task, out_dir: str | Path) -> str:
     """Write ``task`` as an offline lm-eval task (``<out_dir>/<name>.jsonl`` + ``.yaml``,
     ``dataset_path: json``) and return its lm-eval task name (``puzzlenas_<name>``).
 
     Multiple-choice tasks become ``output_type: multiple_choice`` (lm-eval reports ``acc`` and
     ``acc_norm``); last-word tasks ``output_type: loglikelihood`` (``acc`` = greedy match).
-    The continuation strings carry their own leading space / newline, so ``target_delimiter``
-    is empty.  Pass ``out_dir`` to ``lm_eval.tasks.TaskManager(include_path=...)``.
+    For multiple choice, the leading whitespace all continuations share (" " or "\\n")
+    becomes lm-eval's ``target_delimiter`` and is cut from the choices, so lm-eval's
+    ``acc_norm`` divides by the same lengths as ours; a last-word target keeps its leading
+    space (lm-eval scores a ``loglikelihood`` target verbatim, without the delimiter).  Pass ``out_dir`` to ``lm_eval.tasks.TaskManager(include_path=...)``.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     name = "puzzlenas_" + re.sub(r"\W", "_", task.name)
     data_file = out / f"{name}.jsonl"
+    # lm-eval puts target_delimiter between context and choice for multiple_choice requests
+    # only; a loglikelihood request scores doc_to_target verbatim, so it keeps its space
+    delim = (_common_delimiter([c for ex in task.examples for c in ex.choices])
+             if task.kind == MULTIPLE_CHOICE else "")
     with open(data_file, "w", encoding="utf-8") as f:
         for ex in task.examples:
-            f.write(json.dumps({"context": ex.context, "choices": list(ex.choices),
-                                "gold": ex.gold, "target": ex.choices[ex.gold]}) + "\n")
+            choices = [c[len(delim):] for c in ex.choices]
+            f.write(json.dumps({"context": ex.context, "choices": choices, "gold": ex.gold,
+                                "target": choices[ex.gold]}) + "\n")
     lines = [f"task: {name}", "dataset_path: json", "dataset_kwargs:", "  data_files:",
              f"    test: {json.dumps(str(data_file.resolve()))}", "test_split: test",
-             "doc_to_text: context", 'target_delimiter: ""']
+             "doc_to_text: context", f"target_delimiter: {json.dumps(delim)}"]
     if task.kind == MULTIPLE_CHOICE:
         lines += ["output_type: multiple_choice", "doc_to_choice: choices", "doc_to_target: gold",
                   "metric_list:", "  - metric: acc", "  - metric: acc_norm"]
