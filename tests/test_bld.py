@@ -17,9 +17,10 @@ from tests.conftest import tiny_run_config
 
 
 def run(tmp_path: Path, config: dict, name: str = "run", **kwargs) -> Path:
+    """The pipeline up to and including BLD."""
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(config))
-    return run_pipeline(path, run_dir=tmp_path / name, **kwargs)
+    return run_pipeline(path, run_dir=tmp_path / name, until="bld", **kwargs)
 
 
 def weights(run_dir: Path) -> dict[str, dict[str, torch.Tensor]]:
@@ -140,7 +141,7 @@ def _rank_main(rank: int, world: int, port: int, config_path: str, run_dir: str)
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    run_pipeline(config_path, run_dir=Path(run_dir), force=["bld"])
+    run_pipeline(config_path, run_dir=Path(run_dir), force=["bld"], until="bld")
     import torch.distributed as dist
 
     dist.destroy_process_group()
