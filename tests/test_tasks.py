@@ -349,11 +349,23 @@ def test_lm_eval_harness_agrees_with_our_scorer(word_tok, tmp_path):
         lw.append((words(ids[:5]), [" " + words(ids[5:6 + k % 2])], 0))
     mc = T.Task("toy-mc", "multiple_choice", examples, "hand", "test")
     last = T.Task("toy-lw", "last_word", lw, "hand", "test")
-    ours = T.evaluate_tasks(model, word_tok, [mc, last], batch_size=4)
-    theirs = T.run_lm_eval_harness(model, word_tok, [mc, last], batch_size=4)["results"]
+    ours = {t.name: T.evaluate_task(model, word_tok, t, batch_size=4, return_details=True)
+            for t in (mc, last)}
+    out = T.run_lm_eval_harness(model, word_tok, [mc, last], batch_size=4, log_samples=True)
+    theirs = out["results"]
     assert theirs["puzzlenas_toy_mc"]["acc,none"] == pytest.approx(ours["toy-mc"]["acc"])
     assert theirs["puzzlenas_toy_mc"]["acc_norm,none"] == pytest.approx(ours["toy-mc"]["acc_norm"])
     assert theirs["puzzlenas_toy_lw"]["acc,none"] == pytest.approx(ours["toy-lw"]["acc"])
+    assert theirs["puzzlenas_toy_lw"]["perplexity,none"] == pytest.approx(
+        ours["toy-lw"]["word_ppl"], rel=1e-4)
+    # request by request, lm-eval's log-likelihoods equal ours
+    for s in out["samples"]["puzzlenas_toy_mc"]:
+        want = ours["toy-mc"]["details"][s["doc_id"]]["logliks"]
+        assert [r[0][0] for r in s["resps"]] == pytest.approx(want, abs=1e-4)
+    for s in out["samples"]["puzzlenas_toy_lw"]:
+        d = ours["toy-lw"]["details"][s["doc_id"]]
+        assert s["resps"][0][0][0] == pytest.approx(d["loglik"], abs=1e-4)
+        assert bool(s["resps"][0][0][1]) == d["greedy"]
 
 
 @pytest.mark.slow
