@@ -25,7 +25,6 @@ import torch
 from puzzlenas.blocks import BlockConfig
 from puzzlenas.costs import CostConfig, Scenario, measure_costs
 from puzzlenas.inference import measure_generation
-from puzzlenas.info import DTYPE_BYTES
 from puzzlenas.library import LibraryConfig, search_space
 from puzzlenas.modeling import DeciLMConfig, DeciLMForCausalLM
 from puzzlenas.search_stage import SearchConfig, Target, run_search

@@ -93,7 +93,6 @@ def time_layer(model_config: DeciLMConfig, block: BlockConfig, scenario: Scenari
             layer(x, ctx)
 
         out[phase] = time_fn(run, device, iters=iters, calls_per_sample=1 if phase == "prefill" else 8)
-    del layer, cache
     return out
 
 

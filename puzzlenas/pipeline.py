@@ -490,7 +490,7 @@ def run_eval(cfg: RunConfig, run_dir: Path) -> Path:
     from .costs import Scenario
     from .evaluate import lm_metrics, retention
     from .inference import measure_generation
-    from .info import architecture_table, count_model_params, layer_costs
+    from .info import count_model_params, layer_costs
     from .modeling import DeciLMForCausalLM
 
     out = run_dir / "eval"
@@ -503,33 +503,40 @@ def run_eval(cfg: RunConfig, run_dir: Path) -> Path:
     device = resolve_device(cfg.device)
     dtype = getattr(torch, cfg.parent_dtype)
     names = ["parent"] + [f"{kind}-{r['name']}" for r in solutions(run_dir) for kind in ("child", "gkd")]
-    models = {n: DeciLMForCausalLM.from_pretrained(run_dir / n, dtype=dtype).to(device).eval() for n in names
-              if (run_dir / n / "config.json").is_file()}
+    names = [n for n in names if (run_dir / n / "config.json").is_file()]
     dataset = load_data(cfg, run_dir)
     rows = dataset.test[: max(1, -(-cfg.eval.tokens // dataset.seq_len))]
     batches = [torch.from_numpy(rows[k:k + cfg.eval.batch_size].astype("int64"))
                for k in range(0, len(rows), cfg.eval.batch_size)]
-    results = {n: m for n, m in lm_metrics(models, models["parent"], batches, cfg.eval.logits_chunk).items()}
     tokenizer = AutoTokenizer.from_pretrained(run_dir / "parent")
-    if cfg.eval.tasks:
-        from .tasks import evaluate_tasks
+    throughput_dtype = getattr(torch, cfg.costs.dtype)
+    parent = DeciLMForCausalLM.from_pretrained(run_dir / "parent", dtype=dtype).to(device).eval()
+    results = {}
+    for n in names:  # one child on the device at a time, next to the parent (large parents fit)
+        model = parent if n == "parent" else \
+            DeciLMForCausalLM.from_pretrained(run_dir / n, dtype=dtype).to(device).eval()
+        results[n] = lm_metrics({n: model}, parent, batches, cfg.eval.logits_chunk)[n]
+        if cfg.eval.tasks:
+            from .tasks import evaluate_tasks
 
-        for n, model in models.items():
             results[n]["tasks"] = evaluate_tasks(model, tokenizer, cfg.eval.tasks, max_examples=cfg.eval.max_examples,
                                                  batch_size=cfg.eval.batch_size, device=device)
-    throughput_dtype = getattr(torch, cfg.costs.dtype)
-    for n, model in models.items():
         results[n]["params"] = count_model_params(model)
         results[n]["kv_bytes_per_token"] = sum(c.kv_cache_bytes_per_token for c in layer_costs(model.config,
                                                                                                 cfg.costs.dtype))
         if cfg.eval.throughput:
-            fast = model.to(throughput_dtype)
+            model.to(throughput_dtype)
             results[n]["throughput"] = {}
             for s in cfg.costs.scenarios:
                 s = s if isinstance(s, Scenario) else Scenario(**s)
                 results[n]["throughput"][s.name] = measure_generation(
-                    fast, s.batch_size, s.prompt_tokens, s.generate_tokens, iters=cfg.eval.throughput_iters)
+                    model, s.batch_size, s.prompt_tokens, s.generate_tokens, iters=cfg.eval.throughput_iters)
             model.to(dtype)
+        if model is not parent:
+            del model
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        print(f"[eval] {n}: perplexity {results[n]['perplexity']:.2f}, KL {results[n]['kl_to_parent']:.4f}")
     for n in results:
         if n != "parent":
             results[n]["retention"] = retention(results[n], results["parent"])

@@ -3,7 +3,6 @@
 import pytest
 import torch
 
-from puzzlenas.blocks import AttentionConfig, BlockConfig, FFNConfig
 from puzzlenas.costs import (CostConfig, Scenario, check_against_whole_models, measure_costs, predicted_costs,
                              subblock_key)
 from puzzlenas.inference import StaticKVCache, measure_generation, static_forward

@@ -6,7 +6,7 @@ import torch
 from puzzlenas import AttentionConfig, BlockConfig, DeciLMConfig, DeciLMForCausalLM, FFNConfig
 from puzzlenas.activations import causal_context, parent_layer_activations
 from puzzlenas.library import (LibraryConfig, Variant, build_unit, calibration_statistics, layer_space,
-                               parent_attention_unit, parent_ffn_unit, pool_kv_heads, search_space)
+                               parent_attention_unit, pool_kv_heads, search_space)
 
 HIDDEN, HEADS, VOCAB, FFN = 64, 4, 128, 128
 
