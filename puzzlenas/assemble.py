@@ -78,9 +78,3 @@ def pairs_from_record(record: dict, space) -> list[tuple[Variant, Variant]]:
         ffn = {v.name: v for v in space[i][1]}
         pairs.append((attention[a_name], ffn[f_name]))
     return pairs
-
-
-def copy_parent_extras(parent_dir: Path, out_dir: Path) -> None:
-    from .parent import copy_tokenizer_files
-
-    copy_tokenizer_files(parent_dir, out_dir)

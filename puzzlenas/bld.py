@@ -24,17 +24,17 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 from .activations import LayerActivations, visit_parent_layers
+from .checkpoint import atomic_save_tensors, atomic_write_json, atomic_write_text, optimizer_tensors, restore_optimizer
 from .library import (AttentionUnit, FFNUnit, LibraryConfig, Variant, build_unit, parent_attention_unit,
                       parent_ffn_unit)
 from .modeling import DeciLMForCausalLM, ForwardContext
@@ -369,16 +369,12 @@ class BLDTrainer:
     def _checkpoint(self, s: JobState) -> None:
         d = self.job_dir(s.job)
         d.mkdir(parents=True, exist_ok=True)
-        tensors = {f"unit{k}.{n}": p.detach().contiguous() for k, u in enumerate(s.trainables)
+        tensors = {f"unit{k}.{n}": p.detach() for k, u in enumerate(s.trainables)
                    for n, p in u.state_dict().items()}
-        opt = s.optimizer.state_dict()
-        for pid, st in opt["state"].items():
-            for key, value in st.items():
-                tensors[f"opt.{pid}.{key}"] = value.detach().reshape(-1) if key == "step" else value.detach()
-        _atomic_save(tensors, d / "ckpt.safetensors")
+        atomic_save_tensors({**tensors, **optimizer_tensors(s.optimizer)}, d / "ckpt.safetensors")
         meta = {"step": s.step, "metrics": s.metrics, "seconds": s.seconds,
-                "param_groups": opt["param_groups"], "scheduler": s.scheduler.state_dict()}
-        _atomic_write(d / "ckpt.json", json.dumps(meta))
+                "param_groups": s.optimizer.state_dict()["param_groups"], "scheduler": s.scheduler.state_dict()}
+        atomic_write_json(d / "ckpt.json", meta, indent=None)
 
     def _maybe_resume(self, s: JobState) -> None:
         d = self.job_dir(s.job)
@@ -392,12 +388,7 @@ class BLDTrainer:
             return
         for k, unit in enumerate(s.trainables):
             unit.load_state_dict({n[len(f"unit{k}."):]: t for n, t in tensors.items() if n.startswith(f"unit{k}.")})
-        state: dict = {}
-        for name, t in tensors.items():
-            if name.startswith("opt."):
-                _, pid, key = name.split(".", 2)
-                state.setdefault(int(pid), {})[key] = t.reshape(()).cpu() if key == "step" else t
-        s.optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+        restore_optimizer(s.optimizer, tensors, meta["param_groups"])
         s.scheduler.load_state_dict(meta["scheduler"])
         s.start_step = s.step = meta["step"]
         s.metrics, s.seconds = meta["metrics"], meta["seconds"]
@@ -410,7 +401,7 @@ class BLDTrainer:
         if s.trainables:
             tensors = {f"{prefix}.{n}": p.detach().to("cpu", dtype).contiguous()
                        for prefix, u in _unit_prefixes(s) for n, p in u.state_dict().items()}
-            _atomic_save(tensors, d / "weights.safetensors")
+            atomic_save_tensors(tensors, d / "weights.safetensors")
         tokens = s.step * self.cfg.batch_size * self.seq_len
         metrics = {"layer": s.job.layer, "name": s.job.name, "kind": s.job.kind,
                    "variants": [v.to_json() for v in s.job.variants], "trained": bool(s.trainables),
@@ -419,8 +410,8 @@ class BLDTrainer:
                    "last_train_loss": s.metrics.get("last_loss"), "tokens": tokens, "steps": s.step,
                    "seconds": round(s.seconds, 3),
                    "params": sum(p.numel() for u in s.trainables for p in u.parameters())}
-        _atomic_write(d / "metrics.json", json.dumps(metrics, indent=1))
-        _atomic_write(d / "DONE", "")
+        atomic_write_json(d / "metrics.json", metrics)
+        atomic_write_text(d / "DONE", "")
         for name in ("ckpt.safetensors", "ckpt.json"):
             (d / name).unlink(missing_ok=True)
 
@@ -435,18 +426,6 @@ def _group_by_layer(states: list[JobState]) -> dict[int, list[JobState]]:
     for s in states:
         out.setdefault(s.job.layer, []).append(s)
     return out
-
-
-def _atomic_save(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
-    os.replace(tmp, path)
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def job_is_done(out_dir: Path, job: Job) -> bool:
@@ -554,10 +533,6 @@ def reset_if_stale(out_dir: Path, fingerprint: str) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     marker.write_text(fingerprint)
 
-
-def remove_partial(out_dir: Path) -> None:
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
 
 
 def load_job_block(out_dir: Path, job: Job, parent: DeciLMForCausalLM, dtype: torch.dtype) -> JobBlock:

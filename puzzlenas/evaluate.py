@@ -46,14 +46,17 @@ def final_hidden(model: DeciLMForCausalLM, ids: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def lm_metrics(models: dict[str, DeciLMForCausalLM], parent: DeciLMForCausalLM, batches: list[torch.Tensor],
-               chunk: int) -> dict[str, dict[str, float]]:
-    """Perplexity, KL to the parent and top-1 agreement for each model on the same batches."""
+               chunk: int, parent_hidden: list[torch.Tensor] | None = None) -> dict[str, dict[str, float]]:
+    """Perplexity, KL to the parent and top-1 agreement for each model on the same batches.
+
+    parent_hidden: the parent's `final_hidden` of each batch, when the caller evaluates models
+    one at a time and keeps them (so the parent runs once, not once per model)."""
     device = parent.model.embed_tokens.weight.device
     sums = {name: {"nll": 0.0, "kl": 0.0, "agree": 0.0} for name in models}
     n_total = 0
-    for batch in batches:
+    for b, batch in enumerate(batches):
         batch = batch.to(device)
-        hp = final_hidden(parent, batch)[:, :-1].flatten(0, 1)  # (N, C)
+        hp = (parent_hidden[b] if parent_hidden is not None else final_hidden(parent, batch))[:, :-1].flatten(0, 1)
         labels = batch[:, 1:].flatten()
         hidden = {name: final_hidden(m, batch)[:, :-1].flatten(0, 1) for name, m in models.items()}
         for start in range(0, hp.shape[0], chunk):

@@ -21,8 +21,9 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
+from .checkpoint import atomic_save_tensors, atomic_write_json, optimizer_tensors, restore_optimizer
 from .modeling import DeciLMForCausalLM
 
 
@@ -213,18 +214,11 @@ class GKDTrainer:
             # multi-rank GKD resumes from the start of the child (finished children are kept).
             return
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        tensors = {f"model.{k}": v.detach().contiguous() for k, v in _full_state(self.child).items()}
-        opt = self.optimizer.state_dict()
-        for pid, st in opt["state"].items():
-            for key, value in st.items():
-                tensors[f"opt.{pid}.{key}"] = value.detach().reshape(-1) if key == "step" else value.detach()
-        tmp = self.out_dir / "ckpt.safetensors.tmp"
-        save_file({k: v.contiguous() for k, v in _dedupe(tensors).items()}, str(tmp))
-        os.replace(tmp, self.out_dir / "ckpt.safetensors")
-        meta = {"step": self.step, "param_groups": opt["param_groups"], "scheduler": self.scheduler.state_dict(),
-                "history": self.history}
-        (self.out_dir / "ckpt.json.tmp").write_text(json.dumps(meta))
-        os.replace(self.out_dir / "ckpt.json.tmp", self.out_dir / "ckpt.json")
+        tensors = {f"model.{k}": v.detach() for k, v in _full_state(self.child).items()}
+        atomic_save_tensors(_dedupe({**tensors, **optimizer_tensors(self.optimizer)}), self.out_dir / "ckpt.safetensors")
+        meta = {"step": self.step, "param_groups": self.optimizer.state_dict()["param_groups"],
+                "scheduler": self.scheduler.state_dict(), "history": self.history}
+        atomic_write_json(self.out_dir / "ckpt.json", meta, indent=None)
 
     def _maybe_resume(self) -> None:
         meta_path, ckpt = self.out_dir / "ckpt.json", self.out_dir / "ckpt.safetensors"
@@ -240,12 +234,7 @@ class GKDTrainer:
         self.child.load_state_dict(model_state, strict=False)
         if self.child.config.tie_word_embeddings:
             self.child.lm_head.weight = self.child.model.embed_tokens.weight
-        state: dict = {}
-        for name, t in tensors.items():
-            if name.startswith("opt."):
-                _, pid, key = name.split(".", 2)
-                state.setdefault(int(pid), {})[key] = t.reshape(()).cpu() if key == "step" else t
-        self.optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+        restore_optimizer(self.optimizer, tensors, meta["param_groups"])
         self.scheduler.load_state_dict(meta["scheduler"])
         self.step, self.history = meta["step"], meta["history"]
         self.log(f"  resumed GKD at step {self.step}")

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from .checkpoint import atomic_write_json
 from .config import RunConfig, config_hash, dump_yaml, load_run_config
 
 Stage = Callable[[RunConfig, Path], Path]
@@ -28,10 +29,18 @@ def stage_done(stage_dir: Path, fingerprint: str) -> bool:
 
 
 def mark_done(stage_dir: Path, fingerprint: str, **info) -> None:
-    tmp = stage_dir / "DONE.tmp"
-    tmp.write_text(json.dumps({"config_hash": fingerprint, "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
-                               **info}, indent=2))
-    tmp.rename(stage_dir / "DONE")
+    atomic_write_json(stage_dir / "DONE", {"config_hash": fingerprint,
+                                           "finished": time.strftime("%Y-%m-%d %H:%M:%S"), **info})
+
+
+def skip_if_done(stage: str, out: Path, fingerprint: str, table: str | None = None) -> bool:
+    """True (after saying so, and printing the stage's table) when `out` is finished for this config."""
+    if not stage_done(out, fingerprint):
+        return False
+    print(f"[{stage}] done already: {out}")
+    if table and (out / table).is_file():
+        print((out / table).read_text(), end="")
+    return True
 
 
 # ---- stage: parent ----------------------------------------------------------------------------
@@ -98,8 +107,7 @@ def run_data(cfg: RunConfig, run_dir: Path) -> Path:
     """Tokenize and pack the corpus into train / validation / test rows (split by document)."""
     out = run_dir / "data"
     fingerprint = data_fingerprint(cfg)
-    if stage_done(out, fingerprint):
-        print(f"[data] done already: {out}")
+    if skip_if_done("data", out, fingerprint):
         return out
     out.mkdir(parents=True, exist_ok=True)
     dataset = load_data(cfg, run_dir, verbose=True)
@@ -122,9 +130,7 @@ def run_library(cfg: RunConfig, run_dir: Path) -> Path:
 
     out = run_dir / "library"
     fingerprint = library_fingerprint(cfg)
-    if stage_done(out, fingerprint):
-        print(f"[library] done already: {out}")
-        print((out / "space.txt").read_text(), end="")
+    if skip_if_done("library", out, fingerprint, "space.txt"):
         return out
     out.mkdir(parents=True, exist_ok=True)
     import torch
@@ -164,9 +170,7 @@ def run_bld(cfg: RunConfig, run_dir: Path) -> Path:
 
     out = run_dir / "bld"
     fingerprint = bld_fingerprint(cfg)
-    if stage_done(out, fingerprint):
-        print(f"[bld] done already: {out}")
-        print(library_table(collect_metrics(out)))
+    if skip_if_done("bld", out, fingerprint, "table.txt"):
         return out
     rank, world = distributed_rank()
     if rank == 0:
@@ -184,11 +188,7 @@ def run_bld(cfg: RunConfig, run_dir: Path) -> Path:
     if bad:
         raise ValueError(f"bld.layers {bad} out of range: the parent has {len(space)} layers (0..{len(space) - 1})")
     train = token_batches(dataset.train, cfg.bld.batch_size, max(cfg.bld.tokens, 1), seed=cfg.seed)
-    val_rows = dataset.validation[: max(1, -(-cfg.bld.validation_tokens // dataset.seq_len))]
-    if len(val_rows) == 0:
-        raise ValueError("the validation split is empty: add data or raise data.validation_fraction")
-    val = [torch.from_numpy(val_rows[k:k + cfg.bld.batch_size].astype("int64"))
-           for k in range(0, len(val_rows), cfg.bld.batch_size)]
+    val = validation_batches(dataset, cfg.bld.validation_tokens, cfg.bld.batch_size)
     trainer = BLDTrainer(parent, stats, cfg.library, cfg.bld, out, dataset.seq_len, seed=cfg.seed)
     counts = _variant_param_counts(parent.config, space)
     if cfg.bld.mode in ("decoupled", "hybrid"):
@@ -214,13 +214,13 @@ def scores_fingerprint(cfg: RunConfig) -> str:
     return config_hash({"bld": bld_fingerprint(cfg), "scoring": cfg.scoring})
 
 
-def validation_batches(dataset, tokens: int, batch_size: int) -> list:
-    """The first `tokens` of the validation split (whole rows), in order, as (B, T) batches."""
+def validation_batches(dataset, tokens: int, batch_size: int, split: str = "validation") -> list:
+    """The first `tokens` of a split (whole rows), in order, as (B, T) batches."""
     import torch
 
-    rows = dataset.validation[: max(1, -(-tokens // dataset.seq_len))]
+    rows = dataset.split(split)[: max(1, -(-tokens // dataset.seq_len))]
     if len(rows) == 0:
-        raise ValueError("the validation split is empty: add data or raise data.validation_fraction")
+        raise ValueError(f"the {split} split is empty: add data or raise data.{split}_fraction")
     return [torch.from_numpy(rows[k:k + batch_size].astype("int64")) for k in range(0, len(rows), batch_size)]
 
 
@@ -235,9 +235,7 @@ def run_scores(cfg: RunConfig, run_dir: Path) -> Path:
 
     out = run_dir / "scores"
     fingerprint = scores_fingerprint(cfg)
-    if stage_done(out, fingerprint):
-        print(f"[scores] done already: {out}")
-        print((out / "table.txt").read_text(), end="")
+    if skip_if_done("scores", out, fingerprint, "table.txt"):
         return out
     rank, world = distributed_rank()
     if rank == 0:
@@ -286,9 +284,7 @@ def run_costs(cfg: RunConfig, run_dir: Path) -> Path:
 
     out = run_dir / "costs"
     fingerprint = costs_fingerprint(cfg)
-    if stage_done(out, fingerprint):
-        print(f"[costs] done already: {out}")
-        print((out / "table.txt").read_text(), end="")
+    if skip_if_done("costs", out, fingerprint, "table.txt"):
         return out
     out.mkdir(parents=True, exist_ok=True)
     device = resolve_device(cfg.device)
@@ -297,12 +293,12 @@ def run_costs(cfg: RunConfig, run_dir: Path) -> Path:
     attention = [v.config for att, _ in space for v in att]
     ffn = [v.config for _, f in space for v in f]
     table = measure_costs(config, attention, ffn, cfg.costs, device)
-    _write_json(out / "costs.json", table)
+    atomic_write_json(out / "costs.json", table)
     children = {"parent": config.blocks}
     for k, blocks in enumerate(random_children(space, cfg.costs.check_children, cfg.seed)):
         children[f"random-{k}"] = blocks
     check = check_against_whole_models(config, table, children, cfg.costs, device)
-    _write_json(out / "check.json", check)
+    atomic_write_json(out / "check.json", check)
     text = costs_table(table, check)
     (out / "table.txt").write_text(text + "\n")
     print(text)
@@ -346,9 +342,7 @@ def run_search_stage(cfg: RunConfig, run_dir: Path) -> Path:
 
     out = run_dir / "search"
     fingerprint = search_fingerprint(cfg)
-    if stage_done(out, fingerprint):
-        print(f"[search] done already: {out}")
-        print((out / "table.txt").read_text(), end="")
+    if skip_if_done("search", out, fingerprint, "table.txt"):
         return out
     out.mkdir(parents=True, exist_ok=True)
     config = DeciLMConfig.from_pretrained(run_dir / "parent")
@@ -357,7 +351,7 @@ def run_search_stage(cfg: RunConfig, run_dir: Path) -> Path:
     records, front = run_search(scores, table, config.blocks, cfg.search, cfg.scoring.objective, cfg.costs.dtype,
                                 config.num_attention_heads, config.hidden_size, seed=cfg.seed)
     (out / "solutions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-    _write_json(out / "frontier.json", front)
+    atomic_write_json(out / "frontier.json", front)
     text = search_table(records, front)
     (out / "table.txt").write_text(text + "\n")
     print(text)
@@ -400,7 +394,7 @@ def run_assemble(cfg: RunConfig, run_dir: Path) -> Path:
         copy_tokenizer_files(run_dir / "parent", tmp)
         table = architecture_table(child.config)
         (tmp / "architecture.txt").write_text(table + "\n")
-        _write_json(tmp / "solution.json", record)
+        atomic_write_json(tmp / "solution.json", record)
         mark_done(tmp, fingerprint, target=record["target"])
         tmp.rename(out)
         print(f"[assemble] {out.name}: predicted speedup "
@@ -465,7 +459,7 @@ def run_gkd(cfg: RunConfig, run_dir: Path) -> Path:
                 shutil.rmtree(tmp)
             final.to(getattr(torch, cfg.parent_dtype)).save_pretrained(tmp)
             copy_tokenizer_files(run_dir / "parent", tmp)
-            _write_json(tmp / "history.json", history)
+            atomic_write_json(tmp / "history.json", history)
             mark_done(tmp, fingerprint, steps=trainer.steps)
             tmp.rename(out)
             trainer.clear_checkpoint()
@@ -488,16 +482,14 @@ def run_eval(cfg: RunConfig, run_dir: Path) -> Path:
     from transformers import AutoTokenizer
 
     from .costs import Scenario
-    from .evaluate import lm_metrics, retention
+    from .evaluate import final_hidden, lm_metrics, retention
     from .inference import measure_generation
     from .info import count_model_params, layer_costs
     from .modeling import DeciLMForCausalLM
 
     out = run_dir / "eval"
     fingerprint = eval_fingerprint(cfg)
-    if stage_done(out, fingerprint):
-        print(f"[eval] done already: {out}")
-        print((out / "table.txt").read_text(), end="")
+    if skip_if_done("eval", out, fingerprint, "table.txt"):
         return out
     out.mkdir(parents=True, exist_ok=True)
     device = resolve_device(cfg.device)
@@ -505,17 +497,16 @@ def run_eval(cfg: RunConfig, run_dir: Path) -> Path:
     names = ["parent"] + [f"{kind}-{r['name']}" for r in solutions(run_dir) for kind in ("child", "gkd")]
     names = [n for n in names if (run_dir / n / "config.json").is_file()]
     dataset = load_data(cfg, run_dir)
-    rows = dataset.test[: max(1, -(-cfg.eval.tokens // dataset.seq_len))]
-    batches = [torch.from_numpy(rows[k:k + cfg.eval.batch_size].astype("int64"))
-               for k in range(0, len(rows), cfg.eval.batch_size)]
+    batches = validation_batches(dataset, cfg.eval.tokens, cfg.eval.batch_size, split="test")
     tokenizer = AutoTokenizer.from_pretrained(run_dir / "parent")
     throughput_dtype = getattr(torch, cfg.costs.dtype)
     parent = DeciLMForCausalLM.from_pretrained(run_dir / "parent", dtype=dtype).to(device).eval()
+    parent_hidden = [final_hidden(parent, b.to(device)) for b in batches]  # (B, T, C) each, computed once
     results = {}
     for n in names:  # one child on the device at a time, next to the parent (large parents fit)
         model = parent if n == "parent" else \
             DeciLMForCausalLM.from_pretrained(run_dir / n, dtype=dtype).to(device).eval()
-        results[n] = lm_metrics({n: model}, parent, batches, cfg.eval.logits_chunk)[n]
+        results[n] = lm_metrics({n: model}, parent, batches, cfg.eval.logits_chunk, parent_hidden)[n]
         if cfg.eval.tasks:
             from .tasks import evaluate_tasks
 
@@ -545,7 +536,7 @@ def run_eval(cfg: RunConfig, run_dir: Path) -> Path:
                     s: {k: results["parent"]["throughput"][s][k] / results[n]["throughput"][s][k]
                         for k in ("decode_step_s", "prefill_s", "generate_s")}
                     for s in results[n]["throughput"]}
-    _write_json(out / "results.json", results)
+    atomic_write_json(out / "results.json", results)
     text = eval_table(results)
     (out / "table.txt").write_text(text + "\n")
     print(text)
@@ -577,8 +568,7 @@ def run_report(cfg: RunConfig, run_dir: Path) -> Path:
 
     out = run_dir / "report"
     fingerprint = config_hash({"eval": eval_fingerprint(cfg)})
-    if stage_done(out, fingerprint):
-        print(f"[report] done already: {out / 'README.md'}")
+    if skip_if_done("report", out, fingerprint):
         return out
     path = write_report(run_dir, out)
     mark_done(out, fingerprint)
@@ -586,10 +576,6 @@ def run_report(cfg: RunConfig, run_dir: Path) -> Path:
     return out
 
 
-def _write_json(path: Path, data) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    tmp.rename(path)
 
 
 def _variant_param_counts(config, space) -> dict[str, int]:

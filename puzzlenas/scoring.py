@@ -14,7 +14,6 @@ ranks; the running sums are checkpointed after each batch, so a killed run resum
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +23,7 @@ import torch.nn.functional as F
 
 from .activations import LayerActivations, causal_context
 from .bld import Job, JobBlock, assign_jobs, load_job_block
+from .checkpoint import atomic_write_json
 from .modeling import DeciLMForCausalLM, ForwardContext
 
 METRICS = ("kl", "lm_loss")
@@ -114,10 +114,8 @@ class ScoreAccumulator:
                 pass  # torn by a kill: start over
 
     def save(self) -> None:
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text(json.dumps({"sums": self.sums, "tokens": self.tokens, "batches_done": self.batches_done,
-                                   "parent_nll": self.parent_nll}))
-        os.replace(tmp, self.path)
+        atomic_write_json(self.path, {"sums": self.sums, "tokens": self.tokens, "batches_done": self.batches_done,
+                                      "parent_nll": self.parent_nll}, indent=None)
 
 
 def score_items(parent: DeciLMForCausalLM, bld_dir: Path, items: list[Job], batches: list[torch.Tensor],

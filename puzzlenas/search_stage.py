@@ -11,10 +11,7 @@ budget. Every solution is saved as Nemotron-NAS `block_configs` with its predict
 
 from __future__ import annotations
 
-import json
-import math
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from .blocks import BlockConfig
 from .costs import predicted_costs, subblock_key
@@ -272,9 +269,3 @@ def run_search(scores: list[dict], table: dict, parent_blocks: list[BlockConfig]
             records.append(solution_record(target, k, solution, meaning, table, parent_blocks, num_heads, hidden))
     front = frontier(layers, table, parent_blocks, cfg.targets[0], cfg.frontier, dtype) if cfg.targets else []
     return records, front
-
-
-def write_json(path: Path, data) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1, default=lambda o: None if isinstance(o, float) and math.isnan(o) else o))
-    tmp.rename(path)
