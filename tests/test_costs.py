@@ -59,3 +59,27 @@ def test_cost_table_and_whole_model_check_on_cpu():
     rows = check_against_whole_models(config, table, {"child": MIXED_BLOCKS}, cfg, torch.device("cpu"),
                                       log=lambda *a: None)
     assert rows[0]["decode_s"] > 0 and rows[0]["decode_s_predicted"] > 0
+
+
+def test_blocks_are_timed_as_stacks_of_independent_copies_on_cpu():
+    """A block timed alone sits in the CPU's caches; "auto" stacks copies up to the parent's layer bytes."""
+    from puzzlenas.blocks import AttentionConfig, BlockConfig, FFNConfig
+    from puzzlenas.costs import stack_size, time_layer
+    from puzzlenas.info import attention_params, ffn_params
+
+    config = make_child().config
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    parent_bytes = 4 * sum(attention_params(config, b) + ffn_params(config, b) for b in config.blocks)
+    big = BlockConfig(AttentionConfig("no_op"), FFNConfig("gated", 512))
+    big_bytes = 4 * ffn_params(config, big)
+    auto = CostConfig(dtype="float32")
+    copies = stack_size(auto, config, big, cpu)
+    assert copies * big_bytes >= parent_bytes > (copies - 1) * big_bytes  # as many bytes as all layers
+    small = BlockConfig(AttentionConfig("gqa", 1), FFNConfig("no_op"))
+    assert stack_size(auto, config, small, cpu) == 4 * config.num_hidden_layers  # capped
+    assert stack_size(auto, config, small, cuda) == 1  # single copies were checked against whole models there
+    assert stack_size(CostConfig(stack_layers=5), config, small, cpu) == 5
+    with pytest.raises(ValueError, match="stack_layers"):
+        CostConfig(stack_layers=0).validate()
+    times = time_layer(config, small, Scenario("tiny", 2, 8, 4), torch.float32, cpu, iters=2, copies=3)
+    assert times["prefill"] > 0 and times["decode"] > 0
