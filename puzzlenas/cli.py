@@ -39,23 +39,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
     import torch
     from transformers import AutoTokenizer
 
+    from .evaluate import complete
     from .parent import load_parent, resolve_parent_dir
 
     model_dir = resolve_parent_dir(args.model)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = load_parent(model_dir, _torch_dtype(args.dtype)).to(device)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    if args.chat and tokenizer.chat_template:
-        text = tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}],
-                                             tokenize=False, add_generation_prompt=True)
-    else:
-        text = args.prompt
-    inputs = tokenizer(text, return_tensors="pt").to(device)
-    with torch.no_grad():
-        output = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=args.temperature > 0,
-                                temperature=args.temperature if args.temperature > 0 else None,
-                                top_p=None, top_k=None, pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
-    print(tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))
+    print(complete(model, tokenizer, args.prompt, args.chat, args.max_new_tokens, args.temperature))
     return 0
 
 

@@ -5,7 +5,9 @@
 - downstream tasks built from real text that installed packages ship, scored by
   log-likelihood like lm-evaluation-harness (`tasks.py`);
 - throughput: the end-to-end generation benchmark on the static-KV-cache path, the same for
-  parent and child (`inference.measure_generation`), per serving scenario.
+  parent and child (`inference.measure_generation`), per serving scenario;
+- samples: greedy completions of a few fixed prompts (chat-templated and plain), so a reader
+  sees whether a child still writes coherent text.
 Retention = child / parent (for perplexity: parent / child).
 """
 
@@ -32,10 +34,41 @@ class EvalConfig:
     throughput: bool = True  # end-to-end generation benchmark per costs scenario
     throughput_iters: int = 10
     logits_chunk: int = 2048
+    # Greedy completions shown in the report: chat prompts go through the tokenizer's chat
+    # template (when it has one), plain prompts are continued as they are.
+    chat_prompts: list[str] = field(default_factory=lambda: ["What is the capital of France?",
+                                                             "Write one sentence about the ocean.",
+                                                             "Give me three tips for staying healthy."])
+    plain_prompts: list[str] = field(default_factory=lambda: ["The history of the Roman Empire",
+                                                              "Water boils at"])
+    sample_tokens: int = 48  # new tokens per completion
 
     def validate(self) -> None:
         if min(self.tokens, self.batch_size, self.max_examples, self.throughput_iters, self.logits_chunk) < 1:
             raise ValueError("eval.tokens, batch_size, max_examples, throughput_iters, logits_chunk must be >= 1")
+        if self.sample_tokens < 1:
+            raise ValueError("eval.sample_tokens must be >= 1")
+
+
+@torch.no_grad()
+def complete(model: DeciLMForCausalLM, tokenizer, prompt: str, chat: bool, max_new_tokens: int,
+             temperature: float = 0.0) -> str:
+    """One completion of `prompt` (greedy unless temperature > 0), decoded without the prompt."""
+    if chat and getattr(tokenizer, "chat_template", None):
+        prompt = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                               add_generation_prompt=True)
+    device = model.model.embed_tokens.weight.device
+    inputs = tokenizer(prompt, return_tensors="pt").to(device)
+    sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
+    output = model.generate(**inputs, max_new_tokens=max_new_tokens, top_p=None, top_k=None,
+                            pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id, **sampling)
+    return tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+def sample_completions(model: DeciLMForCausalLM, tokenizer, cfg: EvalConfig) -> list[dict]:
+    """The eval config's chat and plain prompts, each completed greedily."""
+    return [{"prompt": p, "chat": chat, "completion": complete(model, tokenizer, p, chat, cfg.sample_tokens)}
+            for chat, prompts in ((True, cfg.chat_prompts), (False, cfg.plain_prompts)) for p in prompts]
 
 
 @torch.no_grad()

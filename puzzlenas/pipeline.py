@@ -482,7 +482,7 @@ def run_eval(cfg: RunConfig, run_dir: Path) -> Path:
     from transformers import AutoTokenizer
 
     from .costs import Scenario
-    from .evaluate import final_hidden, lm_metrics, retention
+    from .evaluate import final_hidden, lm_metrics, retention, sample_completions
     from .inference import measure_generation
     from .info import count_model_params, layer_costs
     from .modeling import DeciLMForCausalLM
@@ -512,6 +512,7 @@ def run_eval(cfg: RunConfig, run_dir: Path) -> Path:
 
             results[n]["tasks"] = evaluate_tasks(model, tokenizer, cfg.eval.tasks, max_examples=cfg.eval.max_examples,
                                                  batch_size=cfg.eval.batch_size, device=device)
+        results[n]["samples"] = sample_completions(model, tokenizer, cfg.eval)
         results[n]["params"] = count_model_params(model)
         results[n]["kv_bytes_per_token"] = sum(c.kv_cache_bytes_per_token for c in layer_costs(model.config,
                                                                                                 cfg.costs.dtype))

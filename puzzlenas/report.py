@@ -4,7 +4,8 @@
   GKD, with the search's predicted frontier for reference;
 - layers.png: which attention and FFN variant each layer of each child got;
 - README.md: parent vs children (parameters, KV bytes/token, measured throughput and speedup,
-  perplexity, KL, agreement, task accuracies, retention) and the search's predictions.
+  perplexity, KL, agreement, task accuracies, retention), the search's predictions, and each
+  model's greedy completions of the eval prompts.
 """
 
 from __future__ import annotations
@@ -82,9 +83,27 @@ def markdown(results: dict, records: list[dict], eval_table: str, config_text: s
                          for s, v in measured.items())
         lines += [f"- **{r['name']}** (target {r['target']}, {r['method']}, sum of scores {r['objective']:.4f}): "
                   f"predicted {pred}; measured {meas or '-'}"]
-    lines += ["", "![frontier](frontier.png)", "", "![layers](layers.png)", "", "## Config", "", "```yaml",
+    lines += ["", "![frontier](frontier.png)", "", "![layers](layers.png)", ""] + samples_markdown(results)
+    lines += ["## Config", "", "```yaml",
               config_text.rstrip(), "```"]
     return "\n".join(lines) + "\n"
+
+
+def samples_markdown(results: dict) -> list[str]:
+    """One table per prompt: each model's greedy completion (newlines flattened)."""
+    first = next((r["samples"] for r in results.values() if r.get("samples")), [])
+    if not first:
+        return []
+    lines = ["## Greedy completions", ""]
+    for i, sample in enumerate(first):
+        kind = "chat" if sample["chat"] else "plain text"
+        lines += [f"**{sample['prompt']}** ({kind})", "", "| model | completion |", "|---|---|"]
+        for name, r in results.items():
+            if len(r.get("samples", [])) > i:
+                text = " ".join(r["samples"][i]["completion"].split()).replace("|", "\\|")
+                lines.append(f"| {name} | {text} |")
+        lines.append("")
+    return lines
 
 
 def write_report(run_dir: Path, out: Path) -> Path:

@@ -20,7 +20,8 @@ def config(inputs, **search) -> dict:
     cfg["scoring"] = {"tokens": 256, "batch_size": 4}
     cfg["costs"] = {"dtype": "float32", "iters": 3, "check_children": 1, "scenarios": [SCENARIO]}
     cfg["gkd"] = {"tokens": 2048, "batch_size": 4, "lr": 5e-5, "checkpoint_every": 3, "validation_tokens": 512}
-    cfg["eval"] = {"tokens": 256, "batch_size": 4, "tasks": [], "throughput_iters": 2}
+    cfg["eval"] = {"tokens": 256, "batch_size": 4, "tasks": [], "throughput_iters": 2,
+                   "chat_prompts": ["w5 w6"], "plain_prompts": ["w7 w8 w9"], "sample_tokens": 6}
     cfg["search"] = {"targets": [{"name": "fast", "metric": "decode", "speedup": 1.3},
                                  {"name": "small", "params": 60000, "solutions": 2}],
                      "frontier": [1.1, 1.3, 1.0e6], **search}
@@ -174,6 +175,25 @@ def test_gkd_lowers_its_loss_and_the_report_exists(finished_run):
     assert "decode_step_s" in results["gkd-fast"]["speedup"]["tiny"]
     for name in ("README.md", "frontier.png", "layers.png"):
         assert (finished_run / "report" / name).is_file()
+
+
+def test_eval_samples_are_the_models_greedy_completions(finished_run):
+    from transformers import AutoTokenizer
+
+    from puzzlenas.evaluate import complete
+    from puzzlenas.modeling import DeciLMForCausalLM
+
+    results = json.loads((finished_run / "eval" / "results.json").read_text())
+    tokenizer = AutoTokenizer.from_pretrained(finished_run / "parent")
+    child = DeciLMForCausalLM.from_pretrained(finished_run / "gkd-fast").eval()
+    samples = results["gkd-fast"]["samples"]
+    assert [(s["prompt"], s["chat"]) for s in samples] == [("w5 w6", True), ("w7 w8 w9", False)]
+    assert samples[1]["completion"] == complete(child, tokenizer, "w7 w8 w9", False, 6)
+    assert 1 <= len(samples[1]["completion"].split()) <= 6  # a word per generated token (EOS ends early)
+    report = (finished_run / "report" / "README.md").read_text()
+    assert "## Greedy completions" in report
+    for name in results:
+        assert f"| {name} | {' '.join(results[name]['samples'][1]['completion'].split())} |" in report
 
 
 def test_chunked_kl_gradient_equals_the_full_one():
