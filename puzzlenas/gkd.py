@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from .checkpoint import atomic_save_tensors, atomic_write_json, optimizer_tensors, restore_optimizer
+from .checkpoint import atomic_save_tensors, atomic_write_json
 from .modeling import DeciLMForCausalLM
 
 
@@ -208,36 +208,58 @@ class GKDTrainer:
         return self.history
 
     # ---- checkpoints ------------------------------------------------------------------------
+    # One format for any number of ranks: the full (unsharded) model and optimizer state,
+    # optimizer entries keyed by parameter name, gathered to rank 0 and written as safetensors
+    # + JSON. A run killed with W ranks resumes with any number of ranks. (For very large
+    # children the gather needs the whole optimizer state in rank 0's CPU memory.)
     def _checkpoint(self) -> None:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+        # A collective with several ranks: every rank calls it; with cpu_offload only rank 0 gets data.
+        model_state, optim_state = get_state_dict(self.child, self.optimizer,
+                                                  options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if _rank() == 0:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            tensors = {f"model.{k}": v.detach() for k, v in model_state.items()}
+            for name, state in optim_state["state"].items():
+                for key, value in state.items():
+                    tensors[f"opt.{name}.{key}"] = value.detach().reshape(-1) if key == "step" else value.detach()
+            atomic_save_tensors(_dedupe(tensors), self.out_dir / "ckpt.safetensors")
+            meta = {"step": self.step, "world_size": self.world, "param_groups": optim_state["param_groups"],
+                    "scheduler": self.scheduler.state_dict(), "history": self.history}
+            atomic_write_json(self.out_dir / "ckpt.json", meta, indent=None)
         if self.world > 1:
-            # Sharded optimizer state is per rank; gathering it is not implemented, so a
-            # multi-rank GKD resumes from the start of the child (finished children are kept).
-            return
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        tensors = {f"model.{k}": v.detach() for k, v in _full_state(self.child).items()}
-        atomic_save_tensors(_dedupe({**tensors, **optimizer_tensors(self.optimizer)}), self.out_dir / "ckpt.safetensors")
-        meta = {"step": self.step, "param_groups": self.optimizer.state_dict()["param_groups"],
-                "scheduler": self.scheduler.state_dict(), "history": self.history}
-        atomic_write_json(self.out_dir / "ckpt.json", meta, indent=None)
+            import torch.distributed as dist
+
+            dist.barrier()  # no rank runs ahead of a checkpoint that is still being written
 
     def _maybe_resume(self) -> None:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
         meta_path, ckpt = self.out_dir / "ckpt.json", self.out_dir / "ckpt.safetensors"
         if not meta_path.is_file() or not ckpt.is_file():
             return
         try:
             meta = json.loads(meta_path.read_text())
-            tensors = load_file(str(ckpt), device=str(self.device))
-        except Exception as err:
-            self.log(f"  unreadable GKD checkpoint in {self.out_dir} ({err}); starting over")
+            tensors = load_file(str(ckpt))
+            model_state = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
+            optim = {"state": {}, "param_groups": meta["param_groups"]}
+            for name, value in tensors.items():
+                if name.startswith("opt."):
+                    param, key = name[len("opt."):].rsplit(".", 1)
+                    optim["state"].setdefault(param, {})[key] = value.reshape(()) if key == "step" else value
+            if self.child.config.tie_word_embeddings and "lm_head.weight" not in model_state:
+                model_state["lm_head.weight"] = model_state["model.embed_tokens.weight"]  # one tensor, two names
+            set_state_dict(self.child, self.optimizer, model_state_dict=model_state, optim_state_dict=optim,
+                           options=StateDictOptions(full_state_dict=True))
+        except Exception as err:  # torn, foreign or stale: this child's GKD starts over, nothing else is lost
+            self.log(f"  unreadable GKD checkpoint in {self.out_dir} ({type(err).__name__}: {err}); starting over")
             return
-        model_state = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
-        self.child.load_state_dict(model_state, strict=False)
-        if self.child.config.tie_word_embeddings:
-            self.child.lm_head.weight = self.child.model.embed_tokens.weight
-        restore_optimizer(self.optimizer, tensors, meta["param_groups"])
         self.scheduler.load_state_dict(meta["scheduler"])
         self.step, self.history = meta["step"], meta["history"]
-        self.log(f"  resumed GKD at step {self.step}")
+        written_by = meta.get("world_size", 1)
+        self.log(f"  resumed GKD at step {self.step}" + (f" (checkpoint written by {written_by} ranks, resumed "
+                                                          f"on {self.world})" if written_by != self.world else ""))
 
     def clear_checkpoint(self) -> None:
         for name in ("ckpt.safetensors", "ckpt.json"):

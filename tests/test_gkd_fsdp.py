@@ -1,6 +1,9 @@
-"""GKD with two ranks (gloo, FSDP2 on CPU) equals one rank on the concatenated batches."""
+"""GKD with two ranks (gloo, FSDP2 on CPU), killed after 2 of 3 steps and resumed, equals one rank
+on the concatenated batches; its checkpoint also resumes on one rank."""
 
+import json
 import os
+import shutil
 import socket
 from pathlib import Path
 
@@ -19,10 +22,10 @@ def batches(rank: int) -> list[torch.Tensor]:
 
 
 def config() -> GKDConfig:
-    return GKDConfig(tokens=STEPS * B * T * 2, batch_size=B, lr=1e-3, warmup_fraction=0.0)
+    return GKDConfig(tokens=STEPS * B * T * 2, batch_size=B, lr=1e-3, warmup_fraction=0.0, checkpoint_every=1)
 
 
-def _rank_main(rank: int, port: int, out: str) -> None:
+def _rank_main(rank: int, port: int, out: str, steps_before_kill: int) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     import torch.distributed as dist
@@ -33,9 +36,9 @@ def _rank_main(rank: int, port: int, out: str) -> None:
     parent.requires_grad_(False)
     parallelize(child, parent)
     trainer = GKDTrainer(child, parent, config(), Path(out) / "ckpt", T, world_size=2, log=lambda *a: None)
-    trainer.train(batches(rank))
+    trainer.train(batches(rank)[:steps_before_kill])  # fewer batches: stops like a killed run
     state = _full_state(child)
-    if rank == 0:
+    if rank == 0 and steps_before_kill == STEPS:
         save_file({k: v.contiguous() for k, v in state.items()}, str(Path(out) / "sharded.safetensors"))
     dist.destroy_process_group()
 
@@ -45,7 +48,11 @@ def test_fsdp2_two_ranks_match_one_rank(tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    torch.multiprocessing.spawn(_rank_main, args=(port, str(tmp_path)), nprocs=2, join=True)
+    torch.multiprocessing.spawn(_rank_main, args=(port, str(tmp_path), 2), nprocs=2, join=True)
+    meta = json.loads((tmp_path / "ckpt" / "ckpt.json").read_text())
+    assert (meta["step"], meta["world_size"]) == (2, 2)
+    after_two_steps = load_file(str(tmp_path / "ckpt" / "ckpt.safetensors"))
+    torch.multiprocessing.spawn(_rank_main, args=(port, str(tmp_path), STEPS), nprocs=2, join=True)
     sharded = load_file(str(tmp_path / "sharded.safetensors"))
 
     parent, child = make_child(seed=0), make_child(seed=1)
@@ -59,3 +66,22 @@ def test_fsdp2_two_ranks_match_one_rank(tmp_path):
         assert torch.allclose(sharded[name], value, atol=2e-5), name
         moved += not torch.equal(value, make_child(seed=1).state_dict()[name])
     assert moved > 10  # training changed the weights
+
+    # The two-rank checkpoint (full state, optimizer keyed by parameter name) resumes on one rank.
+    shutil.rmtree(tmp_path / "ckpt")
+    (tmp_path / "ckpt").mkdir()
+    save_file(after_two_steps, str(tmp_path / "ckpt" / "ckpt.safetensors"))
+    (tmp_path / "ckpt" / "ckpt.json").write_text(json.dumps(meta))
+    parent, child = make_child(seed=0), make_child(seed=1)
+    parent.requires_grad_(False)
+    logs = []
+    one = GKDTrainer(child, parent, config(), tmp_path / "ckpt", T, log=logs.append)
+    one._maybe_resume()
+    assert one.step == 2 and "written by 2 ranks" in logs[0]
+    for name, value in child.state_dict().items():
+        assert torch.equal(value, after_two_steps[f"model.{name}"]), name
+    exp_avg = {k: v for k, v in after_two_steps.items() if k.startswith("opt.") and k.endswith(".exp_avg")}
+    assert len(exp_avg) > 10
+    names = {id(p): n for n, p in child.named_parameters()}
+    for p, state in one.optimizer.state.items():
+        assert torch.equal(state["exp_avg"], after_two_steps[f"opt.{names[id(p)]}.exp_avg"])
