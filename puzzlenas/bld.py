@@ -531,7 +531,7 @@ def reset_if_stale(out_dir: Path, fingerprint: str) -> None:
         out_dir.rename(stale)
         print(f"[bld] {out_dir} was made with another config; moved to {stale}")
     out_dir.mkdir(parents=True, exist_ok=True)
-    marker.write_text(fingerprint)
+    atomic_write_text(marker, fingerprint)
 
 
 

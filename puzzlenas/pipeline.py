@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from .checkpoint import atomic_write_json
+from .checkpoint import atomic_write_json, atomic_write_text
 from .config import RunConfig, config_hash, dump_yaml, load_run_config
 
 Stage = Callable[[RunConfig, Path], Path]
@@ -145,7 +145,7 @@ def run_library(cfg: RunConfig, run_dir: Path) -> Path:
     save_file(stats, str(out / "calibration.safetensors"))
     write_space(out / "space.json", space)
     table = space_table(space)
-    (out / "space.txt").write_text(table + "\n")
+    atomic_write_text(out / "space.txt", table + "\n")
     print(table)
     mark_done(out, fingerprint, calibration_tokens=batches.tokens_served,
               calibration_seconds=round(time.time() - started, 1))
@@ -200,9 +200,9 @@ def run_bld(cfg: RunConfig, run_dir: Path) -> Path:
     barrier(world)
     if rank == 0:
         rows = collect_metrics(out)
-        (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        atomic_write_text(out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
         table = library_table(rows)
-        (out / "table.txt").write_text(table + "\n")
+        atomic_write_text(out / "table.txt", table + "\n")
         print(table)
         mark_done(out, fingerprint, jobs=len(rows), world_size=world)
     barrier(world)
@@ -255,14 +255,14 @@ def run_scores(cfg: RunConfig, run_dir: Path) -> Path:
     print(f"[scores] rank {rank}/{world}: {len(mine)} of {len(items)} items on {len(batches)} batches")
     results = score_items(parent, run_dir / "bld", mine, batches, cfg.scoring, out / f"progress-rank{rank}.json")
     part = out / f"part-rank{rank}.jsonl"
-    part.write_text("".join(json.dumps(r) + "\n" for r in results.values()))
+    atomic_write_text(part, "".join(json.dumps(r) + "\n" for r in results.values()))
     barrier(world)
     if rank == 0:
         rows = [json.loads(line) for p in sorted(out.glob("part-rank*.jsonl")) for line in p.read_text().splitlines()]
         rows.sort(key=lambda r: (r["layer"], r["kind"], r["name"]))
-        (out / "scores.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        atomic_write_text(out / "scores.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
         table = scores_table(rows, "kl") + "\n\n" + scores_table(rows, "lm_loss_delta")
-        (out / "table.txt").write_text(table + "\n\n" + scores_table(rows, "kl", per_layer=True) + "\n")
+        atomic_write_text(out / "table.txt", table + "\n\n" + scores_table(rows, "kl", per_layer=True) + "\n")
         print(table)
         mark_done(out, fingerprint, items=len(rows), world_size=world)
     barrier(world)
@@ -300,7 +300,7 @@ def run_costs(cfg: RunConfig, run_dir: Path) -> Path:
     check = check_against_whole_models(config, table, children, cfg.costs, device)
     atomic_write_json(out / "check.json", check)
     text = costs_table(table, check)
-    (out / "table.txt").write_text(text + "\n")
+    atomic_write_text(out / "table.txt", text + "\n")
     print(text)
     mark_done(out, fingerprint, device=table["device"].get("name"))
     return out
@@ -350,10 +350,10 @@ def run_search_stage(cfg: RunConfig, run_dir: Path) -> Path:
     table = json.loads((run_dir / "costs" / "costs.json").read_text())
     records, front = run_search(scores, table, config.blocks, cfg.search, cfg.scoring.objective, cfg.costs.dtype,
                                 config.num_attention_heads, config.hidden_size, seed=cfg.seed)
-    (out / "solutions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    atomic_write_text(out / "solutions.jsonl", "".join(json.dumps(r) + "\n" for r in records))
     atomic_write_json(out / "frontier.json", front)
     text = search_table(records, front)
-    (out / "table.txt").write_text(text + "\n")
+    atomic_write_text(out / "table.txt", text + "\n")
     print(text)
     mark_done(out, fingerprint, solutions=len(records))
     return out
@@ -539,7 +539,7 @@ def run_eval(cfg: RunConfig, run_dir: Path) -> Path:
                     for s in results[n]["throughput"]}
     atomic_write_json(out / "results.json", results)
     text = eval_table(results)
-    (out / "table.txt").write_text(text + "\n")
+    atomic_write_text(out / "table.txt", text + "\n")
     print(text)
     mark_done(out, fingerprint, models=len(results))
     return out
@@ -611,7 +611,7 @@ def run_pipeline(config_path: str | Path | None, run_dir: Path | None = None, un
             raise ValueError(f"unknown stage {name!r}; stages: {', '.join(names)}")
     run_dir = Path(run_dir) if run_dir else Path("runs") / cfg.name
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(dump_yaml(cfg))
+    atomic_write_text(run_dir / "config.yaml", dump_yaml(cfg))
     print(f"puzzlenas run {cfg.name}: parent {cfg.parent} -> {run_dir}")
     for name, stage in STAGES:
         if name in force and (run_dir / name).exists():

@@ -13,6 +13,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from .checkpoint import atomic_write_text
+
 
 def _plt():
     import matplotlib
@@ -115,5 +117,5 @@ def write_report(run_dir: Path, out: Path) -> Path:
     layers_plot(records, out / "layers.png")
     text = markdown(results, records, (run_dir / "eval" / "table.txt").read_text().rstrip(),
                     (run_dir / "config.yaml").read_text())
-    (out / "README.md").write_text(text)
+    atomic_write_text(out / "README.md", text)
     return out / "README.md"

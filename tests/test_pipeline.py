@@ -248,3 +248,25 @@ def test_killed_run_resumes_without_redoing_finished_stages(tmp_path, tiny_run_i
     assert "resumed GKD at step 3" in out
     assert all(p.stat().st_mtime_ns == t for p, t in stamps.items())
     assert (tmp_path / "run" / "report" / "DONE").is_file()
+
+
+def test_rerunning_a_hard_linked_copy_never_edits_the_original(finished_run, tmp_path):
+    """Every artifact is replaced (temp name, then rename), never written in place: a run
+    directory copied with hard links (`cp -al`) can be rerun with other settings."""
+    import os
+
+    snapshot = {p: p.read_bytes() for p in finished_run.rglob("*") if p.is_file()}
+    copy = tmp_path / "copy"
+    for path in snapshot:
+        target = copy / path.relative_to(finished_run)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.link(path, target)
+    config_path = tmp_path / "other.yaml"
+    other = yaml.safe_load((finished_run / "config.yaml").read_text())
+    other["search"]["targets"] = [{"name": "fast", "metric": "decode", "speedup": 1.2}]
+    other["scoring"]["objective"] = "lm_loss"
+    config_path.write_text(yaml.safe_dump(other))
+    run_pipeline(config_path, run_dir=copy, until="search")
+    assert (copy / "search" / "solutions.jsonl").read_bytes() != snapshot[finished_run / "search" / "solutions.jsonl"]
+    for path, data in snapshot.items():
+        assert path.read_bytes() == data, path
