@@ -118,7 +118,7 @@ class GKDTrainer:
         no_decay = [p for p in params if p.dim() < 2]
         self.optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr,
-                                           betas=tuple(cfg.betas), fused=self.device.type == "cuda")
+                                           betas=tuple(cfg.betas), **_adamw_kernel(self.device, world_size))
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_lambda)
         self.step = 0
         self.history: list[dict] = []
@@ -266,6 +266,15 @@ class GKDTrainer:
             (self.out_dir / name).unlink(missing_ok=True)
 
 
+def _adamw_kernel(device: torch.device, world_size: int) -> dict:
+    """Fused AdamW on one GPU. With FSDP2 the parameters mix sharded DTensors (decoder layers)
+    and plain replicated tensors (embedding, final norm, head), which the fused and foreach
+    kernels refuse to take in one call (seen over NCCL on 2 H100s), so they step one by one."""
+    if world_size > 1:
+        return {"foreach": False, "fused": False}
+    return {"fused": device.type == "cuda"}
+
+
 def _dedupe(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """safetensors refuses shared storage (tied embeddings): keep the first name of each tensor."""
     seen, out = set(), {}
@@ -314,15 +323,23 @@ def sync_replicated_grads(model: torch.nn.Module) -> None:
 
 
 def clip_grad_norm(model: torch.nn.Module, max_norm: float) -> None:
-    """Gradient clipping over sharded (DTensor) and replicated parameters alike."""
+    """Gradient clipping over sharded (DTensor) and replicated parameters alike: each rank sums
+    the squares of its own shards, one all-reduce adds them up; replicated gradients (equal on
+    every rank after `sync_replicated_grads`) are counted once."""
+    import torch.distributed as dist
     from torch.distributed.tensor import DTensor
 
     params = [p for p in {id(p): p for p in model.parameters()}.values() if p.grad is not None]
-    squares = []
+    device = params[0].grad.device
+    sharded = torch.zeros((), device=device)
+    replicated = torch.zeros((), device=device)
     for p in params:
-        g = p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad
-        squares.append(g.float().pow(2).sum())
-    total = torch.stack(squares).sum().sqrt()
+        if isinstance(p.grad, DTensor):
+            sharded += p.grad.to_local().float().pow(2).sum()
+        else:
+            replicated += p.grad.float().pow(2).sum()
+    dist.all_reduce(sharded)
+    total = (sharded + replicated).sqrt()
     scale = (max_norm / (total + 1e-6)).clamp(max=1.0)
     for p in params:
         p.grad.mul_(scale)

@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# The default job on the device machine, timed from the GGUF to the report, then the same
+# library searched under other serving scenarios (costs + search only) for comparison.
+# Usage there: OUT=folder bash benchmarks/gpu_preset.sh [extra `puzzlenas run` args]
+set -uo pipefail
+export PYTHONPATH=/tmp/site:.
+RUN=~/runs/preset
+quiet() { grep -v -e "it/s]" -e "s/it]"; }
+start=$(date +%s)
+python3 -m puzzlenas.cli run --run-dir "$RUN" "$@" 2>&1 | quiet > "$OUT/run.log"
+echo "puzzlenas run: $(( $(date +%s) - start )) s" | tee "$OUT/times.txt"
+grep -E "^\[[a-z]+\] [0-9.]+ s$" "$OUT/run.log" | tee -a "$OUT/times.txt"
+for spec in "b64-p128-g128 64 128 128" "b64-p128-g1024 64 128 1024" "b128-p512-g512 128 512 512"; do
+  set -- $spec
+  dir=~/runs/scenario-$1
+  rm -rf "$dir" && cp -al "$RUN" "$dir"
+  python3 -m puzzlenas.cli run --run-dir "$dir" --until search \
+    --set "costs.scenarios=[{name: $1, batch_size: $2, prompt_tokens: $3, generate_tokens: $4}]" \
+    --set "search.targets=[{name: decode-1.5x, scenario: $1, metric: decode, speedup: 1.5}, {name: decode-2x, scenario: $1, metric: decode, speedup: 2.0}]" \
+    2>&1 | quiet > "$OUT/scenario-$1.log"
+done
+cd ~/runs && tar czf "$OUT/preset.tgz" preset/eval preset/report preset/search preset/costs preset/scores/table.txt \
+  preset/bld/table.txt preset/gkd-*/history.json preset/child-*/architecture.txt scenario-*/costs scenario-*/search
