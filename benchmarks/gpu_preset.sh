@@ -10,6 +10,20 @@ start=$(date +%s)
 python3 -m puzzlenas.cli run --run-dir "$RUN" "$@" 2>&1 | quiet > "$OUT/run.log"
 echo "puzzlenas run: $(( $(date +%s) - start )) s" | tee "$OUT/times.txt"
 grep -E "^\[[a-z]+\] [0-9.]+ s$" "$OUT/run.log" | tee -a "$OUT/times.txt"
+# The exported children load with AutoModelForCausalLM after `import puzzlenas` and generate.
+python3 - "$RUN" > "$OUT/automodel_generations.txt" 2>&1 <<'PY'
+import sys, torch
+import puzzlenas  # noqa: F401  (registers nemotron-nas)
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from puzzlenas.evaluate import complete
+run = sys.argv[1]
+for name in ("parent", "gkd-decode-1.5x", "gkd-decode-2x"):
+    model = AutoModelForCausalLM.from_pretrained(f"{run}/{name}", dtype=torch.bfloat16).cuda().eval()
+    tok = AutoTokenizer.from_pretrained(f"{run}/{name}")
+    print(f"== {name}: {type(model).__name__}")
+    for prompt in ("What is the capital of France?", "Tell me about the ocean."):
+        print(f"  {prompt} -> {complete(model, tok, prompt, True, 40)!r}")
+PY
 for spec in "b64-p128-g128 64 128 128" "b64-p128-g1024 64 128 1024" "b128-p512-g512 128 512 512"; do
   set -- $spec
   dir=~/runs/scenario-$1

@@ -17,7 +17,11 @@ parent's layer count on CPU (capped by bytes) and times one copy on CUDA, where 
 single-copy timings were checked against whole models within 10% (benchmarks/RESULTS.md).
 
 A check measures whole models end to end (the parent and random children) and compares them
-with the sum of their blocks' costs.
+with the sum of their blocks' costs. What the block sum misses is then fitted per phase and
+scenario as measured = scale x predicted + offset over those models (the offset: per-model
+overheads no block owns, e.g. ~5 ms per decode step on a 2-core CPU), and folded into the table
+(every block time x scale, the fixed part x scale + offset), so that sums of blocks, and the
+speedups the search promises, predict whole models. The raw measurements are kept.
 """
 
 from __future__ import annotations
@@ -58,6 +62,7 @@ class CostConfig:
     iters: int = 20  # timed repetitions (medians reported)
     check_children: int = 2  # random children measured end to end against the sum of their blocks
     stack_layers: int | str = "auto"  # copies of a block timed in a row (see the module docstring)
+    calibrate: bool = True  # fold the whole-model check into the table (needs check_children >= 1)
 
     def validate(self) -> None:
         if self.dtype not in ("bfloat16", "float16", "float32"):
@@ -263,4 +268,60 @@ def check_against_whole_models(model_config: DeciLMConfig, table: dict, children
                 f"{row['prefill_s'] * 1e3:.2f} vs {row['prefill_s_predicted'] * 1e3:.2f} ms "
                 f"({row['prefill_s_error']:+.1%})")
         del model
+    return rows
+
+
+def fit_line(points: list[tuple[float, float]]) -> tuple[float, float] | None:
+    """Least-squares (scale, offset) of y = scale * x + offset; None with < 2 distinct x."""
+    if len({round(x, 12) for x, _ in points}) < 2:
+        return None
+    n = len(points)
+    mx, my = sum(x for x, _ in points) / n, sum(y for _, y in points) / n
+    sxx = sum((x - mx) ** 2 for x, _ in points)
+    scale = sum((x - mx) * (y - my) for x, y in points) / sxx
+    return scale, my - scale * mx
+
+
+def calibrate(table: dict, check: list[dict], scenarios: list[Scenario]) -> dict:
+    """Fold the whole-model check into the table (in place); returns the fit per cost key.
+
+    Per scenario and phase (prefill, decode): measured = scale * predicted + offset over the
+    checked models; every block time is multiplied by scale and the fixed part becomes
+    scale * fixed + offset, so the sum for any architecture is the fitted prediction. A fit
+    that is not usable (one model, scale <= 0, a negative fixed part) leaves that key raw.
+    The generate keys are rebuilt as prefill + M x decode. The raw table is kept as
+    table["uncalibrated"]."""
+    import copy
+
+    table["uncalibrated"] = copy.deepcopy({k: table[k] for k in ("attention", "ffn", "fixed")})
+    entries = [e for kind in ("attention", "ffn") for e in table[kind].values()] + [table["fixed"]]
+    fits = {}
+    for s in scenarios:
+        for phase in ("prefill", "decode"):
+            key = f"{phase}_s/{s.name}"
+            points = [(r[f"{phase}_s_predicted"], r[f"{phase}_s"]) for r in check if r["scenario"] == s.name]
+            fit = fit_line(points)
+            if fit is None or fit[0] <= 0 or fit[0] * table["fixed"][key] + fit[1] < 0:
+                continue
+            scale, offset = fit
+            for e in entries:
+                e[key] *= scale
+            table["fixed"][key] += offset
+            fits[key] = {"scale": scale, "offset_s": offset, "models": len(points)}
+        for e in entries:
+            e[f"generate_s/{s.name}"] = e[f"prefill_s/{s.name}"] + s.generate_tokens * e[f"decode_s/{s.name}"]
+    table["calibration"] = fits
+    return fits
+
+
+def calibrated_check(table: dict, check: list[dict], children: dict[str, list[BlockConfig]]) -> list[dict]:
+    """The check rows with the calibrated table's predictions and errors added."""
+    rows = []
+    for r in check:
+        predicted = predicted_costs(table, children[r["model"]])
+        row = dict(r)
+        for k in ("prefill_s", "decode_s", "generate_s"):
+            row[f"{k}_calibrated"] = predicted[f"{k}/{r['scenario']}"]
+            row[f"{k}_calibrated_error"] = row[f"{k}_calibrated"] / r[k] - 1
+        rows.append(row)
     return rows

@@ -278,7 +278,7 @@ def costs_fingerprint(cfg: RunConfig) -> str:
 
 def run_costs(cfg: RunConfig, run_dir: Path) -> Path:
     """Measured prefill / decode cost of every subblock shape, memory, and the whole-model check."""
-    from .costs import check_against_whole_models, measure_costs, random_children
+    from .costs import calibrate, calibrated_check, check_against_whole_models, measure_costs, random_children
     from .library import read_space
     from .modeling import DeciLMConfig
 
@@ -293,11 +293,14 @@ def run_costs(cfg: RunConfig, run_dir: Path) -> Path:
     attention = [v.config for att, _ in space for v in att]
     ffn = [v.config for _, f in space for v in f]
     table = measure_costs(config, attention, ffn, cfg.costs, device)
-    atomic_write_json(out / "costs.json", table)
     children = {"parent": config.blocks}
     for k, blocks in enumerate(random_children(space, cfg.costs.check_children, cfg.seed)):
         children[f"random-{k}"] = blocks
     check = check_against_whole_models(config, table, children, cfg.costs, device)
+    if cfg.costs.calibrate:
+        calibrate(table, check, cfg.costs.scenarios)
+        check = calibrated_check(table, check, children)
+    atomic_write_json(out / "costs.json", table)
     atomic_write_json(out / "check.json", check)
     text = costs_table(table, check)
     atomic_write_text(out / "table.txt", text + "\n")
@@ -326,7 +329,12 @@ def costs_table(table: dict, check: list[dict]) -> str:
     for r in check:
         lines.append(f"  {r['model']:<10} {r['scenario']}: decode step {r['decode_s'] * 1e3:.3f} ms measured, "
                      f"{r['decode_s_predicted'] * 1e3:.3f} predicted ({r['decode_s_error']:+.1%}); prefill "
-                     f"{r['prefill_s_error']:+.1%}; generation {r['generate_s_error']:+.1%}")
+                     f"{r['prefill_s_error']:+.1%}; generation {r['generate_s_error']:+.1%}"
+                     + (f"; calibrated: decode {r['decode_s_calibrated_error']:+.1%}, prefill "
+                        f"{r['prefill_s_calibrated_error']:+.1%}" if "decode_s_calibrated" in r else ""))
+    for key, fit in table.get("calibration", {}).items():
+        lines.append(f"  calibration {key}: measured = {fit['scale']:.3f} x block sum + "
+                     f"{fit['offset_s'] * 1e3:.3f} ms (fit on {fit['models']} models; folded into the table above)")
     return "\n".join(lines)
 
 

@@ -83,3 +83,38 @@ def test_blocks_are_timed_as_stacks_of_independent_copies_on_cpu():
         CostConfig(stack_layers=0).validate()
     times = time_layer(config, small, Scenario("tiny", 2, 8, 4), torch.float32, cpu, iters=2, copies=3)
     assert times["prefill"] > 0 and times["decode"] > 0
+
+
+def test_calibration_makes_block_sums_predict_the_checked_whole_models():
+    """measured = scale x block sum + offset, fitted on the checked models, folded into the table."""
+    from puzzlenas.blocks import AttentionConfig, BlockConfig, FFNConfig
+    from puzzlenas.costs import calibrate, calibrated_check, fit_line
+
+    s = Scenario("s", 2, 4, 10)
+
+    def entry(prefill, decode):
+        return {"params_bytes": 1.0, "kv_bytes_per_token": 0, "prefill_s/s": prefill, "decode_s/s": decode,
+                "generate_s/s": prefill + 10 * decode}
+
+    table = {"attention": {"gqa kv=1": entry(2.0, 0.2), "no-op": entry(0.0, 0.0)},
+             "ffn": {"ffn 8": entry(1.0, 0.1), "ffn 4": entry(0.5, 0.06)}, "fixed": entry(0.3, 0.05)}
+    a, f, f4, noop = AttentionConfig("gqa", 1), FFNConfig("gated", 8), FFNConfig("gated", 4), AttentionConfig("no_op")
+    children = {"parent": [BlockConfig(a, f)] * 3, "small": [BlockConfig(noop, f4)] * 3,
+                "mixed": [BlockConfig(a, f4), BlockConfig(noop, f), BlockConfig(a, f)]}
+    check = []
+    for name, blocks in children.items():
+        p = predicted_costs(table, blocks)
+        check.append({"model": name, "scenario": "s", "prefill_s": 1.1 * p["prefill_s/s"] + 0.4,
+                      "prefill_s_predicted": p["prefill_s/s"], "decode_s": 1.25 * p["decode_s/s"] + 0.03,
+                      "decode_s_predicted": p["decode_s/s"]})
+    fits = calibrate(table, check, [s])
+    assert fits["decode_s/s"]["scale"] == pytest.approx(1.25) and fits["decode_s/s"]["offset_s"] == pytest.approx(0.03)
+    for r in calibrated_check(table, [{**r, "generate_s": r["prefill_s"] + 10 * r["decode_s"]} for r in check], children):
+        assert r["decode_s_calibrated"] == pytest.approx(r["decode_s"])
+        assert r["prefill_s_calibrated"] == pytest.approx(r["prefill_s"])
+        assert r["generate_s_calibrated"] == pytest.approx(r["generate_s"])  # rebuilt as prefill + M x decode
+    assert table["attention"]["no-op"]["decode_s/s"] == 0.0  # nothing costs nothing still
+    assert table["uncalibrated"]["ffn"]["ffn 8"]["decode_s/s"] == 0.1  # the raw measurement is kept
+    assert fit_line([(1.0, 2.0)]) is None  # one model: no fit
+    bad = {"attention": {}, "ffn": {}, "fixed": entry(0.3, 0.05)}
+    assert calibrate(bad, [{**check[0], "decode_s": 1.0}, {**check[1], "decode_s": 2.0}], [s]).get("decode_s/s") is None
