@@ -51,6 +51,13 @@ class GKDConfig:
     checkpoint_every: int = 100
     autocast: str = "auto"  # auto (bf16 on CUDA) | bf16 | off
     validation_tokens: int = 16384  # held-out tokens on which the GKD loss is reported before / after
+    # Share of every batch's rows taken from the parent's own chat transcripts (`chat_data.py`):
+    # user requests built from the corpus' training documents, answered by the parent (sampled).
+    chat_fraction: float = 0.0
+    chat_requests: int = 1024  # transcripts written (once per run, cached in gkd-chat/)
+    chat_max_new_tokens: int = 192
+    chat_temperature: float = 0.7
+    chat_batch_size: int = 128  # requests answered at once
 
     def validate(self) -> None:
         if self.autocast not in ("auto", "bf16", "off"):
@@ -62,6 +69,10 @@ class GKDConfig:
             raise ValueError("gkd loss weights must be >= 0 and not all 0")
         if not (self.lr > 0 and 0 <= self.warmup_fraction < 1 and len(self.betas) == 2):
             raise ValueError("gkd.lr > 0, warmup_fraction in [0, 1), two betas")
+        if not 0 <= self.chat_fraction <= 1 or min(self.chat_requests, self.chat_max_new_tokens,
+                                                   self.chat_batch_size) < 1 or self.chat_temperature <= 0:
+            raise ValueError("gkd.chat_fraction in [0, 1]; chat_requests, chat_max_new_tokens, chat_batch_size "
+                             ">= 1; chat_temperature > 0")
 
 
 def hidden_cosine_loss(child_hidden: tuple[torch.Tensor, ...], parent_hidden: tuple[torch.Tensor, ...]) -> torch.Tensor:

@@ -435,6 +435,7 @@ def run_gkd(cfg: RunConfig, run_dir: Path) -> Path:
     parent = load_parent(run_dir / "parent", getattr(torch, cfg.parent_dtype)).to(device)
     parent.requires_grad_(False)
     dataset = load_data(cfg, run_dir)
+    chat_rows = gkd_chat_rows(cfg, run_dir, parent, dataset.seq_len, rank, world) if cfg.gkd.chat_fraction else None
     for record in todo:
         out = run_dir / f"gkd-{record['name']}"
         work = run_dir / f"gkd-{record['name']}.work"  # checkpoints live here until the child is done
@@ -445,6 +446,10 @@ def run_gkd(cfg: RunConfig, run_dir: Path) -> Path:
             parallelize(child, parent)
         batches = token_batches(dataset.train, cfg.gkd.batch_size, max(cfg.gkd.tokens, 1), seed=cfg.seed + 1,
                                 rank=rank, world_size=world)
+        if chat_rows is not None:
+            from .chat_data import MixedBatches
+
+            batches = MixedBatches(batches, chat_rows, cfg.gkd.chat_fraction, seed=cfg.seed + 2 + rank)
         trainer = GKDTrainer(child, parent, cfg.gkd, work, dataset.seq_len, world_size=world)
         print(f"[gkd] {record['name']}: {trainer.steps} steps of {cfg.gkd.batch_size}x{dataset.seq_len} tokens"
               f"{f' x {world} ranks' if world > 1 else ''}")
@@ -477,6 +482,37 @@ def run_gkd(cfg: RunConfig, run_dir: Path) -> Path:
 
         barrier(world)
     return run_dir
+
+
+def gkd_chat_rows(cfg: RunConfig, run_dir: Path, parent, seq_len: int, rank: int, world: int):
+    """The parent's chat transcripts packed into rows (written once by rank 0, cached)."""
+    from transformers import AutoTokenizer
+
+    from .bld import barrier
+    from .chat_data import chat_requests, load_or_build_chat_rows, pack_transcripts, parent_transcripts
+
+    g = cfg.gkd
+    fingerprint = config_hash({"parent": parent_fingerprint(cfg), "data": cfg.data, "seed": cfg.seed,
+                               "chat": [g.chat_requests, g.chat_max_new_tokens, g.chat_temperature]})
+    path = run_dir / "gkd-chat" / "rows.safetensors"
+    tokenizer = AutoTokenizer.from_pretrained(run_dir / "parent")
+
+    def build():
+        started = time.time()
+        requests = chat_requests(cfg.data, g.chat_requests, cfg.seed)
+        transcripts = parent_transcripts(parent.eval(), tokenizer, requests, g.chat_max_new_tokens,
+                                         g.chat_temperature, g.chat_batch_size, cfg.seed)
+        rows = pack_transcripts(transcripts, seq_len, tokenizer.eos_token_id)
+        print(f"[gkd] chat transcripts: {len(transcripts)} written by the parent, {rows.size:,} tokens, "
+              f"{time.time() - started:.1f} s")
+        return rows
+
+    if rank == 0:
+        rows = load_or_build_chat_rows(path, fingerprint, build)
+    barrier(world)
+    if rank != 0:
+        rows = load_or_build_chat_rows(path, fingerprint, build)
+    return rows
 
 
 # ---- stage: eval ------------------------------------------------------------------------------
