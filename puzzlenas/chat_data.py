@@ -78,8 +78,10 @@ def parent_transcripts(parent, tokenizer, requests: list[str], max_new_tokens: i
     device = parent.model.embed_tokens.weight.device
     prompts = [tokenizer.apply_chat_template([{"role": "user", "content": r}], tokenize=False,
                                              add_generation_prompt=True) for r in requests]
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    side = tokenizer.padding_side
+    side, pad_token = tokenizer.padding_side, tokenizer.pad_token
+    if tokenizer.pad_token is None:  # some tokenizers (or transformers versions) have none: pad with EOS
+        tokenizer.pad_token = tokenizer.eos_token
+    pad = tokenizer.pad_token_id
     tokenizer.padding_side = "left"  # generation continues every row at the same position
     stops = parent.generation_config.eos_token_id if parent.generation_config.eos_token_id is not None \
         else tokenizer.eos_token_id
@@ -98,7 +100,7 @@ def parent_transcripts(parent, tokenizer, requests: list[str], max_new_tokens: i
                 out.append(text_ids)
             log(f"  chat transcripts: {len(out)}/{len(prompts)}")
     finally:
-        tokenizer.padding_side = side
+        tokenizer.padding_side, tokenizer.pad_token = side, pad_token
     return out
 
 
