@@ -82,7 +82,7 @@ def test_mixed_batches_replace_a_share_of_rows():
     assert sorted(seen[:5]) == [0, 1, 2, 3, 4]  # cycles through every chat row before repeating
 
 
-def test_gkd_with_chat_transcripts_runs_and_caches_them(finished_run, tmp_path):
+def test_gkd_with_chat_transcripts_runs_and_caches_them(finished_run, tmp_path):  # noqa: F811
     from transformers import AutoTokenizer
 
     from puzzlenas.pipeline import run_pipeline
