@@ -7,6 +7,7 @@ import shutil
 import socket
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
@@ -85,3 +86,22 @@ def test_fsdp2_two_ranks_match_one_rank(tmp_path):
     names = {id(p): n for n, p in child.named_parameters()}
     for p, state in one.optimizer.state.items():
         assert torch.equal(state["exp_avg"], after_two_steps[f"opt.{names[id(p)]}.exp_avg"])
+
+
+@pytest.mark.gpu
+def test_fsdp2_over_nccl_two_gpus_match_one(tmp_path):
+    """benchmarks/gkd_fsdp_check.py on 2 GPUs: killed + resumed 2-rank GKD == 1 GPU (fp32)."""
+    import subprocess
+    import sys
+
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs 2 GPUs")
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "check.json"
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                    str(root / "benchmarks" / "gkd_fsdp_check.py"), "--autocast", "off", "--work",
+                    str(tmp_path / "work"), "--out", str(out)], check=True, cwd=root,
+                   env={**os.environ, "PYTHONPATH": str(root)})
+    result = json.loads(out.read_text())
+    assert result["resumed_from_step"] == result["killed_after"]
+    assert result["worst_relative_diff"] < 1e-3
