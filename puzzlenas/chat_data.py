@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .data import DataConfig, SourceSpec, assign_split, expand_sources, iter_source, split_namespace
+from .data import DataConfig, assign_split, expand_sources, iter_source, split_namespace
 
 
 def _excerpt(text: str, words: int = 60) -> str:
@@ -57,15 +57,11 @@ def chat_requests(data_cfg: DataConfig, count: int, seed: int) -> list[str]:
         ns = split_namespace(spec)
         for doc in iter_source(spec, data_cfg):
             if assign_split(ns, doc.doc_id, data_cfg.fractions) == "train" and doc.text.strip():
-                pool.append(rng.choice(requests_for(_source_kind(spec), doc.text)))
+                pool.append(rng.choice(requests_for(spec.kind, doc.text)))
     if not pool:
         raise ValueError("gkd.chat_fraction > 0 needs training documents to write requests from; none found")
     rng.shuffle(pool)
     return [pool[i % len(pool)] for i in range(count)]
-
-
-def _source_kind(spec: SourceSpec) -> str:
-    return spec.kind
 
 
 @torch.no_grad()
@@ -145,18 +141,19 @@ class MixedBatches:
 
 def load_or_build_chat_rows(path: Path, fingerprint: str, build) -> np.ndarray:
     """The cached rows at `path` when their fingerprint matches, else build() and cache them."""
-    from safetensors.numpy import load_file, save_file
+    from safetensors.torch import load_file
+
+    from .checkpoint import atomic_save_tensors
 
     if path.is_file():
         try:
             cached = load_file(str(path))
-            if bytes(cached["fingerprint"]).decode() == fingerprint:
-                return cached["rows"]
+            if bytes(cached["fingerprint"].tolist()).decode() == fingerprint:
+                return cached["rows"].numpy()
         except Exception:  # torn or foreign file: rebuild  # noqa: BLE001
             pass
     rows = build()
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({"rows": rows, "fingerprint": np.frombuffer(fingerprint.encode(), dtype=np.uint8)}, str(tmp))
-    tmp.replace(path)
+    atomic_save_tensors({"rows": torch.from_numpy(rows),
+                         "fingerprint": torch.tensor(list(fingerprint.encode()), dtype=torch.uint8)}, path)
     return rows

@@ -10,8 +10,8 @@ norm, LM head) are measured once. Memory: parameter bytes and KV-cache bytes per
 
 A block timed alone keeps its weights and KV buffer in the processor's caches between calls,
 which the real model (all layers streaming through) does not: on a 2-core CPU a SmolLM2 FFN
-timed alone ran 0.62 ms per decode step and 1.03 ms per copy in a stack of 30 copies, and the
-block sum missed the whole model by -32%. So each block is timed as a stack of `stack_layers`
+timed alone ran 0.53 ms per decode step and 0.91 ms per copy in a stack of 30 copies, and the
+block sum missed whole models by -22..-26% (benchmarks/cpu_costs.py, benchmarks/RESULTS.md). So each block is timed as a stack of `stack_layers`
 independent copies (own weights, own KV buffer), divided by the copies. "auto" stacks the
 parent's layer count on CPU (capped by bytes) and times one copy on CUDA, where the
 single-copy timings were checked against whole models within 10% (benchmarks/RESULTS.md).

@@ -61,7 +61,8 @@ def complete(model: DeciLMForCausalLM, tokenizer, prompt: str, chat: bool, max_n
     inputs = tokenizer(prompt, return_tensors="pt").to(device)
     sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
     output = model.generate(**inputs, max_new_tokens=max_new_tokens, top_p=None, top_k=None,
-                            pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id, **sampling)
+                            pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None
+                            else tokenizer.eos_token_id, **sampling)
     return tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
 
 

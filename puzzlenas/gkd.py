@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from .checkpoint import atomic_save_tensors, atomic_write_json
+from .checkpoint import atomic_save_tensors, atomic_write_json, optimizer_state_from_tensors, optimizer_state_tensors
 from .modeling import DeciLMForCausalLM
 
 
@@ -232,9 +232,7 @@ class GKDTrainer:
         if _rank() == 0:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             tensors = {f"model.{k}": v.detach() for k, v in model_state.items()}
-            for name, state in optim_state["state"].items():
-                for key, value in state.items():
-                    tensors[f"opt.{name}.{key}"] = value.detach().reshape(-1) if key == "step" else value.detach()
+            tensors.update(optimizer_state_tensors(optim_state["state"]))  # keyed by parameter name
             atomic_save_tensors(_dedupe(tensors), self.out_dir / "ckpt.safetensors")
             meta = {"step": self.step, "world_size": self.world, "param_groups": optim_state["param_groups"],
                     "scheduler": self.scheduler.state_dict(), "history": self.history}
@@ -254,11 +252,7 @@ class GKDTrainer:
             meta = json.loads(meta_path.read_text())
             tensors = load_file(str(ckpt))
             model_state = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
-            optim = {"state": {}, "param_groups": meta["param_groups"]}
-            for name, value in tensors.items():
-                if name.startswith("opt."):
-                    param, key = name[len("opt."):].rsplit(".", 1)
-                    optim["state"].setdefault(param, {})[key] = value.reshape(()) if key == "step" else value
+            optim = {"state": optimizer_state_from_tensors(tensors), "param_groups": meta["param_groups"]}
             if self.child.config.tie_word_embeddings and "lm_head.weight" not in model_state:
                 model_state["lm_head.weight"] = model_state["model.embed_tokens.weight"]  # one tensor, two names
             set_state_dict(self.child, self.optimizer, model_state_dict=model_state, optim_state_dict=optim,
