@@ -23,6 +23,7 @@ from .library import LibraryConfig
 from .costs import CostConfig
 from .evaluate import EvalConfig
 from .gkd import GKDConfig
+from .peers import PeersConfig
 from .scoring import ScoringConfig
 from .search_stage import SearchConfig
 
@@ -46,6 +47,7 @@ class RunConfig:
     scoring: ScoringConfig = field(default_factory=ScoringConfig)
     costs: CostConfig = field(default_factory=CostConfig)
     search: SearchConfig = field(default_factory=SearchConfig)
+    peers: PeersConfig = field(default_factory=PeersConfig)
     gkd: GKDConfig = field(default_factory=GKDConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 

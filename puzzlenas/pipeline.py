@@ -367,10 +367,64 @@ def run_search_stage(cfg: RunConfig, run_dir: Path) -> Path:
     return out
 
 
+# ---- stage: peers -----------------------------------------------------------------------------
+def peers_fingerprint(cfg: RunConfig) -> str:
+    return config_hash({"search": search_fingerprint(cfg), "peers": cfg.peers})
+
+
+def run_peers(cfg: RunConfig, run_dir: Path) -> Path:
+    """ShortGPT / Minitron-width / uniform-KV children at every search target (peers.methods)."""
+    import torch
+
+    from .library import read_space
+    from .modeling import DeciLMConfig
+    from .parent import load_parent
+    from .peers import block_influence, build_peers, peers_table
+
+    out = run_dir / "peers"
+    if not cfg.peers.methods:
+        print("[peers] none asked (peers.methods: shortgpt, minitron_width, uniform_kv)")
+        return out
+    fingerprint = peers_fingerprint(cfg)
+    if skip_if_done("peers", out, fingerprint, "table.txt"):
+        return out
+    out.mkdir(parents=True, exist_ok=True)
+    config = DeciLMConfig.from_pretrained(run_dir / "parent")
+    influence = None
+    if "shortgpt" in cfg.peers.methods:
+        parent = load_parent(run_dir / "parent", getattr(torch, cfg.parent_dtype)).to(resolve_device(cfg.device))
+        batches = validation_batches(load_data(cfg, run_dir), cfg.peers.tokens, cfg.peers.batch_size)
+        influence = block_influence(parent.eval(), batches)
+        atomic_write_json(out / "block_influence.json", {"block_influence": influence,
+                                                         "tokens": sum(b.numel() for b in batches)})
+        del parent
+    scores = [json.loads(line) for line in (run_dir / "scores" / "scores.jsonl").read_text().splitlines()]
+    table = json.loads((run_dir / "costs" / "costs.json").read_text())
+    records, unreachable = build_peers(scores, table, config.blocks, read_space(run_dir / "library" / "space.json"),
+                                       cfg.search, cfg.peers.methods, influence, cfg.scoring.objective,
+                                       cfg.costs.dtype, config.num_attention_heads, config.hidden_size)
+    atomic_write_text(out / "solutions.jsonl", "".join(json.dumps(r) + "\n" for r in records))
+    atomic_write_json(out / "unreachable.json", unreachable)
+    text = peers_table(records, unreachable)
+    atomic_write_text(out / "table.txt", text + "\n")
+    print(text)
+    mark_done(out, fingerprint, peers=len(records), unreachable=len(unreachable))
+    return out
+
+
 # ---- stage: assemble --------------------------------------------------------------------------
-def solutions(run_dir: Path) -> list[dict]:
-    path = run_dir / "search" / "solutions.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines()]
+def solutions(run_dir: Path, cfg: RunConfig) -> list[dict]:
+    """Puzzle's solutions, then the peers' (when peers.methods asks for them)."""
+    records = [json.loads(line) for line in (run_dir / "search" / "solutions.jsonl").read_text().splitlines()]
+    peers = run_dir / "peers" / "solutions.jsonl"
+    if cfg.peers.methods and peers.is_file():
+        records += [json.loads(line) for line in peers.read_text().splitlines()]
+    return records
+
+
+def solution_fingerprint(cfg: RunConfig, record: dict) -> str:
+    """What a child depends on: the search for Puzzle's children, the peers stage for a peer's."""
+    return peers_fingerprint(cfg) if record.get("peer") else search_fingerprint(cfg)
 
 
 def run_assemble(cfg: RunConfig, run_dir: Path) -> Path:
@@ -384,9 +438,11 @@ def run_assemble(cfg: RunConfig, run_dir: Path) -> Path:
     from .library import read_space
     from .parent import copy_tokenizer_files, load_parent
 
-    fingerprint = config_hash({"search": search_fingerprint(cfg)})
-    records = solutions(run_dir)
-    todo = [r for r in records if not stage_done(run_dir / f"child-{r['name']}", fingerprint)]
+    def fingerprint(record: dict) -> str:
+        return config_hash({"search": solution_fingerprint(cfg, record)})
+
+    records = solutions(run_dir, cfg)
+    todo = [r for r in records if not stage_done(run_dir / f"child-{r['name']}", fingerprint(r))]
     if not todo:
         print(f"[assemble] done already: {len(records)} children")
         return run_dir
@@ -403,7 +459,7 @@ def run_assemble(cfg: RunConfig, run_dir: Path) -> Path:
         table = architecture_table(child.config)
         (tmp / "architecture.txt").write_text(table + "\n")
         atomic_write_json(tmp / "solution.json", record)
-        mark_done(tmp, fingerprint, target=record["target"])
+        mark_done(tmp, fingerprint(record), target=record["target"])
         tmp.rename(out)
         print(f"[assemble] {out.name}: predicted speedup "
               + ", ".join(f"{k} {v:.2f}x" for k, v in record["predicted_speedup"].items()))
@@ -424,9 +480,11 @@ def run_gkd(cfg: RunConfig, run_dir: Path) -> Path:
     from .modeling import DeciLMForCausalLM
     from .parent import copy_tokenizer_files, load_parent
 
-    fingerprint = config_hash({"search": search_fingerprint(cfg), "gkd": cfg.gkd, "seed": cfg.seed})
-    records = solutions(run_dir)
-    todo = [r for r in records if not stage_done(run_dir / f"gkd-{r['name']}", fingerprint)]
+    def fingerprint(record: dict) -> str:
+        return config_hash({"search": solution_fingerprint(cfg, record), "gkd": cfg.gkd, "seed": cfg.seed})
+
+    records = solutions(run_dir, cfg)
+    todo = [r for r in records if not stage_done(run_dir / f"gkd-{r['name']}", fingerprint(r))]
     if not todo:
         print(f"[gkd] done already: {len(records)} children")
         return run_dir
@@ -473,7 +531,7 @@ def run_gkd(cfg: RunConfig, run_dir: Path) -> Path:
             final.to(getattr(torch, cfg.parent_dtype)).save_pretrained(tmp)
             copy_tokenizer_files(run_dir / "parent", tmp)
             atomic_write_json(tmp / "history.json", history)
-            mark_done(tmp, fingerprint, steps=trainer.steps)
+            mark_done(tmp, fingerprint(record), steps=trainer.steps)
             tmp.rename(out)
             trainer.clear_checkpoint()
             if work.exists():
@@ -517,7 +575,10 @@ def gkd_chat_rows(cfg: RunConfig, run_dir: Path, parent, seq_len: int, rank: int
 
 # ---- stage: eval ------------------------------------------------------------------------------
 def eval_fingerprint(cfg: RunConfig) -> str:
-    return config_hash({"search": search_fingerprint(cfg), "gkd": cfg.gkd, "eval": cfg.eval, "costs": cfg.costs})
+    parts = {"search": search_fingerprint(cfg), "gkd": cfg.gkd, "eval": cfg.eval, "costs": cfg.costs}
+    if cfg.peers.methods:  # only then, so that runs without peers keep their fingerprint
+        parts["peers"] = peers_fingerprint(cfg)
+    return config_hash(parts)
 
 
 def run_eval(cfg: RunConfig, run_dir: Path) -> Path:
@@ -538,7 +599,7 @@ def run_eval(cfg: RunConfig, run_dir: Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     device = resolve_device(cfg.device)
     dtype = getattr(torch, cfg.parent_dtype)
-    names = ["parent"] + [f"{kind}-{r['name']}" for r in solutions(run_dir) for kind in ("child", "gkd")]
+    names = ["parent"] + [f"{kind}-{r['name']}" for r in solutions(run_dir, cfg) for kind in ("child", "gkd")]
     names = [n for n in names if (run_dir / n / "config.json").is_file()]
     dataset = load_data(cfg, run_dir)
     batches = validation_batches(dataset, cfg.eval.tokens, cfg.eval.batch_size, split="test")
@@ -615,7 +676,9 @@ def run_report(cfg: RunConfig, run_dir: Path) -> Path:
     fingerprint = config_hash({"eval": eval_fingerprint(cfg)})
     if skip_if_done("report", out, fingerprint):
         return out
-    path = write_report(run_dir, out)
+    unreachable = run_dir / "peers" / "unreachable.json"
+    path = write_report(run_dir, out, solutions(run_dir, cfg),
+                        json.loads(unreachable.read_text()) if cfg.peers.methods and unreachable.is_file() else [])
     mark_done(out, fingerprint)
     print(f"[report] {path}")
     return out
@@ -638,7 +701,7 @@ def _variant_param_counts(config, space) -> dict[str, int]:
 
 STAGES: list[tuple[str, Stage]] = [("parent", run_parent), ("data", run_data), ("library", run_library),
                                    ("bld", run_bld), ("scores", run_scores),
-                                   ("costs", run_costs), ("search", run_search_stage),
+                                   ("costs", run_costs), ("search", run_search_stage), ("peers", run_peers),
                                    ("assemble", run_assemble), ("gkd", run_gkd), ("eval", run_eval),
                                    ("report", run_report)]
 

@@ -25,22 +25,33 @@ def _plt():
     return plt
 
 
+PEER_MARKERS = {"shortgpt": ("v", "ShortGPT layer removal, after GKD"),
+                "minitron_width": ("D", "Minitron-style uniform FFN width, after GKD"),
+                "uniform_kv": ("P", "uniform KV heads, after GKD")}
+
+
+def _speed_and_retention(res: dict | None) -> tuple[float, float] | None:
+    """(measured decode speedup in the first scenario, mean task retention) of one evaluated model."""
+    if not res or "speedup" not in res:
+        return None
+    speed = next(iter(res["speedup"].values()))["decode_step_s"]
+    return speed, res["retention"].get("tasks_mean", res["retention"].get("perplexity"))
+
+
 def frontier_plot(results: dict, records: list[dict], front: list[dict], path: Path) -> None:
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
-    for kind, marker, label in (("child", "o", "assembled (after BLD)"), ("gkd", "*", "after GKD")):
-        xs, ys, names = [], [], []
-        for r in records:
-            res = results.get(f"{kind}-{r['name']}")
-            if not res or "speedup" not in res:
-                continue
-            speed = next(iter(res["speedup"].values()))["decode_step_s"]
-            ret = res["retention"].get("tasks_mean", res["retention"].get("perplexity"))
-            xs.append(speed)
-            ys.append(ret)
-            names.append(r["name"])
-        ax.scatter(xs, ys, marker=marker, s=80, label=label)
-        for x, y, n in zip(xs, ys, names):
+    ours = [r for r in records if not r.get("peer")]
+    series = [("child", ours, "o", "Puzzle, assembled (after BLD)"), ("gkd", ours, "*", "Puzzle, after GKD")]
+    for method, (marker, label) in PEER_MARKERS.items():
+        series.append(("gkd", [r for r in records if r.get("peer") == method], marker, label))
+    for kind, group, marker, label in series:
+        points = [(p, r["target"] if r.get("peer") else r["name"]) for r in group
+                  if (p := _speed_and_retention(results.get(f"{kind}-{r['name']}")))]
+        if not points:
+            continue
+        ax.scatter([p[0] for p, _ in points], [p[1] for p, _ in points], marker=marker, s=80, label=label)
+        for (x, y), n in points:
             ax.annotate(n, (x, y), textcoords="offset points", xytext=(5, 5), fontsize=8)
     ax.scatter([1.0], [1.0], marker="s", color="black", label="parent")
     ax.set_xlabel("measured decode speedup over the parent")
@@ -75,20 +86,59 @@ def layers_plot(records: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def markdown(results: dict, records: list[dict], eval_table: str, config_text: str) -> str:
+def markdown(results: dict, records: list[dict], eval_table: str, config_text: str,
+             unreachable: list[dict] = ()) -> str:
     lines = ["# puzzlenas report", "", "## Parent vs children", "", "```", eval_table, "```", "",
              "## What the search chose and predicted", ""]
-    for r in records:
+    for r in (r for r in records if not r.get("peer")):
         pred = ", ".join(f"{k} {v:.2f}x" for k, v in r["predicted_speedup"].items())
         measured = results.get(f"gkd-{r['name']}", results.get(f"child-{r['name']}", {})).get("speedup", {})
         meas = ", ".join(f"{s}: decode {v['decode_step_s']:.2f}x, generate {v['generate_s']:.2f}x"
                          for s, v in measured.items())
         lines += [f"- **{r['name']}** (target {r['target']}, {r['method']}, sum of scores {r['objective']:.4f}): "
                   f"predicted {pred}; measured {meas or '-'}"]
-    lines += ["", "![frontier](frontier.png)", "", "![layers](layers.png)", ""] + samples_markdown(results)
+    lines += [""] + peers_markdown(results, records, unreachable)
+    lines += ["![frontier](frontier.png)", "", "![layers](layers.png)", ""] + samples_markdown(results)
     lines += ["## Config", "", "```yaml",
               config_text.rstrip(), "```"]
     return "\n".join(lines) + "\n"
+
+
+def peers_markdown(results: dict, records: list[dict], unreachable: list[dict]) -> list[str]:
+    """Per target: Puzzle's child next to each peer built for the same budgets and GKD tokens."""
+    peers = [r for r in records if r.get("peer")]
+    if not peers and not unreachable:
+        return []
+    lines = ["## Puzzle vs peers at the same budgets", "",
+             "Each peer meets the same target on the same measured costs and gets the same GKD tokens "
+             "(`puzzlenas/peers.py`). Measured decode speedup, test perplexity, KL to the parent and mean "
+             "task retention, before GKD -> after GKD.", "",
+             "| target | model | architecture | decode x | ppl | KL | retention |", "|---|---|---|---|---|---|---|"]
+
+    def cell(name: str, key: str, fmt: str) -> str:
+        before, after = results.get(f"child-{name}", {}), results.get(f"gkd-{name}", {})
+        values = []
+        for res in (before, after):
+            if key == "retention":
+                v = res.get("retention", {}).get("tasks_mean")
+            elif key == "speed":
+                v = (_speed_and_retention(res) or (None,))[0]
+            else:
+                v = res.get(key)
+            values.append(format(v, fmt) if v is not None else "-")
+        return " -> ".join(values) if key != "speed" else values[1] + "x"
+
+    for target in dict.fromkeys(r["target"] for r in records):
+        group = [r for r in records if r["target"] == target]
+        for r in group:
+            kind = r.get("peer") or f"puzzle ({r['name']})"
+            arch = r.get("description") or f"MIP, sum of scores {r['objective']:.3f}"
+            lines.append(f"| {target} | {kind} | {arch} | {cell(r['name'], 'speed', '.2f')} | "
+                         f"{cell(r['name'], 'perplexity', '.1f')} | {cell(r['name'], 'kl_to_parent', '.3f')} | "
+                         f"{cell(r['name'], 'retention', '.3f')} |")
+        for u in (u for u in unreachable if u["target"] == target):
+            lines.append(f"| {target} | {u['method']} | cannot fit: {u['why']} | - | - | - | - |")
+    return lines + [""]
 
 
 def samples_markdown(results: dict) -> list[str]:
@@ -108,14 +158,14 @@ def samples_markdown(results: dict) -> list[str]:
     return lines
 
 
-def write_report(run_dir: Path, out: Path) -> Path:
+def write_report(run_dir: Path, out: Path, records: list[dict], unreachable: list[dict] = ()) -> Path:
+    """records: the children's solutions (Puzzle's, then any peers'); unreachable: peers that could not fit."""
     results = json.loads((run_dir / "eval" / "results.json").read_text())
-    records = [json.loads(line) for line in (run_dir / "search" / "solutions.jsonl").read_text().splitlines()]
     front = json.loads((run_dir / "search" / "frontier.json").read_text())
     out.mkdir(parents=True, exist_ok=True)
     frontier_plot(results, records, front, out / "frontier.png")
     layers_plot(records, out / "layers.png")
     text = markdown(results, records, (run_dir / "eval" / "table.txt").read_text().rstrip(),
-                    (run_dir / "config.yaml").read_text())
+                    (run_dir / "config.yaml").read_text(), unreachable)
     atomic_write_text(out / "README.md", text)
     return out / "README.md"

@@ -269,6 +269,18 @@ def is_feasible(problem: SearchProblem, choice_index: Sequence[int]) -> bool:
     return not _excess(comp, choice_index)
 
 
+def evaluate_architectures(problem: SearchProblem, architectures: Sequence[Sequence[int]],
+                           method: str) -> list[tuple[Solution, bool]]:
+    """Given architectures (choice index per layer): each one's Solution, with exact objective and
+    budget values, and whether it meets every budget. For architectures built by a rule, not searched."""
+    comp = _compile(problem)
+    out = []
+    for idx in architectures:
+        _check_index(comp, idx, "architecture")
+        out.append((_evaluate(comp, idx, method, 0.0), not _excess(comp, idx)))
+    return out
+
+
 def _check_index(comp: _Compiled, idx: Sequence[int], what: str) -> None:
     sizes = np.diff(comp.offsets)
     if len(idx) != comp.L:

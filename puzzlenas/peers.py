@@ -1,0 +1,204 @@
+"""Peers: what users reach for instead of Puzzle, built at the same budgets for a fair comparison.
+
+- shortgpt: ShortGPT (Men et al., 2024) drops whole layers, lowest Block Influence first:
+  BI_i = 1 - mean over tokens of cos(x_i, y_i), x_i the residual stream entering layer i and
+  y_i the stream leaving it (measured on held-out text with the parent).
+- minitron_width: Minitron-style uniform width pruning: every layer's FFN gets the same
+  narrower width (channels kept by activation importance: the library's Channel Contribution
+  initialization, then the same BLD), attention kept. The hidden size stays (the child format
+  keeps it), so this is Minitron's MLP axis.
+- uniform_kv: every layer's attention keeps the same, smaller number of KV heads (mean-pooled,
+  then BLD), FFN kept.
+
+Each peer must meet every search target's budgets on the same measured cost table with the
+same time margin as Puzzle's children. ShortGPT drops as few layers as meet them; a uniform
+peer takes, among its uniform choices that meet them, the one with the smallest summed
+replace-1-block score (the choice most favourable to the peer). A peer that no choice of its
+family can fit is reported with the best speedup it reaches, and gets no child. The peers'
+children then go through the same assemble, GKD (same tokens) and eval stages as Puzzle's, so
+the report compares them at equal measured speedup and equal training tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from .activations import visit_parent_layers
+from .blocks import BlockConfig
+from .costs import predicted_costs
+from .info import DTYPE_BYTES
+from .library import Variant
+from .search import SearchProblem, evaluate_architectures
+from .search_stage import SearchConfig, Target, layer_choices, scenario_of, solution_record, target_constraints
+
+PEER_METHODS = ("shortgpt", "minitron_width", "uniform_kv")
+
+
+@dataclass
+class PeersConfig:
+    """Which peers to build at every search target (none by default: each costs one GKD per target)."""
+
+    methods: list[str] = field(default_factory=list)  # any of shortgpt, minitron_width, uniform_kv
+    tokens: int = 32768  # held-out (validation) tokens for ShortGPT's Block Influence
+    batch_size: int = 8
+
+    def validate(self) -> None:
+        bad = [m for m in self.methods if m not in PEER_METHODS]
+        if bad:
+            raise ValueError(f"peers.methods has unknown {bad}; allowed: {', '.join(PEER_METHODS)}")
+        if len(set(self.methods)) != len(self.methods):
+            raise ValueError(f"peers.methods lists a method twice: {self.methods}")
+        if self.tokens < 1 or self.batch_size < 1:
+            raise ValueError("peers.tokens and peers.batch_size must be >= 1")
+
+
+@torch.no_grad()
+def block_influence(parent, batches: list[torch.Tensor]) -> list[float]:
+    """ShortGPT's Block Influence of every parent layer: 1 - mean over tokens of cos(x_i, y_i)."""
+    num_layers = parent.config.num_hidden_layers
+    device = parent.model.embed_tokens.weight.device
+    sums = torch.zeros(num_layers, dtype=torch.float64)
+    tokens = 0
+
+    def visit(i, acts, ctx) -> None:
+        cos = F.cosine_similarity(acts.x.float(), acts.y.float(), dim=-1)  # (B, T)
+        sums[i] += cos.double().sum().cpu()
+
+    for batch in batches:
+        visit_parent_layers(parent, batch.to(device), num_layers - 1, visit)
+        tokens += batch.numel()
+    return (1.0 - sums / tokens).tolist()
+
+
+# =============================================================================================
+# Each family's candidate architectures (per layer: a pair name "attention+ffn")
+# =============================================================================================
+def _parent_pair(attention: list[Variant], ffn: list[Variant]) -> tuple[Variant, Variant]:
+    return next(v for v in attention if v.is_parent), next(v for v in ffn if v.is_parent)
+
+
+def shortgpt_candidates(space, influence: list[float]) -> list[tuple[str, list[str]]]:
+    """Drop the n layers of lowest Block Influence, for n = 1 .. L - 1 (in that order)."""
+    names = []
+    for i, (attention, ffn) in enumerate(space):
+        noop_a = next((v for v in attention if v.config.kind == "no_op"), None)
+        noop_f = next((v for v in ffn if v.config.kind == "no_op"), None)
+        if noop_a is None or noop_f is None:
+            raise ValueError(f"peer shortgpt drops whole layers, but layer {i}'s library has no no-op "
+                             f"{'attention' if noop_a is None else 'FFN'}; add no_op to library.attention and "
+                             f"library.ffn (the defaults have it)")
+        a, f = _parent_pair(attention, ffn)
+        names.append((f"{a.name}+{f.name}", f"{noop_a.name}+{noop_f.name}"))
+    order = sorted(range(len(space)), key=lambda i: influence[i])
+    out = []
+    for n in range(1, len(space)):
+        dropped = set(order[:n])
+        out.append((f"{n} layer{'s' if n > 1 else ''} dropped: {sorted(dropped)}",
+                    [drop if i in dropped else keep for i, (keep, drop) in enumerate(names)]))
+    return out
+
+
+def uniform_candidates(space, subblock: str) -> list[tuple[str, list[str]]]:
+    """Every layer takes the same smaller GQA (attention) or gated FFN width; the other subblock the parent's."""
+    kind = "gqa" if subblock == "attention" else "gated"
+    per_layer = []
+    for attention, ffn in space:
+        own = attention if subblock == "attention" else ffn
+        per_layer.append({v.name for v in own if v.config.kind == kind and not v.is_parent})
+    common = sorted(set.intersection(*per_layer)) if per_layer else []
+    out = []
+    for name in common:
+        archs = []
+        for attention, ffn in space:
+            a, f = _parent_pair(attention, ffn)
+            archs.append(f"{name}+{f.name}" if subblock == "attention" else f"{a.name}+{name}")
+        out.append((f"every layer {name}", archs))
+    return out
+
+
+def candidates(method: str, space, influence: list[float] | None) -> list[tuple[str, list[str]]]:
+    if method == "shortgpt":
+        return shortgpt_candidates(space, influence)
+    return uniform_candidates(space, "ffn" if method == "minitron_width" else "attention")
+
+
+# =============================================================================================
+# Picking each peer at each target
+# =============================================================================================
+def decoupled_scores(scores: list[dict]) -> list[dict]:
+    rows = [r for r in scores if r["kind"] in ("attention", "ffn")]
+    if not rows:
+        raise ValueError("peers need replace-1-block scores of single subblocks (decoupled or hybrid BLD); "
+                         "this run's library is coupled only: set bld.mode to decoupled or hybrid")
+    return rows
+
+
+def build_peers(scores: list[dict], table: dict, parent_blocks: list[BlockConfig], space, search: SearchConfig,
+                methods: list[str], influence: list[float] | None, objective: str, dtype: str, num_heads: int,
+                hidden: int) -> tuple[list[dict], list[dict]]:
+    """(records of the peers that fit, one per method and target; the ones that cannot fit, with why)."""
+    layers, meaning = layer_choices(decoupled_scores(scores), table, len(parent_blocks), objective,
+                                    DTYPE_BYTES[dtype])
+    index = [{c.name: j for j, c in enumerate(layer)} for layer in layers]
+    records, unreachable = [], []
+    for target in search.targets:
+        problem = SearchProblem(layers, target_constraints(target, table, parent_blocks, dtype, search.time_margin))
+        for method in methods:
+            options = candidates(method, space, influence)
+            if not options:
+                unreachable.append({"method": method, "target": target.name,
+                                    "why": "the library has no uniform variant of this kind in every layer"})
+                continue
+            checked = evaluate_architectures(problem, [[index[i][n] for i, n in enumerate(names)]
+                                                       for _, names in options], method)
+            fitting = [(desc, sol) for (desc, _), (sol, ok) in zip(options, checked) if ok]
+            if not fitting:
+                unreachable.append(_unreachable(method, target, options, checked, problem, meaning, table,
+                                                parent_blocks))
+                continue
+            # shortgpt: the fewest layers dropped; uniform: the smallest summed score
+            desc, solution = fitting[0] if method == "shortgpt" else min(fitting, key=lambda f: f[1].objective)
+            record = solution_record(target, 0, solution, meaning, table, parent_blocks, num_heads, hidden)
+            record.update(name=f"{method}-{target.name}", method=method, peer=method, description=desc)
+            records.append(record)
+    return records, unreachable
+
+
+def _unreachable(method: str, target: Target, options, checked, problem: SearchProblem, meaning, table: dict,
+                 parent_blocks) -> dict:
+    """Why no architecture of `method` meets `target`: the budget its closest architecture misses
+    and, for a target with a time budget, the best speedup the family reaches on its metric."""
+    rows = problem.constraints
+    # closest = the smallest worst ratio of budget value to budget over the family's architectures
+    ratio = [max(sol.constraint_values[c.name] / c.upper for c in rows) for sol, _ in checked]
+    k = min(range(len(options)), key=ratio.__getitem__)
+    sol = checked[k][0]
+    missed = [f"{c.name}: {sol.constraint_values[c.name]:.4g} > {c.upper:.4g} {c.unit}".rstrip()
+              for c in rows if sol.constraint_values[c.name] > c.upper]
+    out = {"method": method, "target": target.name, "closest": options[k][0], "missed": missed}
+    why = f"no {method} architecture meets {target.name}; the closest ({options[k][0]}) misses " + "; ".join(missed)
+    if target.speedup is not None or target.throughput is not None or target.latency_s is not None:
+        s = scenario_of(table, target.scenario)
+        key = f"{target.metric}_s/{s['name']}"
+        parent_time = predicted_costs(table, parent_blocks)[key]
+        speedups = [parent_time / predicted_costs(table, [meaning[i][n].block for i, n in enumerate(names)])[key]
+                    for _, names in options]
+        best = max(range(len(options)), key=speedups.__getitem__)
+        out["best_speedup"] = speedups[best]
+        why += (f"; the fastest ({options[best][0]}) reaches {speedups[best]:.2f}x predicted {target.metric} "
+                f"speedup on {s['name']}")
+    out["why"] = why
+    return out
+
+
+def peers_table(records: list[dict], unreachable: list[dict]) -> str:
+    lines = [f"{'peer':<28} {'sum score':>10}  predicted speedup   architecture"]
+    for r in records:
+        sp = ", ".join(f"{k.split('/')[0].replace('_s', '')} {v:.2f}x" for k, v in r["predicted_speedup"].items())
+        lines.append(f"{r['name']:<28} {r['objective']:>10.4f}  {sp}   {r['description']}")
+    for u in unreachable:
+        lines.append(f"{u['method'] + '-' + u['target']:<28} {'-':>10}  cannot fit: {u['why']}")
+    return "\n".join(lines)
