@@ -8,6 +8,7 @@ skipped, so a killed run resumes at the first unfinished stage.
 from __future__ import annotations
 
 import json
+import platform
 import time
 from pathlib import Path
 from typing import Callable
@@ -582,15 +583,11 @@ def eval_fingerprint(cfg: RunConfig) -> str:
 
 
 def run_eval(cfg: RunConfig, run_dir: Path) -> Path:
-    """Perplexity, KL, agreement, downstream tasks and throughput of the parent and every child."""
+    """Perplexity, KL, agreement, downstream tasks and throughput of the parent and every child;
+    speedups against the parent measured in the same process."""
     import torch
-    from transformers import AutoTokenizer
 
-    from .costs import Scenario
-    from .evaluate import final_hidden, lm_metrics, retention, sample_completions
-    from .inference import measure_generation
-    from .info import count_model_params, layer_costs
-    from .modeling import DeciLMForCausalLM
+    from .evaluate import retention
 
     out = run_dir / "eval"
     fingerprint = eval_fingerprint(cfg)
@@ -601,8 +598,58 @@ def run_eval(cfg: RunConfig, run_dir: Path) -> Path:
     dtype = getattr(torch, cfg.parent_dtype)
     names = ["parent"] + [f"{kind}-{r['name']}" for r in solutions(run_dir, cfg) for kind in ("child", "gkd")]
     names = [n for n in names if (run_dir / n / "config.json").is_file()]
-    dataset = load_data(cfg, run_dir)
-    batches = validation_batches(dataset, cfg.eval.tokens, cfg.eval.batch_size, split="test")
+    # Each model's results are kept in eval/models/<name>.json under a fingerprint of the model, the
+    # eval settings and the device, so that adding children (peers) evaluates only the new ones.
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.machine()
+    model_fp = {n: config_hash({"model": _done_hash(run_dir / n), "eval": cfg.eval, "costs": cfg.costs,
+                                "device": device_name, "parent": _done_hash(run_dir / "parent")}) for n in names}
+    results, session_parent = {}, {}
+    for n in names:
+        cached = _read_json(out / "models" / f"{n}.json")
+        if cached and cached.get("fingerprint") == model_fp[n]:
+            results[n], session_parent[n] = cached["result"], cached.get("parent_throughput")
+    todo = [n for n in names if n not in results]
+    if todo:
+        todo = ["parent"] + [n for n in todo if n != "parent"]  # speedups: the parent measured in the same process
+        print(f"[eval] {len(todo)} of {len(names)} models to evaluate ({len(names) - len(todo)} kept from eval/models)")
+        def keep(n: str, r: dict, parent_result: dict) -> None:  # after each model: a killed eval resumes
+            results[n], session_parent[n] = r, parent_result.get("throughput")
+            atomic_write_json(out / "models" / f"{n}.json", {"fingerprint": model_fp[n], "result": r,
+                                                              "parent_throughput": session_parent[n]})
+
+        (out / "models").mkdir(exist_ok=True)
+        evaluate_models(cfg, run_dir, todo, device, dtype, keep)
+    results = {n: results[n] for n in names}
+    for n in results:
+        if n != "parent":
+            results[n]["retention"] = retention(results[n], results["parent"])
+            base = session_parent.get(n)
+            if cfg.eval.throughput and base:
+                results[n]["speedup"] = {
+                    s: {k: base[s][k] / results[n]["throughput"][s][k] for k in ("decode_step_s", "prefill_s", "generate_s")}
+                    for s in results[n]["throughput"]}
+    atomic_write_json(out / "results.json", results)
+    text = eval_table(results)
+    atomic_write_text(out / "table.txt", text + "\n")
+    print(text)
+    mark_done(out, fingerprint, models=len(results))
+    return out
+
+
+def evaluate_models(cfg: RunConfig, run_dir: Path, names: list[str], device, dtype,
+                    keep: Callable[[str, dict, dict], None]) -> None:
+    """Metrics, tasks, samples, sizes and throughput of each named model (names[0] is the parent);
+    keep(name, result, parent's result) after each."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from .costs import Scenario
+    from .evaluate import final_hidden, lm_metrics, sample_completions
+    from .inference import measure_generation
+    from .info import count_model_params, layer_costs
+    from .modeling import DeciLMForCausalLM
+
+    batches = validation_batches(load_data(cfg, run_dir), cfg.eval.tokens, cfg.eval.batch_size, split="test")
     tokenizer = AutoTokenizer.from_pretrained(run_dir / "parent")
     throughput_dtype = getattr(torch, cfg.costs.dtype)
     parent = DeciLMForCausalLM.from_pretrained(run_dir / "parent", dtype=dtype).to(device).eval()
@@ -634,20 +681,19 @@ def run_eval(cfg: RunConfig, run_dir: Path) -> Path:
             if device.type == "cuda":
                 torch.cuda.empty_cache()
         print(f"[eval] {n}: perplexity {results[n]['perplexity']:.2f}, KL {results[n]['kl_to_parent']:.4f}")
-    for n in results:
-        if n != "parent":
-            results[n]["retention"] = retention(results[n], results["parent"])
-            if cfg.eval.throughput:
-                results[n]["speedup"] = {
-                    s: {k: results["parent"]["throughput"][s][k] / results[n]["throughput"][s][k]
-                        for k in ("decode_step_s", "prefill_s", "generate_s")}
-                    for s in results[n]["throughput"]}
-    atomic_write_json(out / "results.json", results)
-    text = eval_table(results)
-    atomic_write_text(out / "table.txt", text + "\n")
-    print(text)
-    mark_done(out, fingerprint, models=len(results))
-    return out
+        keep(n, results[n], results["parent"])
+
+
+def _done_hash(stage_dir: Path) -> str | None:
+    return (_read_json(stage_dir / "DONE") or {}).get("config_hash")
+
+
+def _read_json(path: Path) -> dict | None:
+    """A JSON file's content, or None when it is missing or corrupted (then it is recomputed)."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
 
 
 def eval_table(results: dict) -> str:

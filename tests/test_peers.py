@@ -30,6 +30,7 @@ def peers_run(finished_run, tmp_path_factory):  # noqa: F811
     run = tmp_path_factory.mktemp("peers") / "run"
     _hard_link_copy(finished_run, run)
     stamps = {p.parent.name: p.stat().st_mtime_ns for p in run.glob("*/DONE")}
+    stamps.update({f"eval/{p.stem}": p.stat().st_mtime_ns for p in run.glob("eval/models/*.json")})
     run_pipeline(run / "config.yaml", run_dir=run, overrides=[f"peers.methods={ALL}"])
     return run, stamps
 
@@ -113,6 +114,12 @@ def test_peer_children_go_through_gkd_and_eval_without_redoing_puzzles(peers_run
         assert (run / name / "DONE").stat().st_mtime_ns == stamps[name], name  # Puzzle's children kept
     results = json.loads((run / "eval" / "results.json").read_text())
     assert {f"gkd-{n}" for n in names} <= set(results) and "gkd-fast" in results
+    # eval kept Puzzle's children's results; their speedups stay those against the parent of their session
+    assert (run / "eval/models/gkd-fast.json").stat().st_mtime_ns == stamps["eval/gkd-fast"]
+    assert (run / "eval/models/parent.json").stat().st_mtime_ns != stamps["eval/parent"]
+    kept = json.loads((run / "eval/models/gkd-fast.json").read_text())
+    assert results["gkd-fast"]["speedup"]["tiny"]["decode_step_s"] == pytest.approx(
+        kept["parent_throughput"]["tiny"]["decode_step_s"] / kept["result"]["throughput"]["tiny"]["decode_step_s"])
     report = (run / "report" / "README.md").read_text()
     assert "## Puzzle vs peers at the same budgets" in report
     assert "| fast | shortgpt |" in report and "| fast | puzzle (fast) |" in report

@@ -290,3 +290,32 @@ def test_rerunning_a_hard_linked_copy_never_edits_the_original(finished_run, tmp
     assert (copy / "search" / "solutions.jsonl").read_bytes() != snapshot[finished_run / "search" / "solutions.jsonl"]
     for path, data in snapshot.items():
         assert path.read_bytes() == data, path
+
+
+def test_killed_eval_resumes_with_the_models_it_finished(finished_run, tmp_path, monkeypatch):
+    import shutil
+
+    from puzzlenas import evaluate
+
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    shutil.rmtree(run / "eval")
+    real, seen = evaluate.sample_completions, []
+
+    def dies_on_the_third(model, tokenizer, cfg):
+        seen.append(model.config.block_configs)
+        if len(seen) == 3:
+            raise KeyboardInterrupt
+        return real(model, tokenizer, cfg)
+
+    monkeypatch.setattr(evaluate, "sample_completions", dies_on_the_third)
+    with pytest.raises(KeyboardInterrupt):
+        run_pipeline(run / "config.yaml", run_dir=run)
+    assert sorted(p.stem for p in (run / "eval" / "models").glob("*.json")) == ["child-fast", "parent"]
+    seen.clear()
+    monkeypatch.setattr(evaluate, "sample_completions", lambda m, t, c: seen.append(1) or real(m, t, c))
+    run_pipeline(run / "config.yaml", run_dir=run)
+    assert len(seen) == 1 + 5  # the parent again (speedups are measured against it), then the 5 left
+    results = json.loads((run / "eval" / "results.json").read_text())
+    assert list(results) == ["parent", "child-fast", "gkd-fast", "child-small", "gkd-small", "child-small-1",
+                             "gkd-small-1"]
