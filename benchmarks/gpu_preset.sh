@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The default job on the device machine, timed from the GGUF to the report, then the same
 # library searched under other serving scenarios (costs + search only) for comparison.
-# Usage there: OUT=folder bash benchmarks/gpu_preset.sh [extra `puzzlenas run` args]
+# Usage there: OUT=folder [SCENARIOS=0] bash benchmarks/gpu_preset.sh [extra `puzzlenas run` args]
+# (SCENARIOS=0: the default job only)
 set -uo pipefail
 export PYTHONPATH=/tmp/site:.
 RUN=~/runs/preset
@@ -24,7 +25,7 @@ for name in ("parent", "gkd-decode-1.5x", "gkd-decode-2x"):
     for prompt in ("What is the capital of France?", "Tell me about the ocean."):
         print(f"  {prompt} -> {complete(model, tok, prompt, True, 40)!r}")
 PY
-for spec in "b64-p128-g128 64 128 128" "b64-p128-g1024 64 128 1024" "b128-p512-g512 128 512 512"; do
+[ "${SCENARIOS:-1}" = 1 ] && for spec in "b64-p128-g128 64 128 128" "b64-p128-g1024 64 128 1024" "b128-p512-g512 128 512 512"; do
   set -- $spec
   dir=~/runs/scenario-$1
   rm -rf "$dir" && cp -al "$RUN" "$dir"
@@ -34,4 +35,4 @@ for spec in "b64-p128-g128 64 128 128" "b64-p128-g1024 64 128 1024" "b128-p512-g
     2>&1 | quiet > "$OUT/scenario-$1.log"
 done
 cd ~/runs && tar czf "$OUT/preset.tgz" preset/eval preset/report preset/search preset/costs preset/scores/table.txt \
-  preset/bld/table.txt preset/gkd-*/history.json preset/child-*/architecture.txt scenario-*/costs scenario-*/search
+  preset/bld/table.txt preset/gkd-*/history.json preset/child-*/architecture.txt $(ls -d scenario-*/costs scenario-*/search 2>/dev/null)
