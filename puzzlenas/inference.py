@@ -115,6 +115,20 @@ def time_fn(fn: Callable[[], object], device: torch.device, iters: int = 20, war
     return statistics.median(samples)
 
 
+def _memory_baseline(device: torch.device) -> int:
+    """Bytes allocated on a CUDA device now, after freeing garbage (stale graphs, dropped models),
+    with the peak counter reset; 0 elsewhere."""
+    if device.type != "cuda":
+        return 0
+    import gc
+
+    gc.collect()
+    torch.cuda.synchronize(device)
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats(device)
+    return torch.cuda.memory_allocated(device)
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -125,15 +139,15 @@ def measure_generation(model: DeciLMForCausalLM, batch_size: int, prompt_tokens:
                        iters: int = 5, use_graph: bool = True) -> dict:
     """End-to-end greedy generation on the static-cache path: prefill `prompt_tokens`, then
     `generate_tokens` decode steps. Returns prefill / decode-step times (medians), tokens/s
-    and peak memory."""
+    and, on CUDA, peak memory: the model's weights + KV cache + work space of this run, whatever
+    else is on the device excluded."""
     device = model.model.embed_tokens.weight.device
     V = model.config.vocab_size
     max_len = prompt_tokens + generate_tokens
+    base = _memory_baseline(device)  # before the cache: peak = this model's weights + cache + work space
     cache = StaticKVCache(model, batch_size, max_len)
     prompt = torch.randint(0, V, (batch_size, prompt_tokens), device=device)
     token = torch.zeros(batch_size, 1, dtype=torch.long, device=device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
 
     def prefill() -> None:
         cache.pos.zero_()
@@ -146,7 +160,12 @@ def measure_generation(model: DeciLMForCausalLM, batch_size: int, prompt_tokens:
     prefill_s = time_fn(prefill, device, iters=iters, use_graph=use_graph)
     decode_s = time_fn(decode, device, iters=max(iters, 10), calls_per_sample=4, use_graph=use_graph)
     total = prefill_s + generate_tokens * decode_s
-    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+    peak = None
+    if device.type == "cuda":
+        # Whatever else lives on the device (an eval's resident parent, earlier models' leftovers)
+        # is not this model's serving memory: count its own weights plus what this run allocated.
+        own = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+        peak = torch.cuda.max_memory_allocated(device) - base + own
     return {"batch_size": batch_size, "prompt_tokens": prompt_tokens, "generate_tokens": generate_tokens,
             "prefill_s": prefill_s, "decode_step_s": decode_s, "generate_s": total,
             "decode_tokens_per_s": batch_size / decode_s, "generate_tokens_per_s": batch_size * generate_tokens / total,

@@ -187,7 +187,7 @@ def _unreachable(method: str, target: Target, options, checked, problem: SearchP
         speedups = [parent_time / predicted_costs(table, [meaning[i][n].block for i, n in enumerate(names)])[key]
                     for _, names in options]
         best = max(range(len(options)), key=speedups.__getitem__)
-        out["best_speedup"] = speedups[best]
+        out["best_speedup"], out["fastest"] = speedups[best], options[best][0]
         why += (f"; the fastest ({options[best][0]}) reaches {speedups[best]:.2f}x predicted {target.metric} "
                 f"speedup on {s['name']}")
     out["why"] = why

@@ -137,7 +137,11 @@ def peers_markdown(results: dict, records: list[dict], unreachable: list[dict]) 
                          f"{cell(r['name'], 'perplexity', '.1f')} | {cell(r['name'], 'kl_to_parent', '.3f')} | "
                          f"{cell(r['name'], 'retention', '.3f')} |")
         for u in (u for u in unreachable if u["target"] == target):
-            lines.append(f"| {target} | {u['method']} | cannot fit: {u['why']} | - | - | - | - |")
+            fastest = u.get("fastest", u.get("closest"))
+            why = (f"cannot fit: its fastest ({fastest}) reaches {u['best_speedup']:.2f}x predicted"
+                   if "best_speedup" in u else f"cannot fit: closest ({u.get('closest')}) misses "
+                   + "; ".join(u.get("missed", [])))
+            lines.append(f"| {target} | {u['method']} | {why} | - | - | - | - |")
     return lines + [""]
 
 

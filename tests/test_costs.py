@@ -118,3 +118,16 @@ def test_calibration_makes_block_sums_predict_the_checked_whole_models():
     assert fit_line([(1.0, 2.0)]) is None  # one model: no fit
     bad = {"attention": {}, "ffn": {}, "fixed": entry(0.3, 0.05)}
     assert calibrate(bad, [{**check[0], "decode_s": 1.0}, {**check[1], "decode_s": 2.0}], [s]).get("decode_s/s") is None
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_peak_memory_counts_only_the_measured_model():
+    model = make_child(seed=0).cuda().eval()
+    alone = measure_generation(model, batch_size=2, prompt_tokens=8, generate_tokens=4, iters=2)
+    bystander = torch.empty(256 * 2**20, dtype=torch.uint8, device="cuda")  # another resident, 256 MiB
+    beside = measure_generation(model, batch_size=2, prompt_tokens=8, generate_tokens=4, iters=2)
+    del bystander
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    assert beside["peak_memory_bytes"] == pytest.approx(alone["peak_memory_bytes"], rel=0.05, abs=2**20)
+    assert alone["peak_memory_bytes"] >= weights + alone["kv_cache_bytes"]
