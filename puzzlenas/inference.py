@@ -83,7 +83,7 @@ def time_fn(fn: Callable[[], object], device: torch.device, iters: int = 20, war
     """Median seconds of one call of `fn`. On CUDA: captured in a CUDA graph (launch overhead
     would hide small blocks) and timed with events; elsewhere: wall clock."""
     if device.type == "cuda" and use_graph:
-        stream = torch.cuda.Stream()
+        stream = _side_stream(device)
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             for _ in range(warmup):
@@ -115,6 +115,32 @@ def time_fn(fn: Callable[[], object], device: torch.device, iters: int = 20, war
     return statistics.median(samples)
 
 
+_SIDE_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
+
+
+def _side_stream(device: torch.device) -> "torch.cuda.Stream":
+    """One warm-up / capture stream per device, reused: cuBLAS keeps a workspace per stream, so a
+    new stream per measurement would allocate a new one inside whichever measurement came first."""
+    if device not in _SIDE_STREAMS:
+        _SIDE_STREAMS[device] = torch.cuda.Stream(device)
+    return _SIDE_STREAMS[device]
+
+
+def _warm_up(model: DeciLMForCausalLM, device: torch.device) -> None:
+    """One tiny captured decode step, so that per-stream library workspaces exist before a
+    measurement's memory baseline (they are the process's, not the measured model's)."""
+    if device.type != "cuda":
+        return
+    cache = StaticKVCache(model, 1, 2)
+    token = torch.zeros(1, 1, dtype=torch.long, device=device)
+
+    def step() -> None:
+        cache.pos.zero_()
+        static_forward(model, token, cache)
+
+    time_fn(step, device, iters=1, warmup=1)
+
+
 def _memory_baseline(device: torch.device) -> int:
     """Bytes allocated on a CUDA device now, after freeing garbage (stale graphs, dropped models),
     with the peak counter reset; 0 elsewhere."""
@@ -144,6 +170,7 @@ def measure_generation(model: DeciLMForCausalLM, batch_size: int, prompt_tokens:
     device = model.model.embed_tokens.weight.device
     V = model.config.vocab_size
     max_len = prompt_tokens + generate_tokens
+    _warm_up(model, device)
     base = _memory_baseline(device)  # before the cache: peak = this model's weights + cache + work space
     cache = StaticKVCache(model, batch_size, max_len)
     prompt = torch.randint(0, V, (batch_size, prompt_tokens), device=device)
