@@ -137,7 +137,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     for name, stage, text in (("score", "scores", "replace-1-block KL / LM loss of every library item"),
                               ("costs", "costs", "measured prefill / decode cost of every block shape on this device"),
-                              ("search", "search", "MIP search: one architecture per target, and the frontier")):
+                              ("search", "search", "MIP search: one architecture per target, and the frontier"),
+                              ("peers", "peers", "ShortGPT / Minitron-width / uniform-KV architectures at the "
+                                                 "same targets (with --set peers.methods=[...])")):
         p = sub.add_parser(name, help=text, description=f"{text[0].upper() + text[1:]}: runs the '{stage}' stage "
                            f"of RUN (and unfinished stages before it) with RUN/config.yaml, then prints its table.")
         p.add_argument("run", help="run directory, e.g. runs/default")
