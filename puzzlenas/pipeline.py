@@ -710,6 +710,11 @@ def eval_table(results: dict) -> str:
                      + f" {(f'{speed:.2f}x' if speed else '-'):>8} {(f'{ret:.3f}' if ret is not None else '-'):>9}")
     lines.append("ppl / KL / agree: test split; task columns: accuracy; decode x: measured decode-step speedup "
                  "over the parent (first scenario); retention: mean task-accuracy ratio child / parent")
+    parent_tasks = results.get("parent", {}).get("tasks", {})
+    if parent_tasks:  # how far apart two models' accuracies must be to mean something
+        lines.append("task examples and the parent's standard error: " + ", ".join(
+            f"{t} {r['n']} (+-{r['acc_stderr']:.3f})" for t, r in sorted(parent_tasks.items())
+            if "n" in r and "acc_stderr" in r))
     return "\n".join(lines)
 
 
