@@ -359,13 +359,38 @@ def run_search_stage(cfg: RunConfig, run_dir: Path) -> Path:
     table = json.loads((run_dir / "costs" / "costs.json").read_text())
     records, front = run_search(scores, table, config.blocks, cfg.search, cfg.scoring.objective, cfg.costs.dtype,
                                 config.num_attention_heads, config.hidden_size, seed=cfg.seed)
+    records, scored = select_by_realized_kl(cfg, run_dir, records)
     atomic_write_text(out / "solutions.jsonl", "".join(json.dumps(r) + "\n" for r in records))
     atomic_write_json(out / "frontier.json", front)
     text = search_table(records, front)
+    if scored:
+        from .selection import candidates_table
+
+        atomic_write_text(out / "candidates.jsonl", "".join(json.dumps(r) + "\n" for r in scored))
+        text += "\n" + candidates_table(scored)
     atomic_write_text(out / "table.txt", text + "\n")
     print(text)
     mark_done(out, fingerprint, solutions=len(records))
     return out
+
+
+def select_by_realized_kl(cfg: RunConfig, run_dir: Path, records: list[dict]) -> tuple[list[dict], list[dict]]:
+    """Targets with candidates: each candidate assembled and scored, the best kept (`selection.py`)."""
+    if not any("candidate" in r for r in records):
+        return records, []
+    import torch
+
+    from .library import read_space
+    from .parent import load_parent
+    from .selection import select_candidates
+
+    dtype = getattr(torch, cfg.parent_dtype)
+    parent_cpu = load_parent(run_dir / "parent", dtype)  # assembles (weights copied into each candidate)
+    device = resolve_device(cfg.device)
+    teacher = parent_cpu if device.type == "cpu" else load_parent(run_dir / "parent", dtype).to(device).eval()
+    batches = validation_batches(load_data(cfg, run_dir), cfg.search.select_tokens, cfg.search.select_batch_size)
+    return select_candidates(records, parent_cpu, teacher, run_dir / "bld", read_space(run_dir / "library" / "space.json"),
+                             batches, cfg.eval.logits_chunk)
 
 
 # ---- stage: peers -----------------------------------------------------------------------------

@@ -97,6 +97,10 @@ def markdown(results: dict, records: list[dict], eval_table: str, config_text: s
                          for s, v in measured.items())
         lines += [f"- **{r['name']}** (target {r['target']}, {r['method']}, sum of scores {r['objective']:.4f}): "
                   f"predicted {pred}; measured {meas or '-'}"]
+        if r.get("selected_from"):
+            first = r["selected_from"][0]
+            lines[-1] += (f"; chosen among {len(r['selected_from'])} diverse candidates by realized KL "
+                          f"{r['realized_kl']:.4f} (the lowest-sum candidate's: {first['realized_kl']:.4f})")
     lines += [""] + peers_markdown(results, records, unreachable)
     lines += ["![frontier](frontier.png)", "", "![layers](layers.png)", ""] + samples_markdown(results)
     lines += ["## Config", "", "```yaml",

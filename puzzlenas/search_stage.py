@@ -37,6 +37,10 @@ class Target:
     memory_gib: float | None = None  # parameters + KV cache of b x (N + M) tokens
     params: float | None = None  # parameter count
     solutions: int = 1  # diverse solutions (each differs from the earlier ones in >= (1-alpha) L layers)
+    # Diverse MIP solutions assembled and scored by their realized KL(parent || child) on held-out
+    # tokens; the best becomes the target's one child. Summed replace-1-block scores are a proxy:
+    # near-equal sums can hide very different realized damage (benchmarks/RESULTS.md).
+    candidates: int = 1
 
     def validate(self) -> None:
         if self.metric not in METRICS:
@@ -45,8 +49,11 @@ class Target:
             value = getattr(self, key)
             if value is not None and not value > 0:
                 raise ValueError(f"search target {self.name}: {key} = {value} must be > 0")
-        if self.solutions < 1:
-            raise ValueError(f"search target {self.name}: solutions must be >= 1")
+        if self.solutions < 1 or self.candidates < 1:
+            raise ValueError(f"search target {self.name}: solutions and candidates must be >= 1")
+        if self.solutions > 1 and self.candidates > 1:
+            raise ValueError(f"search target {self.name}: give solutions (several children) or candidates (one "
+                             f"child, the best of several by realized KL), not both")
 
 
 @dataclass
@@ -64,12 +71,16 @@ class SearchConfig:
     # predicted speedups to within -2.2%..+1% on the H100 (benchmarks/RESULTS.md).
     # Memory and parameter budgets are exact and get none.
     time_margin: float = 0.03
+    select_tokens: int = 32768  # held-out (validation) tokens on which targets' candidates are compared
+    select_batch_size: int = 8
 
     def validate(self) -> None:
         if self.method not in METHODS:
             raise ValueError(f"search.method = {self.method!r}; allowed: {', '.join(METHODS)}")
         if not 0 < self.alpha <= 1:
             raise ValueError(f"search.alpha = {self.alpha}: must be in (0, 1]")
+        if self.select_tokens < 1 or self.select_batch_size < 1:
+            raise ValueError("search.select_tokens and search.select_batch_size must be >= 1")
         if not 0 <= self.time_margin < 0.5:
             raise ValueError(f"search.time_margin = {self.time_margin}: must be in [0, 0.5)")
         names = [t.name for t in self.targets]
@@ -196,9 +207,10 @@ def solve_target(problem: SearchProblem, target: Target, cfg: SearchConfig, seed
                                         f"budgets; use method mip to see the best achievable",
                                         upper={}, best_alone={}, best_given_others={}, violated=[], units={})
         return [solution]
-    if target.solutions == 1:
+    n = max(target.solutions, target.candidates)
+    if n == 1:
         return [solve_mip(problem, time_limit=cfg.time_limit_s)]
-    return solve_diverse(problem, target.solutions, alpha=cfg.alpha, time_limit=cfg.time_limit_s)
+    return solve_diverse(problem, n, alpha=cfg.alpha, time_limit=cfg.time_limit_s)
 
 
 def _speedup_hint(problem: SearchProblem, target: Target, err: InfeasibleBudgetError, time_margin: float) -> str:
@@ -279,6 +291,9 @@ def run_search(scores: list[dict], table: dict, parent_blocks: list[BlockConfig]
             err.args = (f"search target {target.name}: {err}{_speedup_hint(problem, target, err, cfg.time_margin)}",)
             raise
         for k, solution in enumerate(solutions):
-            records.append(solution_record(target, k, solution, meaning, table, parent_blocks, num_heads, hidden))
+            record = solution_record(target, k, solution, meaning, table, parent_blocks, num_heads, hidden)
+            if target.candidates > 1:  # one child, picked later among these by realized KL
+                record.update(name=f"{target.name}~{k}", candidate=k)
+            records.append(record)
     front = frontier(layers, table, parent_blocks, cfg.targets[0], cfg.frontier, dtype) if cfg.targets else []
     return records, front

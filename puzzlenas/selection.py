@@ -1,0 +1,72 @@
+"""Each target's child picked among diverse MIP candidates by realized KL (`candidates` of a target).
+
+The MIP minimizes the *sum* of replace-1-block scores, a proxy: damage is not additive, and on
+the bundled parent candidates whose sums lie within 1% of each other differ by up to 60% in the
+KL(parent || child) they realize once assembled (benchmarks/RESULTS.md). Each candidate is
+assembled in memory from the parent and the BLD library and scored on held-out tokens; the one
+with the lowest realized KL becomes the target's child, named after the target, carrying the
+other candidates' numbers in `selected_from`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .assemble import assemble_child, pairs_from_record
+from .evaluate import final_hidden, lm_metrics
+from .modeling import DeciLMForCausalLM
+
+
+@torch.no_grad()
+def realized_kl(parent_cpu: DeciLMForCausalLM, teacher: DeciLMForCausalLM, bld_dir: Path, space, record: dict,
+                batches: list[torch.Tensor], parent_hidden: list[torch.Tensor], chunk: int) -> dict[str, float]:
+    """KL to the parent, perplexity and agreement of one candidate, assembled in memory.
+    parent_cpu assembles (its weights are copied), teacher (the parent on the device) scores."""
+    device = teacher.model.embed_tokens.weight.device
+    child = assemble_child(parent_cpu, bld_dir, pairs_from_record(record, space)).to(device).eval()
+    return lm_metrics({"child": child}, teacher, batches, chunk, parent_hidden)["child"]
+
+
+def select_candidates(records: list[dict], parent_cpu: DeciLMForCausalLM, teacher: DeciLMForCausalLM, bld_dir: Path,
+                      space, batches: list[torch.Tensor], chunk: int, log=print) -> tuple[list[dict], list[dict]]:
+    """(the records with each target's candidates replaced by its best one; every candidate with
+    its realized metrics). Records without candidates pass through unchanged."""
+    if not any("candidate" in r for r in records):
+        return records, []
+    device = teacher.model.embed_tokens.weight.device
+    parent_hidden = [final_hidden(teacher, b.to(device)) for b in batches]  # (B, T, C) each, once
+    scored = []
+    for record in (r for r in records if "candidate" in r):
+        m = realized_kl(parent_cpu, teacher, bld_dir, space, record, batches, parent_hidden, chunk)
+        scored.append({**record, "realized_kl": m["kl_to_parent"], "realized_perplexity": m["perplexity"],
+                       "realized_tokens": m["tokens"]})
+        log(f"[search] {record['name']}: sum of scores {record['objective']:.4f}, realized KL "
+            f"{m['kl_to_parent']:.4f}, perplexity {m['perplexity']:.2f}")
+    chosen = {}
+    for target in dict.fromkeys(r["target"] for r in scored):
+        group = [r for r in scored if r["target"] == target]
+        best = min(group, key=lambda r: r["realized_kl"])
+        chosen[target] = {**{k: v for k, v in best.items() if k != "candidate"}, "name": target,
+                          "selected_from": [{"candidate": r["candidate"], "objective": r["objective"],
+                                             "realized_kl": r["realized_kl"],
+                                             "realized_perplexity": r["realized_perplexity"],
+                                             "chosen": r is best} for r in group]}
+    final = []
+    for record in records:  # the targets' order kept: a target's child where its first candidate was
+        if "candidate" not in record:
+            final.append(record)
+        elif record["candidate"] == 0:
+            final.append(chosen[record["target"]])
+    return final, scored
+
+
+def candidates_table(scored: list[dict]) -> str:
+    lines = [f"{'candidate':<20} {'sum score':>10} {'realized KL':>12} {'perplexity':>11}"]
+    for r in scored:
+        best = min((s for s in scored if s["target"] == r["target"]), key=lambda s: s["realized_kl"])
+        lines.append(f"{r['name']:<20} {r['objective']:>10.4f} {r['realized_kl']:>12.4f} "
+                     f"{r['realized_perplexity']:>11.2f}" + ("  <- chosen" if r is best else ""))
+    lines.append(f"realized KL(parent || child) on {scored[0]['realized_tokens']:,} held-out tokens" if scored else "")
+    return "\n".join(lines)
