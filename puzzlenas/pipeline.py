@@ -395,7 +395,14 @@ def select_by_realized_kl(cfg: RunConfig, run_dir: Path, records: list[dict]) ->
 
 # ---- stage: peers -----------------------------------------------------------------------------
 def peers_fingerprint(cfg: RunConfig) -> str:
-    return config_hash({"search": search_fingerprint(cfg), "peers": cfg.peers})
+    # What the peers' architectures depend on: scores, costs and the targets' budgets (not how many
+    # solutions or candidates Puzzle's search keeps), so tuning the search never redoes the peers' GKD.
+    import dataclasses
+
+    budgets = [{k: v for k, v in dataclasses.asdict(t).items() if k not in ("solutions", "candidates")}
+               for t in cfg.search.targets]
+    return config_hash({"scores": scores_fingerprint(cfg), "costs": costs_fingerprint(cfg), "targets": budgets,
+                        "time_margin": cfg.search.time_margin, "peers": cfg.peers})
 
 
 def run_peers(cfg: RunConfig, run_dir: Path) -> Path:

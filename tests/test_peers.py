@@ -198,3 +198,16 @@ def test_peers_with_a_parameter_budget_name_the_budget_they_miss():
                                  "kl", "bfloat16", 8, 48)
     (u,) = unreachable
     assert "parameters" in u["why"] and "every layer attn_kv1" in u["why"] and "speedup" not in u["why"]
+
+
+def test_the_peers_depend_on_the_budgets_not_on_how_puzzle_picks(tmp_path):
+    from puzzlenas.pipeline import peers_fingerprint
+
+    def fp(**target):
+        path = tmp_path / "cfg.yaml"
+        path.write_text(yaml.safe_dump({"peers": {"methods": ["shortgpt"]},
+                                        "search": {"targets": [{"name": "t", "speedup": 2.0, **target}]}}))
+        return peers_fingerprint(load_run_config(path))
+
+    assert fp() == fp(candidates=4) == fp(solutions=2)
+    assert fp() != fp(memory_gib=10.0)
