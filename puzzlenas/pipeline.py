@@ -730,18 +730,23 @@ def _read_json(path: Path) -> dict | None:
 
 def eval_table(results: dict) -> str:
     tasks = sorted({t for r in results.values() for t in r.get("tasks", {})})
-    head = f"{'model':<22} {'params':>10} {'KV B/tok':>8} {'ppl':>8} {'KL':>7} {'agree':>6} " + \
-        " ".join(f"{t[:14]:>14}" for t in tasks) + f" {'decode x':>8} {'retention':>9}"
+    w = max([22, *map(len, results)])
+    head = f"{'model':<{w}} {'params':>10} {'KV B/tok':>8} {'ppl':>8} {'KL':>7} {'agree':>6} " + \
+        " ".join(f"{t[:14]:>14}" for t in tasks) + f" {'decode tok/s':>12} {'peak GiB':>8} {'decode x':>8} {'retention':>9}"
     lines = [head]
     for n, r in results.items():
         speed = next(iter(r.get("speedup", {}).values()), {}).get("decode_step_s") if n != "parent" else 1.0
         ret = r.get("retention", {}).get("tasks_mean", 1.0 if n == "parent" else None)
-        lines.append(f"{n:<22} {r['params'] / 1e6:>9.1f}M {r['kv_bytes_per_token']:>8} {r['perplexity']:>8.2f} "
+        run = next(iter(r.get("throughput", {}).values()), {})  # the first scenario's generation benchmark
+        tok_s, peak = run.get("decode_tokens_per_s"), run.get("peak_memory_bytes")
+        lines.append(f"{n:<{w}} {r['params'] / 1e6:>9.1f}M {r['kv_bytes_per_token']:>8} {r['perplexity']:>8.2f} "
                      f"{r['kl_to_parent']:>7.4f} {r['top1_agreement']:>6.3f} "
                      + " ".join(f"{r.get('tasks', {}).get(t, {}).get('acc', float('nan')):>14.3f}" for t in tasks)
+                     + f" {(f'{tok_s:,.0f}' if tok_s else '-'):>12} {(f'{peak / 2**30:.2f}' if peak else '-'):>8}"
                      + f" {(f'{speed:.2f}x' if speed else '-'):>8} {(f'{ret:.3f}' if ret is not None else '-'):>9}")
-    lines.append("ppl / KL / agree: test split; task columns: accuracy; decode x: measured decode-step speedup "
-                 "over the parent (first scenario); retention: mean task-accuracy ratio child / parent")
+    lines.append("ppl / KL / agree: test split; task columns: accuracy; decode tok/s, peak GiB (CUDA only: weights + "
+                 "KV cache + work space) and decode x (decode-step speedup over the parent): the generation "
+                 "benchmark of the first scenario; retention: mean task-accuracy ratio child / parent")
     parent_tasks = results.get("parent", {}).get("tasks", {})
     if parent_tasks:  # how far apart two models' accuracies must be to mean something
         lines.append("task examples and the parent's standard error: " + ", ".join(
