@@ -389,8 +389,8 @@ def select_by_realized_kl(cfg: RunConfig, run_dir: Path, records: list[dict]) ->
     device = resolve_device(cfg.device)
     teacher = parent_cpu if device.type == "cpu" else load_parent(run_dir / "parent", dtype).to(device).eval()
     batches = validation_batches(load_data(cfg, run_dir), cfg.search.select_tokens, cfg.search.select_batch_size)
-    return select_candidates(records, parent_cpu, teacher, run_dir / "bld", read_space(run_dir / "library" / "space.json"),
-                             batches, cfg.eval.logits_chunk)
+    space = read_space(run_dir / "library" / "space.json")
+    return select_candidates(records, parent_cpu, teacher, run_dir / "bld", space, batches, cfg.eval.logits_chunk)
 
 
 # ---- stage: peers -----------------------------------------------------------------------------
@@ -658,7 +658,8 @@ def run_eval(cfg: RunConfig, run_dir: Path) -> Path:
             base = session_parent.get(n)
             if cfg.eval.throughput and base:
                 results[n]["speedup"] = {
-                    s: {k: base[s][k] / results[n]["throughput"][s][k] for k in ("decode_step_s", "prefill_s", "generate_s")}
+                    s: {k: base[s][k] / results[n]["throughput"][s][k]
+                        for k in ("decode_step_s", "prefill_s", "generate_s")}
                     for s in results[n]["throughput"]}
     atomic_write_json(out / "results.json", results)
     text = eval_table(results)
@@ -732,7 +733,8 @@ def eval_table(results: dict) -> str:
     tasks = sorted({t for r in results.values() for t in r.get("tasks", {})})
     w = max([22, *map(len, results)])
     head = f"{'model':<{w}} {'params':>10} {'KV B/tok':>8} {'ppl':>8} {'KL':>7} {'agree':>6} " + \
-        " ".join(f"{t[:14]:>14}" for t in tasks) + f" {'decode tok/s':>12} {'peak GiB':>8} {'decode x':>8} {'retention':>9}"
+        " ".join(f"{t[:14]:>14}" for t in tasks) + \
+        f" {'decode tok/s':>12} {'peak GiB':>8} {'decode x':>8} {'retention':>9}"
     lines = [head]
     for n, r in results.items():
         speed = next(iter(r.get("speedup", {}).values()), {}).get("decode_step_s") if n != "parent" else 1.0
