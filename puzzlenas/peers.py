@@ -32,7 +32,8 @@ from .costs import predicted_costs
 from .info import DTYPE_BYTES
 from .library import Variant
 from .search import SearchProblem, evaluate_architectures
-from .search_stage import SearchConfig, Target, layer_choices, scenario_of, solution_record, target_constraints
+from .search_stage import (SearchConfig, Target, layer_choices, scenario_names, scenario_of, solution_record,
+                           target_constraints)
 
 PEER_METHODS = ("shortgpt", "minitron_width", "uniform_kv")
 
@@ -181,15 +182,17 @@ def _unreachable(method: str, target: Target, options, checked, problem: SearchP
     out = {"method": method, "target": target.name, "closest": options[k][0], "missed": missed}
     why = f"no {method} architecture meets {target.name}; the closest ({options[k][0]}) misses " + "; ".join(missed)
     if target.speedup is not None or target.throughput is not None or target.latency_s is not None:
-        s = scenario_of(table, target.scenario)
-        key = f"{target.metric}_s/{s['name']}"
-        parent_time = predicted_costs(table, parent_blocks)[key]
-        speedups = [parent_time / predicted_costs(table, [meaning[i][n].block for i, n in enumerate(names)])[key]
-                    for _, names in options]
-        best = max(range(len(options)), key=speedups.__getitem__)
-        out["best_speedup"], out["fastest"] = speedups[best], options[best][0]
-        why += (f"; the fastest ({options[best][0]}) reaches {speedups[best]:.2f}x predicted {target.metric} "
-                f"speedup on {s['name']}")
+        parent = predicted_costs(table, parent_blocks)
+        children = [predicted_costs(table, [meaning[i][n].block for i, n in enumerate(names)]) for _, names in options]
+        reach = []  # (scenario, best speedup, its architecture) in each of the target's scenarios
+        for name in scenario_names(target):
+            key = f"{target.metric}_s/{scenario_of(table, name)['name']}"
+            speedups = [parent[key] / c[key] for c in children]
+            best = max(range(len(options)), key=speedups.__getitem__)
+            reach.append((key.split("/", 1)[1], speedups[best], options[best][0]))
+        scenario, out["best_speedup"], out["fastest"] = min(reach, key=lambda r: r[1])  # the binding scenario
+        why += (f"; the fastest ({out['fastest']}) reaches {out['best_speedup']:.2f}x predicted {target.metric} "
+                f"speedup on {scenario}")
     out["why"] = why
     return out
 

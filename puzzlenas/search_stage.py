@@ -29,7 +29,9 @@ class Target:
     """One child to find: budgets that must all hold (unset = no budget)."""
 
     name: str = "decode-2x"
-    scenario: str | None = None  # costs scenario name (default: the first)
+    # costs scenario name (default: the first), or a list of names: the budgets then hold in each
+    # (e.g. 2x decode at batch 1 and at batch 64)
+    scenario: str | list[str] | None = None
     metric: str = "decode"  # decode (one step) | prefill | generate (prefill + M decode steps)
     speedup: float | None = None  # the parent's time / the child's time, on that metric
     throughput: float | None = None  # tokens/s on that metric (decode: b per step time)
@@ -49,6 +51,9 @@ class Target:
             value = getattr(self, key)
             if value is not None and not value > 0:
                 raise ValueError(f"search target {self.name}: {key} = {value} must be > 0")
+        if isinstance(self.scenario, list) and (not self.scenario or len(set(self.scenario)) != len(self.scenario)):
+            raise ValueError(f"search target {self.name}: scenario list {self.scenario} must be non-empty and "
+                             f"name each scenario once")
         if self.solutions < 1 or self.candidates < 1:
             raise ValueError(f"search target {self.name}: solutions and candidates must be >= 1")
         if self.solutions > 1 and self.candidates > 1:
@@ -149,6 +154,11 @@ def _pair_costs(table: dict, a: Variant, f: Variant) -> dict[str, float]:
     return costs
 
 
+def scenario_names(target: "Target") -> list[str | None]:
+    """The scenarios a target's budgets hold in (None: the first measured one)."""
+    return list(target.scenario) if isinstance(target.scenario, list) else [target.scenario]
+
+
 def scenario_of(table: dict, name: str | None) -> dict:
     scenarios = table["device"]["scenarios"]
     if name is None:
@@ -162,9 +172,23 @@ def scenario_of(table: dict, name: str | None) -> dict:
 
 def target_constraints(target: Target, table: dict, parent_blocks: list[BlockConfig], dtype: str,
                        time_margin: float = 0.0) -> list[Constraint]:
-    """The budgets of one target as linear constraints over the per-layer costs; time budgets
-    divided by (1 + time_margin)."""
-    s = scenario_of(table, target.scenario)
+    """The budgets of one target as linear constraints over the per-layer costs, in each of its
+    scenarios; time budgets divided by (1 + time_margin)."""
+    rows = [row for name in scenario_names(target)
+            for row in _scenario_constraints(target, scenario_of(table, name), table, parent_blocks, time_margin)]
+    if target.params is not None:
+        nbytes = DTYPE_BYTES[dtype]
+        rows.append(Constraint("parameters", {"params_bytes": 1 / nbytes}, target.params,
+                               table["fixed"]["params_bytes"] / nbytes, "params"))
+    if not rows:
+        raise ValueError(f"search target {target.name} sets no budget: give speedup, throughput, latency_s, "
+                         f"memory_gib or params")
+    return rows
+
+
+def _scenario_constraints(target: Target, s: dict, table: dict, parent_blocks: list[BlockConfig],
+                          time_margin: float) -> list[Constraint]:
+    """A target's time and memory budgets in one scenario."""
     aim = 1 + time_margin
     margin_note = f", aiming {time_margin:.0%} above" if time_margin else ""
     key = f"{target.metric}_s/{s['name']}"
@@ -187,13 +211,6 @@ def target_constraints(target: Target, table: dict, parent_blocks: list[BlockCon
         rows.append(Constraint(f"memory, {s['name']} (params + KV of {tokens} tokens)",
                                {"params_bytes": 1 / 2**30, "kv_bytes_per_token": tokens / 2**30},
                                target.memory_gib, fixed["params_bytes"] / 2**30, "GiB"))
-    if target.params is not None:
-        nbytes = DTYPE_BYTES[dtype]
-        rows.append(Constraint("parameters", {"params_bytes": 1 / nbytes}, target.params,
-                               fixed["params_bytes"] / nbytes, "params"))
-    if not rows:
-        raise ValueError(f"search target {target.name} sets no budget: give speedup, throughput, latency_s, "
-                         f"memory_gib or params")
     return rows
 
 
@@ -217,14 +234,16 @@ def _speedup_hint(problem: SearchProblem, target: Target, err: InfeasibleBudgetE
     """For a speedup budget, the best achievable speedup (what the user asked in)."""
     if target.speedup is None:
         return ""
-    row = next(c for c in problem.constraints if "x the parent" in c.name)
+    rows = [c for c in problem.constraints if "x the parent" in c.name]
+    row = next((c for c in rows if c.name in err.violated), rows[0])  # with several scenarios: one that fails
     parent_time = row.upper * target.speedup * (1 + time_margin)
     best = err.best_given_others.get(row.name) or err.best_alone.get(row.name)
     if not best:
         return ""
-    return (f"\nbest achievable {target.metric} speedup in this library: {parent_time / best:.2f}x "
-            f"(asked {target.speedup:g}x" + (f", aiming {time_margin:.0%} above: search.time_margin" if time_margin else "")
-            + f"); lower search.targets[{target.name}].speedup or widen the library")
+    scenario = row.name.split(", ", 1)[1].split(" (")[0]
+    aiming = f", aiming {time_margin:.0%} above: search.time_margin" if time_margin else ""
+    return (f"\nbest achievable {target.metric} speedup in this library on {scenario}: {parent_time / best:.2f}x "
+            f"(asked {target.speedup:g}x{aiming}); lower search.targets[{target.name}].speedup or widen the library")
 
 
 def solution_record(target: Target, k: int, solution: Solution, meaning: list[dict[str, PairChoice]],
@@ -246,7 +265,7 @@ def frontier(problem_layers: list[list[Choice]], table: dict, parent_blocks: lis
     """Best objective for each speedup of `target`'s metric and scenario (None where infeasible)."""
     if not speedups:
         return []
-    probe = Target(name="frontier", scenario=target.scenario, metric=target.metric, speedup=1.0)
+    probe = Target(name="frontier", scenario=scenario_names(target)[0], metric=target.metric, speedup=1.0)
     (row,) = target_constraints(probe, table, parent_blocks, dtype)
     parent_time = row.upper
     problem = SearchProblem(problem_layers, [row])

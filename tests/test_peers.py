@@ -211,3 +211,40 @@ def test_the_peers_depend_on_the_budgets_not_on_how_puzzle_picks(tmp_path):
 
     assert fp() == fp(candidates=4) == fp(solutions=2)
     assert fp() != fp(memory_gib=10.0)
+
+
+def test_a_target_with_several_scenarios_meets_its_budget_in_each():
+    """Scenario a: attention is the cost (kv4 4, kv2 2, kv1 1.5, FFN 1 each); scenario b: the FFN is
+    (FFN 64 4 / 32 2.5 / 16 1.5, attention 1 each). 1.2x in both needs cuts in both subblocks."""
+    from puzzlenas.peers import build_peers
+    from puzzlenas.search import InfeasibleBudgetError
+    from puzzlenas.search_stage import SearchConfig, Target, run_search
+
+    scores, table, parent_blocks, space = synthetic_instance()
+    table["device"]["scenarios"].append({"name": "b", "batch_size": 1, "prompt_tokens": 1, "generate_tokens": 1})
+    for kind in ("attention", "ffn"):
+        for key, e in table[kind].items():
+            e["decode_s/b"] = e["decode_s/s"] if kind == "ffn" or key == "no-op" else 1.0
+            if kind == "ffn" and key != "no-op":
+                e["decode_s/s"] = 1.0
+            e["prefill_s/b"] = e["generate_s/b"] = e["decode_s/b"]
+    table["fixed"].update({"decode_s/b": 1.0, "prefill_s/b": 1.0, "generate_s/b": 1.0})
+
+    def best(scenario):
+        cfg = SearchConfig(targets=[Target("t", scenario=scenario, speedup=1.2)], time_margin=0.0, frontier=[])
+        (record,), _ = run_search(scores, table, parent_blocks, cfg, "kl", "bfloat16", 8, 48)
+        return record
+
+    both, only_a, only_b = best(["s", "b"]), best("s"), best("b")
+    assert both["predicted_speedup"]["decode_s/s"] >= 1.2 - 1e-9 and both["predicted_speedup"]["decode_s/b"] >= 1.2 - 1e-9
+    assert only_a["predicted_speedup"]["decode_s/b"] < 1.2 and only_b["predicted_speedup"]["decode_s/s"] < 1.2
+    assert both["objective"] > max(only_a["objective"], only_b["objective"])
+    cfg = SearchConfig(targets=[Target("t", scenario=["s", "b"], speedup=30.0)], time_margin=0.0, frontier=[])
+    with pytest.raises(InfeasibleBudgetError, match="best achievable decode speedup in this library on"):
+        run_search(scores, table, parent_blocks, cfg, "kl", "bfloat16", 8, 48)
+    # a uniform peer must also meet both: one KV head everywhere leaves scenario b's FFN cost untouched
+    _, unreachable = build_peers(scores, table, parent_blocks, space,
+                                 SearchConfig(targets=[Target("t", scenario=["s", "b"], speedup=1.2)], time_margin=0.0),
+                                 ["uniform_kv"], None, "kl", "bfloat16", 8, 48)
+    (u,) = unreachable
+    assert u["best_speedup"] == pytest.approx(1.0) and "on b" in u["why"]
