@@ -12,8 +12,14 @@ import torch
 from safetensors.torch import save_file
 
 
+def _temp_name(path: Path) -> Path:
+    # Per process: ranks writing the same file (a run's config.yaml) must not share a temp file,
+    # or one rank's rename finds the other's already gone.
+    return path.with_name(f"{path.name}.{os.getpid()}.tmp")
+
+
 def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = _temp_name(path)
     tmp.write_text(text)
     os.replace(tmp, path)
 
@@ -23,7 +29,7 @@ def atomic_write_json(path: Path, data: Any, indent: int | None = 1) -> None:
 
 
 def atomic_save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = _temp_name(path)
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
     os.replace(tmp, path)
 

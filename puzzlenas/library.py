@@ -378,9 +378,9 @@ def calibration_statistics(model: DeciLMForCausalLM, batches, lib_cfg: LibraryCo
 def write_space(path: Path, space: list[tuple[list[Variant], list[Variant]]]) -> None:
     layers = [{"layer": i, "attention": [v.to_json() for v in att], "ffn": [v.to_json() for v in ffn]}
               for i, (att, ffn) in enumerate(space)]
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"layers": layers}, indent=1))
-    tmp.rename(path)
+    from .checkpoint import atomic_write_text
+
+    atomic_write_text(path, json.dumps({"layers": layers}, indent=1))
 
 
 def read_space(path: Path) -> list[tuple[list[Variant], list[Variant]]]:

@@ -33,7 +33,7 @@ from .info import DTYPE_BYTES
 from .library import Variant
 from .search import SearchProblem, evaluate_architectures
 from .search_stage import (SearchConfig, Target, layer_choices, scenario_names, scenario_of, solution_record,
-                           target_constraints)
+                           target_constraints, target_variants)
 
 PEER_METHODS = ("shortgpt", "minitron_width", "uniform_kv")
 
@@ -146,24 +146,30 @@ def build_peers(scores: list[dict], table: dict, parent_blocks: list[BlockConfig
     index = [{c.name: j for j, c in enumerate(layer)} for layer in layers]
     records, unreachable = [], []
     for target in search.targets:
-        problem = SearchProblem(layers, target_constraints(target, table, parent_blocks, dtype, search.time_margin))
+        variants = target_variants(target)  # scenario_mode best: a peer may fit in any one scenario
+        problems = [SearchProblem(layers, target_constraints(v, table, parent_blocks, dtype, search.time_margin))
+                    for v in variants]
         for method in methods:
             options = candidates(method, space, influence)
             if not options:
                 unreachable.append({"method": method, "target": target.name,
                                     "why": "the library has no uniform variant of this kind in every layer"})
                 continue
-            checked = evaluate_architectures(problem, [[index[i][n] for i, n in enumerate(names)]
-                                                       for _, names in options], method)
-            fitting = [(desc, sol) for (desc, _), (sol, ok) in zip(options, checked) if ok]
+            indices = [[index[i][n] for i, n in enumerate(names)] for _, names in options]
+            checks = [evaluate_architectures(problem, indices, method) for problem in problems]
+            # (option index, summed score, scenario variant, solution) of every fit
+            fitting = [(j, sol.objective, v, sol) for v, checked in zip(variants, checks)
+                       for j, (sol, ok) in enumerate(checked) if ok]
             if not fitting:
-                unreachable.append(_unreachable(method, target, options, checked, problem, meaning, table,
+                unreachable.append(_unreachable(method, target, options, checks[0], problems[0], meaning, table,
                                                 parent_blocks))
                 continue
             # shortgpt: the fewest layers dropped; uniform: the smallest summed score
-            desc, solution = fitting[0] if method == "shortgpt" else min(fitting, key=lambda f: f[1].objective)
-            record = solution_record(target, 0, solution, meaning, table, parent_blocks, num_heads, hidden)
-            record.update(name=f"{method}-{target.name}", method=method, peer=method, description=desc)
+            j, _, variant, solution = min(fitting, key=lambda f: f[0] if method == "shortgpt" else f[1])
+            record = solution_record(variant, 0, solution, meaning, table, parent_blocks, num_heads, hidden)
+            record.update(name=f"{method}-{target.name}", method=method, peer=method, description=options[j][0])
+            if variant is not target:
+                record["scenario"] = variant.scenario
             records.append(record)
     return records, unreachable
 
@@ -190,7 +196,9 @@ def _unreachable(method: str, target: Target, options, checked, problem: SearchP
             speedups = [parent[key] / c[key] for c in children]
             best = max(range(len(options)), key=speedups.__getitem__)
             reach.append((key.split("/", 1)[1], speedups[best], options[best][0]))
-        scenario, out["best_speedup"], out["fastest"] = min(reach, key=lambda r: r[1])  # the binding scenario
+        # "all": the binding (slowest) scenario; "best": any one would do, so the fastest
+        pick = max if target.scenario_mode == "best" and isinstance(target.scenario, list) else min
+        scenario, out["best_speedup"], out["fastest"] = pick(reach, key=lambda r: r[1])
         why += (f"; the fastest ({out['fastest']}) reaches {out['best_speedup']:.2f}x predicted {target.metric} "
                 f"speedup on {scenario}")
     out["why"] = why

@@ -812,7 +812,7 @@ def run_pipeline(config_path: str | Path | None, run_dir: Path | None = None, un
     print(f"puzzlenas run {cfg.name}: parent {cfg.parent} -> {run_dir}")
     for name, stage in STAGES:
         if name in force and (run_dir / name).exists():
-            shutil.rmtree(run_dir / name)
+            shutil.rmtree(run_dir / name, ignore_errors=True)  # torchrun: every rank removes it, first wins
         started = time.time()
         stage(cfg, run_dir)
         print(f"[{name}] {time.time() - started:.1f} s")

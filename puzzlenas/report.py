@@ -97,6 +97,10 @@ def markdown(results: dict, records: list[dict], eval_table: str, config_text: s
                          for s, v in measured.items())
         lines += [f"- **{r['name']}** (target {r['target']}, {r['method']}, sum of scores {r['objective']:.4f}): "
                   f"predicted {pred}; measured {meas or '-'}"]
+        if r.get("scenarios_tried"):
+            tried = ", ".join(f"{t['scenario']} {t['objective']:.4f}" if t["objective"] is not None
+                              else f"{t['scenario']} infeasible" for t in r["scenarios_tried"])
+            lines[-1] += f"; solved in each scenario, kept {r['scenario']} (sums of scores: {tried})"
         if r.get("selected_from"):
             first = r["selected_from"][0]
             lines[-1] += (f"; chosen among {len(r['selected_from'])} diverse candidates by realized KL "

@@ -11,6 +11,7 @@ budget. Every solution is saved as Nemotron-NAS `block_configs` with its predict
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 from .blocks import BlockConfig
@@ -32,6 +33,10 @@ class Target:
     # costs scenario name (default: the first), or a list of names: the budgets then hold in each
     # (e.g. 2x decode at batch 1 and at batch 64)
     scenario: str | list[str] | None = None
+    # With a scenario list: "all" = the budgets hold in each scenario; "best" = solved in each
+    # scenario alone and the lowest summed score kept (the paper's search per batch size: e.g. a
+    # throughput and memory budget, with scenarios at batch 64 / 128 / 256).
+    scenario_mode: str = "all"
     metric: str = "decode"  # decode (one step) | prefill | generate (prefill + M decode steps)
     speedup: float | None = None  # the parent's time / the child's time, on that metric
     throughput: float | None = None  # tokens/s on that metric (decode: b per step time)
@@ -54,6 +59,8 @@ class Target:
         if isinstance(self.scenario, list) and (not self.scenario or len(set(self.scenario)) != len(self.scenario)):
             raise ValueError(f"search target {self.name}: scenario list {self.scenario} must be non-empty and "
                              f"name each scenario once")
+        if self.scenario_mode not in ("all", "best"):
+            raise ValueError(f"search target {self.name}: scenario_mode = {self.scenario_mode!r}; allowed: all, best")
         if self.solutions < 1 or self.candidates < 1:
             raise ValueError(f"search target {self.name}: solutions and candidates must be >= 1")
         if self.solutions > 1 and self.candidates > 1:
@@ -157,6 +164,13 @@ def _pair_costs(table: dict, a: Variant, f: Variant) -> dict[str, float]:
 def scenario_names(target: "Target") -> list[str | None]:
     """The scenarios a target's budgets hold in (None: the first measured one)."""
     return list(target.scenario) if isinstance(target.scenario, list) else [target.scenario]
+
+
+def target_variants(target: "Target") -> list["Target"]:
+    """The problems a target is solved as: itself, or (scenario_mode best) one per scenario."""
+    if target.scenario_mode == "best" and isinstance(target.scenario, list):
+        return [dataclasses.replace(target, scenario=name) for name in target.scenario]
+    return [target]
 
 
 def scenario_of(table: dict, name: str | None) -> dict:
@@ -303,14 +317,27 @@ def run_search(scores: list[dict], table: dict, parent_blocks: list[BlockConfig]
     layers, meaning = layer_choices(scores, table, len(parent_blocks), objective, DTYPE_BYTES[dtype])
     records = []
     for target in cfg.targets:
-        problem = SearchProblem(layers, target_constraints(target, table, parent_blocks, dtype, cfg.time_margin))
-        try:
-            solutions = solve_target(problem, target, cfg, seed)
-        except InfeasibleBudgetError as err:
-            err.args = (f"search target {target.name}: {err}{_speedup_hint(problem, target, err, cfg.time_margin)}",)
-            raise
+        found, errors, variants = [], [], target_variants(target)
+        for variant in variants:
+            problem = SearchProblem(layers, target_constraints(variant, table, parent_blocks, dtype, cfg.time_margin))
+            try:
+                found.append((variant, solve_target(problem, variant, cfg, seed)))
+            except InfeasibleBudgetError as err:
+                where = f" on {variant.scenario}" if variant is not target else ""
+                err.args = (f"search target {target.name}{where}: {err}"
+                            f"{_speedup_hint(problem, variant, err, cfg.time_margin)}",)
+                errors.append(err)
+        if not found:
+            if len(errors) > 1:  # scenario_mode best: no scenario works
+                errors[0].args = ("\n".join(str(e) for e in errors),)
+            raise errors[0]
+        variant, solutions = min(found, key=lambda f: f[1][0].objective)  # best: the lowest summed score
         for k, solution in enumerate(solutions):
-            record = solution_record(target, k, solution, meaning, table, parent_blocks, num_heads, hidden)
+            record = solution_record(variant, k, solution, meaning, table, parent_blocks, num_heads, hidden)
+            if variant is not target:
+                record.update(scenario=variant.scenario, scenarios_tried=[
+                    {"scenario": v.scenario, "objective": next((sol[0].objective for w, sol in found if w is v), None)}
+                    for v in variants])
             if target.candidates > 1:  # one child, picked later among these by realized KL
                 record.update(name=f"{target.name}~{k}", candidate=k)
             records.append(record)

@@ -213,13 +213,9 @@ def test_the_peers_depend_on_the_budgets_not_on_how_puzzle_picks(tmp_path):
     assert fp() != fp(memory_gib=10.0)
 
 
-def test_a_target_with_several_scenarios_meets_its_budget_in_each():
-    """Scenario a: attention is the cost (kv4 4, kv2 2, kv1 1.5, FFN 1 each); scenario b: the FFN is
-    (FFN 64 4 / 32 2.5 / 16 1.5, attention 1 each). 1.2x in both needs cuts in both subblocks."""
-    from puzzlenas.peers import build_peers
-    from puzzlenas.search import InfeasibleBudgetError
-    from puzzlenas.search_stage import SearchConfig, Target, run_search
-
+def two_scenario_instance():
+    """The synthetic instance with two scenarios: in s attention costs as before and every FFN
+    but the no-op 1; in b the FFN costs as before and every attention but the no-op 1."""
     scores, table, parent_blocks, space = synthetic_instance()
     table["device"]["scenarios"].append({"name": "b", "batch_size": 1, "prompt_tokens": 1, "generate_tokens": 1})
     for kind in ("attention", "ffn"):
@@ -229,6 +225,17 @@ def test_a_target_with_several_scenarios_meets_its_budget_in_each():
                 e["decode_s/s"] = 1.0
             e["prefill_s/b"] = e["generate_s/b"] = e["decode_s/b"]
     table["fixed"].update({"decode_s/b": 1.0, "prefill_s/b": 1.0, "generate_s/b": 1.0})
+    return scores, table, parent_blocks, space
+
+
+def test_a_target_with_several_scenarios_meets_its_budget_in_each():
+    """Scenario a: attention is the cost (kv4 4, kv2 2, kv1 1.5, FFN 1 each); scenario b: the FFN is
+    (FFN 64 4 / 32 2.5 / 16 1.5, attention 1 each). 1.2x in both needs cuts in both subblocks."""
+    from puzzlenas.peers import build_peers
+    from puzzlenas.search import InfeasibleBudgetError
+    from puzzlenas.search_stage import SearchConfig, Target, run_search
+
+    scores, table, parent_blocks, space = two_scenario_instance()
 
     def best(scenario):
         cfg = SearchConfig(targets=[Target("t", scenario=scenario, speedup=1.2)], time_margin=0.0, frontier=[])
@@ -248,3 +255,32 @@ def test_a_target_with_several_scenarios_meets_its_budget_in_each():
                                  ["uniform_kv"], None, "kl", "bfloat16", 8, 48)
     (u,) = unreachable
     assert u["best_speedup"] == pytest.approx(1.0) and "on b" in u["why"]
+
+
+def test_scenario_mode_best_solves_each_scenario_alone_and_keeps_the_lowest_score():
+    from puzzlenas.peers import build_peers
+    from puzzlenas.search import InfeasibleBudgetError
+    from puzzlenas.search_stage import SearchConfig, Target, run_search
+
+    scores, table, parent_blocks, space = two_scenario_instance()
+
+    def solve(scenario, mode="all", speedup=1.2):
+        cfg = SearchConfig(targets=[Target("t", scenario=scenario, scenario_mode=mode, speedup=speedup)],
+                           time_margin=0.0, frontier=[])
+        (record,), _ = run_search(scores, table, parent_blocks, cfg, "kl", "bfloat16", 8, 48)
+        return record
+
+    alone = {"s": solve("s"), "b": solve("b")}
+    best = solve(["s", "b"], "best")
+    winner = min(alone, key=lambda k: alone[k]["objective"])
+    assert best["scenario"] == winner and best["names"] == alone[winner]["names"]
+    assert [t["objective"] for t in best["scenarios_tried"]] == [alone["s"]["objective"], alone["b"]["objective"]]
+    assert best["objective"] < solve(["s", "b"])["objective"]  # "all" must satisfy both: dearer
+    with pytest.raises(InfeasibleBudgetError, match="(?s)on s: .*on b: "):
+        solve(["s", "b"], "best", speedup=30.0)
+    # peers in mode best: one KV head everywhere fits scenario s (4 x (2 + 1) + 1 = 13 vs 21)
+    records, _ = build_peers(scores, table, parent_blocks, space,
+                             SearchConfig(targets=[Target("t", scenario=["s", "b"], scenario_mode="best", speedup=1.2)],
+                                          time_margin=0.0), ["uniform_kv"], None, "kl", "bfloat16", 8, 48)
+    (r,) = records
+    assert r["scenario"] == "s" and r["names"] == ["attn_kv2+ffn_64"] * 4
