@@ -364,3 +364,23 @@ def test_solutions_and_candidates_together_are_refused(tmp_path):
                                                             "candidates": 3}]}}))
     with pytest.raises(ConfigError, match="solutions .*candidates.*not both"):
         load_run_config(path)
+
+
+def test_a_target_solved_per_scenario_runs_to_the_report(finished_run, tmp_path):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    scenarios = [SCENARIO, {**SCENARIO, "name": "wide", "batch_size": 4}]
+    target = {"name": "fast", "metric": "decode", "speedup": 1.3, "scenario": ["tiny", "wide"],
+              "scenario_mode": "best"}
+    run_pipeline(run / "config.yaml", run_dir=run, overrides=[f"costs.scenarios={json.dumps(scenarios)}",
+                                                             f"search.targets={json.dumps([target])}"])
+    (record,) = [json.loads(line) for line in (run / "search" / "solutions.jsonl").read_text().splitlines()]
+    assert record["scenario"] in ("tiny", "wide") and [t["scenario"] for t in record["scenarios_tried"]] == \
+        ["tiny", "wide"]
+    assert record["objective"] == min(t["objective"] for t in record["scenarios_tried"] if t["objective"] is not None)
+    assert record["predicted_speedup"][f"decode_s/{record['scenario']}"] >= 1.3 * 1.03 - 1e-9
+    results = json.loads((run / "eval" / "results.json").read_text())
+    assert set(results["gkd-fast"]["speedup"]) == {"tiny", "wide"}  # measured in every scenario
+    assert f"kept {record['scenario']}" in (run / "report" / "README.md").read_text()
