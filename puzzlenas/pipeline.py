@@ -634,7 +634,9 @@ def run_eval(cfg: RunConfig, run_dir: Path) -> Path:
     # eval settings and the device, so that adding children (peers) evaluates only the new ones.
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.machine()
     model_fp = {n: config_hash({"model": _done_hash(run_dir / n), "eval": cfg.eval, "costs": cfg.costs,
-                                "device": device_name, "parent": _done_hash(run_dir / "parent")}) for n in names}
+                                "device": device_name, "parent": _done_hash(run_dir / "parent"),
+                                "data": data_fingerprint(cfg)})  # the test split the metrics are on
+                for n in names}
     results, session_parent = {}, {}
     for n in names:
         cached = _read_json(out / "models" / f"{n}.json")

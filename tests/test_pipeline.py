@@ -384,3 +384,16 @@ def test_a_target_solved_per_scenario_runs_to_the_report(finished_run, tmp_path)
     results = json.loads((run / "eval" / "results.json").read_text())
     assert set(results["gkd-fast"]["speedup"]) == {"tiny", "wide"}  # measured in every scenario
     assert f"kept {record['scenario']}" in (run / "report" / "README.md").read_text()
+
+
+def test_kept_eval_results_are_redone_when_eval_settings_change_and_kept_otherwise(finished_run, tmp_path):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    before = {p.name: p.stat().st_mtime_ns for p in (run / "eval" / "models").glob("*.json")}
+    run_pipeline(run / "config.yaml", run_dir=run, overrides=["eval.sample_tokens=5"])
+    after = {p.name: p.stat().st_mtime_ns for p in (run / "eval" / "models").glob("*.json")}
+    assert all(after[n] != before[n] for n in before)  # eval settings changed: every model again
+    run_pipeline(run / "config.yaml", run_dir=run, overrides=["eval.sample_tokens=5"])
+    assert {p.name: p.stat().st_mtime_ns for p in (run / "eval" / "models").glob("*.json")} == after
