@@ -448,11 +448,18 @@ def run_peers(cfg: RunConfig, run_dir: Path) -> Path:
 # ---- stage: assemble --------------------------------------------------------------------------
 def solutions(run_dir: Path, cfg: RunConfig) -> list[dict]:
     """Puzzle's solutions, then the peers' (when peers.methods asks for them)."""
-    records = [json.loads(line) for line in (run_dir / "search" / "solutions.jsonl").read_text().splitlines()]
+    records = _read_jsonl(run_dir / "search" / "solutions.jsonl", "search")
     peers = run_dir / "peers" / "solutions.jsonl"
     if cfg.peers.methods and peers.is_file():
-        records += [json.loads(line) for line in peers.read_text().splitlines()]
+        records += _read_jsonl(peers, "peers")
     return records
+
+
+def _read_jsonl(path: Path, stage: str) -> list[dict]:
+    try:
+        return [json.loads(line) for line in path.read_text().splitlines()]
+    except (OSError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path} is missing or corrupted ({err}); rerun its stage: --force {stage}") from err
 
 
 def solution_fingerprint(cfg: RunConfig, record: dict) -> str:

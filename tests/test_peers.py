@@ -284,3 +284,21 @@ def test_scenario_mode_best_solves_each_scenario_alone_and_keeps_the_lowest_scor
                                           time_margin=0.0), ["uniform_kv"], None, "kl", "bfloat16", 8, 48)
     (r,) = records
     assert r["scenario"] == "s" and r["names"] == ["attn_kv2+ffn_64"] * 4
+
+
+def test_a_corrupted_peers_file_names_the_stage_to_rerun(peers_run):
+    run, _ = peers_run
+    from puzzlenas.config import load_run_config as load
+    from puzzlenas.pipeline import solutions
+
+    cfg = load(run / "config.yaml", [f"peers.methods={ALL}"])
+    path = run / "peers" / "solutions.jsonl"
+    good = path.read_text()
+    path.unlink()  # a hard link: replace, never edit in place
+    path.write_text(good[: len(good) // 2])
+    try:
+        with pytest.raises(ValueError, match="peers/solutions.jsonl is missing or corrupted.*--force peers"):
+            solutions(run, cfg)
+    finally:
+        path.unlink()
+        path.write_text(good)
