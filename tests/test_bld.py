@@ -144,6 +144,7 @@ def _rank_main(rank: int, world: int, port: int, config_path: str, run_dir: str)
     run_pipeline(config_path, run_dir=Path(run_dir), force=["bld"], until="bld")
     import torch.distributed as dist
 
+    dist.barrier()  # no rank tears gloo down while the other still talks to it
     dist.destroy_process_group()
 
 

@@ -41,19 +41,23 @@ def _rank_main(rank: int, port: int, out: str, steps_before_kill: int) -> None:
     state = _full_state(child)
     if rank == 0 and steps_before_kill == STEPS:
         save_file({k: v.contiguous() for k, v in state.items()}, str(Path(out) / "sharded.safetensors"))
+    dist.barrier()  # no rank tears gloo down while the other still talks to it (a C++ abort at exit)
     dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def test_fsdp2_two_ranks_match_one_rank(tmp_path):
     torch.set_num_threads(1)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    torch.multiprocessing.spawn(_rank_main, args=(port, str(tmp_path), 2), nprocs=2, join=True)
+    torch.multiprocessing.spawn(_rank_main, args=(_free_port(), str(tmp_path), 2), nprocs=2, join=True)
     meta = json.loads((tmp_path / "ckpt" / "ckpt.json").read_text())
     assert (meta["step"], meta["world_size"]) == (2, 2)
     after_two_steps = load_file(str(tmp_path / "ckpt" / "ckpt.safetensors"))
-    torch.multiprocessing.spawn(_rank_main, args=(port, str(tmp_path), STEPS), nprocs=2, join=True)
+    torch.multiprocessing.spawn(_rank_main, args=(_free_port(), str(tmp_path), STEPS), nprocs=2, join=True)
     sharded = load_file(str(tmp_path / "sharded.safetensors"))
 
     parent, child = make_child(seed=0), make_child(seed=1)
