@@ -462,6 +462,16 @@ def distributed_rank() -> tuple[int, int]:
     return dist.get_rank(), dist.get_world_size()
 
 
+def shutdown_distributed() -> None:
+    """After a torchrun job: every rank done talking, then the process group destroyed (a gloo or
+    NCCL group left to interpreter shutdown can abort the process)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def barrier(world_size: int) -> None:
     if world_size > 1:
         import torch.distributed as dist

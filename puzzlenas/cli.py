@@ -165,7 +165,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return args.func(args)
+        code = args.func(args)
+        from .bld import shutdown_distributed
+
+        shutdown_distributed()  # under torchrun; nothing otherwise
+        return code
     except (ValueError, FileNotFoundError) as err:
         # Our errors name the problem and the fix; a traceback would only bury that.
         print(f"puzzlenas {args.command}: error: {err}", file=sys.stderr)
