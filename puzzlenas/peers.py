@@ -33,7 +33,7 @@ from .info import DTYPE_BYTES
 from .library import Variant
 from .search import SearchProblem, evaluate_architectures
 from .search_stage import (SearchConfig, Target, layer_choices, scenario_names, scenario_of, solution_record,
-                           target_constraints, target_variants)
+                           speedup_text, target_constraints, target_variants)
 
 PEER_METHODS = ("shortgpt", "minitron_width", "uniform_kv")
 
@@ -208,7 +208,7 @@ def _unreachable(method: str, target: Target, options, checked, problem: SearchP
 def peers_table(records: list[dict], unreachable: list[dict]) -> str:
     lines = [f"{'peer':<28} {'sum score':>10}  predicted speedup   architecture"]
     for r in records:
-        sp = ", ".join(f"{k.split('/')[0].replace('_s', '')} {v:.2f}x" for k, v in r["predicted_speedup"].items())
+        sp = speedup_text(r["predicted_speedup"])
         lines.append(f"{r['name']:<28} {r['objective']:>10.4f}  {sp}   {r['description']}")
     for u in unreachable:
         lines.append(f"{u['method'] + '-' + u['target']:<28} {'-':>10}  cannot fit: {u['why']}")

@@ -288,10 +288,17 @@ def frontier(problem_layers: list[list[Choice]], table: dict, parent_blocks: lis
              "names": (r.names if r is not None else None)} for s, r in zip(speedups, results)]
 
 
+def speedup_text(speedups: dict[str, float]) -> str:
+    """'decode 1.57x, ...' from {'decode_s/b256': 1.57, ...}; the scenario named when there are several."""
+    several = len({k.split("/", 1)[1] for k in speedups}) > 1
+    return ", ".join(f"{k.split('/')[0].replace('_s', '')}{' ' + k.split('/', 1)[1] if several else ''} {v:.2f}x"
+                     for k, v in speedups.items())
+
+
 def search_table(records: list[dict], front: list[dict]) -> str:
     lines = [f"{'solution':<16} {'method':<7} {'sum score':>10}  predicted speedup (per cost key)"]
     for r in records:
-        sp = ", ".join(f"{k.split('/')[0].replace('_s', '')} {v:.2f}x" for k, v in r["predicted_speedup"].items())
+        sp = speedup_text(r["predicted_speedup"])
         lines.append(f"{r['name']:<16} {r['method']:<7} {r['objective']:>10.4f}  {sp}")
         kinds = _count_kinds(r["names"])
         lines.append(f"{'':<16} " + ", ".join(f"{n} x{c}" for n, c in kinds))
