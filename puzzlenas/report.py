@@ -14,6 +14,7 @@ import json
 from pathlib import Path
 
 from .checkpoint import atomic_write_text
+from .search_stage import speedup_text
 
 
 def _plt():
@@ -91,7 +92,7 @@ def markdown(results: dict, records: list[dict], eval_table: str, config_text: s
     lines = ["# puzzlenas report", "", "## Parent vs children", "", "```", eval_table, "```", "",
              "## What the search chose and predicted", ""]
     for r in (r for r in records if not r.get("peer")):
-        pred = ", ".join(f"{k} {v:.2f}x" for k, v in r["predicted_speedup"].items())
+        pred = speedup_text(r["predicted_speedup"])
         measured = results.get(f"gkd-{r['name']}", results.get(f"child-{r['name']}", {})).get("speedup", {})
         meas = ", ".join(f"{s}: decode {v['decode_step_s']:.2f}x, generate {v['generate_s']:.2f}x"
                          for s, v in measured.items())
