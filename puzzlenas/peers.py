@@ -15,8 +15,9 @@ same time margin as Puzzle's children. ShortGPT drops as few layers as meet them
 peer takes, among its uniform choices that meet them, the one with the smallest summed
 replace-1-block score (the choice most favourable to the peer). A peer that no choice of its
 family can fit is reported with the best speedup it reaches, and gets no child. The peers'
-children then go through the same assemble, GKD (same tokens) and eval stages as Puzzle's, so
-the report compares them at equal measured speedup and equal training tokens.
+children then go through the same assemble, GKD and eval stages as Puzzle's; ShortGPT's GKD also
+gets the BLD's tokens (it has no block to distill locally), so the report compares them at equal
+measured speedup and equal training tokens (`peers.equal_tokens`).
 """
 
 from __future__ import annotations
@@ -45,6 +46,10 @@ class PeersConfig:
     methods: list[str] = field(default_factory=list)  # any of shortgpt, minitron_width, uniform_kv
     tokens: int = 32768  # held-out (validation) tokens for ShortGPT's Block Influence
     batch_size: int = 8
+    # Equal training tokens: Puzzle's blocks and the uniform peers' saw bld.tokens in BLD before
+    # GKD; ShortGPT has no block to distill locally, so its GKD gets gkd.tokens + bld.tokens.
+    # False: every child gets gkd.tokens (equal GKD tokens only).
+    equal_tokens: bool = True
 
     def validate(self) -> None:
         bad = [m for m in self.methods if m not in PEER_METHODS]

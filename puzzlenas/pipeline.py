@@ -542,13 +542,14 @@ def run_gkd(cfg: RunConfig, run_dir: Path) -> Path:
         child = DeciLMForCausalLM.from_pretrained(run_dir / f"child-{record['name']}", dtype=torch.float32).to(device)
         if world > 1:
             parallelize(child, parent)
-        batches = token_batches(dataset.train, cfg.gkd.batch_size, max(cfg.gkd.tokens, 1), seed=cfg.seed + 1,
+        gkd_cfg = child_gkd_config(cfg, record)
+        batches = token_batches(dataset.train, gkd_cfg.batch_size, max(gkd_cfg.tokens, 1), seed=cfg.seed + 1,
                                 rank=rank, world_size=world)
         if chat_rows is not None:
             from .chat_data import MixedBatches
 
-            batches = MixedBatches(batches, chat_rows, cfg.gkd.chat_fraction, seed=cfg.seed + 2 + rank)
-        trainer = GKDTrainer(child, parent, cfg.gkd, work, dataset.seq_len, world_size=world)
+            batches = MixedBatches(batches, chat_rows, gkd_cfg.chat_fraction, seed=cfg.seed + 2 + rank)
+        trainer = GKDTrainer(child, parent, gkd_cfg, work, dataset.seq_len, world_size=world)
         print(f"[gkd] {record['name']}: {trainer.steps} steps of {cfg.gkd.batch_size}x{dataset.seq_len} tokens"
               f"{f' x {world} ranks' if world > 1 else ''}")
         val = validation_batches(dataset, cfg.gkd.validation_tokens, cfg.gkd.batch_size)
@@ -557,7 +558,8 @@ def run_gkd(cfg: RunConfig, run_dir: Path) -> Path:
         after = trainer.validation_loss(val)
         print(f"[gkd] {record['name']}: validation loss {before['loss']:.4f} -> {after['loss']:.4f} "
               f"(KL {before['kl']:.4f} -> {after['kl']:.4f}, cosine {before['cosine']:.4f} -> {after['cosine']:.4f})")
-        history = {"validation_before": before, "validation_after": after, "steps": steps}
+        history = {"validation_before": before, "validation_after": after, "steps": steps,
+                   "tokens": trainer.steps * gkd_cfg.batch_size * dataset.seq_len * world}
         from .gkd import _full_state
 
         state = _full_state(child)  # a collective with several ranks: every rank calls it
@@ -580,6 +582,16 @@ def run_gkd(cfg: RunConfig, run_dir: Path) -> Path:
 
         barrier(world)
     return run_dir
+
+
+def child_gkd_config(cfg: RunConfig, record: dict):
+    """The GKD settings of one child: the run's, except that a ShortGPT peer (no BLD-trained block)
+    also gets the BLD's tokens when peers.equal_tokens, so every child has seen as many tokens."""
+    import dataclasses
+
+    if record.get("peer") == "shortgpt" and cfg.peers.equal_tokens:
+        return dataclasses.replace(cfg.gkd, tokens=cfg.gkd.tokens + cfg.bld.tokens)
+    return cfg.gkd
 
 
 def gkd_chat_rows(cfg: RunConfig, run_dir: Path, parent, seq_len: int, rank: int, world: int):

@@ -88,7 +88,7 @@ def layers_plot(records: list[dict], path: Path) -> None:
 
 
 def markdown(results: dict, records: list[dict], eval_table: str, config_text: str,
-             unreachable: list[dict] = ()) -> str:
+             unreachable: list[dict] = (), gkd_tokens: dict[str, int] | None = None) -> str:
     lines = ["# puzzlenas report", "", "## Parent vs children", "", "```", eval_table, "```", "",
              "## What the search chose and predicted", ""]
     for r in (r for r in records if not r.get("peer")):
@@ -106,23 +106,26 @@ def markdown(results: dict, records: list[dict], eval_table: str, config_text: s
             first = r["selected_from"][0]
             lines[-1] += (f"; chosen among {len(r['selected_from'])} diverse candidates by realized KL "
                           f"{r['realized_kl']:.4f} (the lowest-sum candidate's: {first['realized_kl']:.4f})")
-    lines += [""] + peers_markdown(results, records, unreachable)
+    lines += [""] + peers_markdown(results, records, unreachable, gkd_tokens)
     lines += ["![frontier](frontier.png)", "", "![layers](layers.png)", ""] + samples_markdown(results)
     lines += ["## Config", "", "```yaml",
               config_text.rstrip(), "```"]
     return "\n".join(lines) + "\n"
 
 
-def peers_markdown(results: dict, records: list[dict], unreachable: list[dict]) -> list[str]:
+def peers_markdown(results: dict, records: list[dict], unreachable: list[dict],
+                   gkd_tokens: dict[str, int] | None = None) -> list[str]:
     """Per target: Puzzle's child next to each peer built for the same budgets and GKD tokens."""
     peers = [r for r in records if r.get("peer")]
     if not peers and not unreachable:
         return []
+    gkd_tokens = gkd_tokens or {}
     lines = ["## Puzzle vs peers at the same budgets", "",
-             "Each peer meets the same target on the same measured costs and gets the same GKD tokens "
-             "(`puzzlenas/peers.py`). Measured decode speedup, test perplexity, KL to the parent and mean "
-             "task retention, before GKD -> after GKD.", "",
-             "| target | model | architecture | decode x | ppl | KL | retention |", "|---|---|---|---|---|---|---|"]
+             "Each peer meets the same target on the same measured costs and is trained on as many tokens "
+             "(`puzzlenas/peers.py`; GKD tokens per child in the last column). Measured decode speedup, test "
+             "perplexity, KL to the parent and mean task retention, before GKD -> after GKD.", "",
+             "| target | model | architecture | decode x | ppl | KL | retention | GKD tokens |",
+             "|---|---|---|---|---|---|---|---|"]
 
     def cell(name: str, key: str, fmt: str) -> str:
         before, after = results.get(f"child-{name}", {}), results.get(f"gkd-{name}", {})
@@ -142,15 +145,16 @@ def peers_markdown(results: dict, records: list[dict], unreachable: list[dict]) 
         for r in group:
             kind = r.get("peer") or f"puzzle ({r['name']})"
             arch = r.get("description") or f"MIP, sum of scores {r['objective']:.3f}"
+            tokens = gkd_tokens.get(r["name"])
             lines.append(f"| {target} | {kind} | {arch} | {cell(r['name'], 'speed', '.2f')} | "
                          f"{cell(r['name'], 'perplexity', '.1f')} | {cell(r['name'], 'kl_to_parent', '.3f')} | "
-                         f"{cell(r['name'], 'retention', '.3f')} |")
+                         f"{cell(r['name'], 'retention', '.3f')} | {f'{tokens:,}' if tokens else '-'} |")
         for u in (u for u in unreachable if u["target"] == target):
             fastest = u.get("fastest", u.get("closest"))
             why = (f"cannot fit: its fastest ({fastest}) reaches {u['best_speedup']:.2f}x predicted"
                    if "best_speedup" in u else f"cannot fit: closest ({u.get('closest')}) misses "
                    + "; ".join(u.get("missed", [])))
-            lines.append(f"| {target} | {u['method']} | {why} | - | - | - | - |")
+            lines.append(f"| {target} | {u['method']} | {why} | - | - | - | - | - |")
     return lines + [""]
 
 
@@ -178,7 +182,12 @@ def write_report(run_dir: Path, out: Path, records: list[dict], unreachable: lis
     out.mkdir(parents=True, exist_ok=True)
     frontier_plot(results, records, front, out / "frontier.png")
     layers_plot(records, out / "layers.png")
+    gkd_tokens = {}
+    for r in records:  # tokens each child was distilled on (history.json of its GKD)
+        history = run_dir / f"gkd-{r['name']}" / "history.json"
+        if history.is_file():
+            gkd_tokens[r["name"]] = json.loads(history.read_text()).get("tokens")
     text = markdown(results, records, (run_dir / "eval" / "table.txt").read_text().rstrip(),
-                    (run_dir / "config.yaml").read_text(), unreachable)
+                    (run_dir / "config.yaml").read_text(), unreachable, gkd_tokens)
     atomic_write_text(out / "README.md", text)
     return out / "README.md"

@@ -120,8 +120,14 @@ def test_peer_children_go_through_gkd_and_eval_without_redoing_puzzles(peers_run
     kept = json.loads((run / "eval/models/gkd-fast.json").read_text())
     assert results["gkd-fast"]["speedup"]["tiny"]["decode_step_s"] == pytest.approx(
         kept["parent_throughput"]["tiny"]["decode_step_s"] / kept["result"]["throughput"]["tiny"]["decode_step_s"])
+    # equal training tokens: ShortGPT (no BLD-trained block) distils on GKD + BLD tokens, Puzzle on GKD's
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    tokens = {n: json.loads((run / f"gkd-{n}" / "history.json").read_text())["tokens"]
+              for n in ("fast", "shortgpt-fast")}
+    assert tokens == {"fast": cfg["gkd"]["tokens"], "shortgpt-fast": cfg["gkd"]["tokens"] + cfg["bld"]["tokens"]}
     report = (run / "report" / "README.md").read_text()
     assert "## Puzzle vs peers at the same budgets" in report
+    assert f"| {tokens['shortgpt-fast']:,} |" in report
     assert "| fast | shortgpt |" in report and "| fast | puzzle (fast) |" in report
     # asking for no peers again: Puzzle's children only, as before
     run_pipeline(run / "config.yaml", run_dir=run, overrides=["peers.methods=[]"])
