@@ -7,8 +7,11 @@ skipped, so a killed run resumes at the first unfinished stage.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import platform
+import sys
 import time
 from pathlib import Path
 from typing import Callable
@@ -84,7 +87,7 @@ def resolve_device(name: str):
 
     if name == "auto":
         if torch.cuda.is_available():
-            return torch.device("cuda", int(__import__("os").environ.get("LOCAL_RANK", "0")))
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         return torch.device("cpu")
     return torch.device(name)
 
@@ -830,13 +833,55 @@ def run_pipeline(config_path: str | Path | None, run_dir: Path | None = None, un
     run_dir = Path(run_dir) if run_dir else Path("runs") / cfg.name
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(run_dir / "config.yaml", dump_yaml(cfg))
-    print(f"puzzlenas run {cfg.name}: parent {cfg.parent} -> {run_dir}")
-    for name, stage in STAGES:
-        if name in force and (run_dir / name).exists():
-            shutil.rmtree(run_dir / name, ignore_errors=True)  # torchrun: every rank removes it, first wins
-        started = time.time()
-        stage(cfg, run_dir)
-        print(f"[{name}] {time.time() - started:.1f} s")
-        if name == until:
-            break
+    with log_to(run_dir / "run.log", f"config {config_path or 'default preset'}, overrides {list(overrides)}, "
+                                     f"until {until}, force {list(force)}"):
+        print(f"puzzlenas run {cfg.name}: parent {cfg.parent} -> {run_dir}")
+        for name, stage in STAGES:
+            if name in force and (run_dir / name).exists():
+                shutil.rmtree(run_dir / name, ignore_errors=True)  # torchrun: every rank removes it, first wins
+            started = time.time()
+            stage(cfg, run_dir)
+            print(f"[{name}] {time.time() - started:.1f} s")
+            if name == until:
+                break
     return run_dir
+
+
+class _Tee:
+    """A stdout that also appends to a log file (progress bars go to stderr and stay out of it)."""
+
+    def __init__(self, stream, log):
+        self.stream, self.log = stream, log
+
+    def write(self, text: str) -> int:
+        self.log.write(text)
+        return self.stream.write(text)
+
+    def flush(self) -> None:
+        self.log.flush()
+        self.stream.flush()
+
+    def __getattr__(self, name):  # isatty, fileno, encoding ... of the real stream
+        return getattr(self.stream, name)
+
+
+@contextlib.contextmanager
+def log_to(path: Path, header: str):
+    """Everything the run prints, appended to `path` with a dated header per invocation (rank 0
+    only under torchrun); an error ends the log with its message."""
+    if int(os.environ.get("RANK", "0")) != 0:
+        yield
+        return
+    if path.exists() and path.stat().st_nlink > 1:  # a hard-linked copy of a run: append to our own file
+        atomic_write_text(path, path.read_text(encoding="utf-8"))
+    with open(path, "a", encoding="utf-8") as log:
+        log.write(f"\n==== {time.strftime('%Y-%m-%d %H:%M:%S')} puzzlenas run: {header}\n")
+        original = sys.stdout
+        sys.stdout = _Tee(original, log)
+        try:
+            yield
+        except BaseException as err:
+            log.write(f"==== stopped: {type(err).__name__}: {err}\n")
+            raise
+        finally:
+            sys.stdout = original

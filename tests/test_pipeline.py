@@ -397,3 +397,20 @@ def test_kept_eval_results_are_redone_when_eval_settings_change_and_kept_otherwi
     assert all(after[n] != before[n] for n in before)  # eval settings changed: every model again
     run_pipeline(run / "config.yaml", run_dir=run, overrides=["eval.sample_tokens=5"])
     assert {p.name: p.stat().st_mtime_ns for p in (run / "eval" / "models").glob("*.json")} == after
+
+
+def test_every_run_appends_what_it_printed_to_run_log(finished_run, tmp_path, capsys):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    (run / "run.log").unlink()
+    run_pipeline(run / "config.yaml", run_dir=run, until="search")
+    printed = capsys.readouterr().out
+    log = (run / "run.log").read_text()
+    assert "puzzlenas run:" in log and "until search" in log and "[search] done already" in log
+    assert printed.strip() and printed.strip() in log  # the stage output, as printed
+    with pytest.raises(ValueError):
+        run_pipeline(run / "config.yaml", run_dir=run, overrides=["search.targets=[{name: x, speedup: 1000000.0}]"])
+    log = (run / "run.log").read_text()
+    assert log.count("puzzlenas run:") == 2 and "==== stopped: InfeasibleBudgetError" in log
