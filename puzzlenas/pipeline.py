@@ -792,12 +792,24 @@ def run_report(cfg: RunConfig, run_dir: Path) -> Path:
         return out
     unreachable = run_dir / "peers" / "unreachable.json"
     path = write_report(run_dir, out, solutions(run_dir, cfg),
-                        json.loads(unreachable.read_text()) if cfg.peers.methods and unreachable.is_file() else [])
+                        json.loads(unreachable.read_text()) if cfg.peers.methods and unreachable.is_file() else [],
+                        frontier_key(cfg, run_dir))
     mark_done(out, fingerprint)
     print(f"[report] {path}")
     return out
 
 
+
+
+def frontier_key(cfg: RunConfig, run_dir: Path) -> str | None:
+    """The cost key the search's frontier was swept on: the first target's metric and scenario."""
+    from .search_stage import scenario_names, scenario_of
+
+    if not cfg.search.targets:
+        return None
+    target = cfg.search.targets[0]
+    table = json.loads((run_dir / "costs" / "costs.json").read_text())
+    return f"{target.metric}_s/{scenario_of(table, scenario_names(target)[0])['name']}"
 
 
 def _variant_param_counts(config, space) -> dict[str, int]:

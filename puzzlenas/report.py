@@ -1,7 +1,8 @@
 """The report: what the run produced, at a glance (Markdown + PNG plots).
 
-- frontier.png: measured decode speedup (x) vs retention (y) of every child, before and after
-  GKD, with the search's predicted frontier for reference;
+- frontier.png: measured decode speedup (x) vs retention (y) of every child (and peer), before
+  and after GKD; beside it the search's view: predicted speedup vs summed replace-1-block score,
+  the best the library reaches (the MIP's frontier sweep) and where each child sits;
 - layers.png: which attention and FFN variant each layer of each child got;
 - README.md: parent vs children (parameters, KV bytes/token, measured throughput and speedup,
   perplexity, KL, agreement, task accuracies, retention), the search's predictions, and each
@@ -39,9 +40,15 @@ def _speed_and_retention(res: dict | None) -> tuple[float, float] | None:
     return speed, res["retention"].get("tasks_mean", res["retention"].get("perplexity"))
 
 
-def frontier_plot(results: dict, records: list[dict], front: list[dict], path: Path) -> None:
+def frontier_plot(results: dict, records: list[dict], front: list[dict], path: Path,
+                  front_key: str | None = None) -> None:
+    """Left: measured speedup vs retention of every child. Right (when the search swept a frontier):
+    the search's view, predicted speedup vs summed replace-1-block score, the best reachable line and
+    where each child (and peer) sits on it."""
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    panels = 2 if front and front_key else 1
+    fig, axes = plt.subplots(1, panels, figsize=(6.4 * panels, 4.4), squeeze=False)
+    ax = axes[0, 0]
     ours = [r for r in records if not r.get("peer")]
     series = [("child", ours, "o", "Puzzle, assembled (after BLD)"), ("gkd", ours, "*", "Puzzle, after GKD")]
     for method, (marker, label) in PEER_MARKERS.items():
@@ -59,9 +66,31 @@ def frontier_plot(results: dict, records: list[dict], front: list[dict], path: P
     ax.set_ylabel("retention (child / parent)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
+    if panels == 2:
+        _search_panel(axes[0, 1], records, front, front_key)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def _search_panel(ax, records: list[dict], front: list[dict], key: str) -> None:
+    reach = [f for f in front if f["objective"] is not None]
+    ax.plot([1.0] + [f["speedup"] for f in reach], [0.0] + [f["objective"] for f in reach], "-", color="gray",
+            label="best summed score the library reaches (MIP)")
+    for marker, label, group in [("*", "Puzzle", [r for r in records if not r.get("peer")])] + \
+            [(m, lab.split(",")[0], [r for r in records if r.get("peer") == method])
+             for method, (m, lab) in PEER_MARKERS.items()]:
+        points = [(r["predicted_speedup"][key], r["objective"], r["target"]) for r in group
+                  if key in r["predicted_speedup"]]
+        if points:
+            ax.scatter([p[0] for p in points], [p[1] for p in points], marker=marker, s=80, label=label)
+            for x, y, n in points:
+                ax.annotate(n, (x, y), textcoords="offset points", xytext=(5, 5), fontsize=8)
+    metric, scenario = key.split("/", 1)
+    ax.set_xlabel(f"predicted {metric.replace('_s', '')} speedup ({scenario})")
+    ax.set_ylabel("sum of replace-1-block scores (lower is better)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
 
 
 def layers_plot(records: list[dict], path: Path) -> None:
@@ -175,12 +204,13 @@ def samples_markdown(results: dict) -> list[str]:
     return lines
 
 
-def write_report(run_dir: Path, out: Path, records: list[dict], unreachable: list[dict] = ()) -> Path:
+def write_report(run_dir: Path, out: Path, records: list[dict], unreachable: list[dict] = (),
+                 front_key: str | None = None) -> Path:
     """records: the children's solutions (Puzzle's, then any peers'); unreachable: peers that could not fit."""
     results = json.loads((run_dir / "eval" / "results.json").read_text())
     front = json.loads((run_dir / "search" / "frontier.json").read_text())
     out.mkdir(parents=True, exist_ok=True)
-    frontier_plot(results, records, front, out / "frontier.png")
+    frontier_plot(results, records, front, out / "frontier.png", front_key)
     layers_plot(records, out / "layers.png")
     gkd_tokens = {}
     for r in records:  # tokens each child was distilled on (history.json of its GKD)
