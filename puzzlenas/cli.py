@@ -154,7 +154,10 @@ def build_parser() -> argparse.ArgumentParser:
                                    "finished stages. Without CONFIG: the default job on the bundled parent.")
     p.add_argument("config", nargs="?", default=None, help="YAML run config (default: built-in default job)")
     p.add_argument("--run-dir", type=Path, default=None, help="run directory (default runs/<name>)")
-    p.add_argument("--until", default=None, help="stop after this stage")
+    from .pipeline import STAGES
+
+    stages = ", ".join(name for name, _ in STAGES)
+    p.add_argument("--until", default=None, help=f"stop after this stage ({stages})")
     p.add_argument("--force", action="append", default=[], help="rerun this stage even if done (repeatable)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field, e.g. --set parent=/path/to/llama (repeatable)")
