@@ -387,13 +387,10 @@ def select_by_realized_kl(cfg: RunConfig, run_dir: Path, records: list[dict]) ->
     from .parent import load_parent
     from .selection import select_candidates
 
-    dtype = getattr(torch, cfg.parent_dtype)
-    parent_cpu = load_parent(run_dir / "parent", dtype)  # assembles (weights copied into each candidate)
-    device = resolve_device(cfg.device)
-    teacher = parent_cpu if device.type == "cpu" else load_parent(run_dir / "parent", dtype).to(device).eval()
+    parent = load_parent(run_dir / "parent", getattr(torch, cfg.parent_dtype)).to(resolve_device(cfg.device))
     batches = validation_batches(load_data(cfg, run_dir), cfg.search.select_tokens, cfg.search.select_batch_size)
     space = read_space(run_dir / "library" / "space.json")
-    return select_candidates(records, parent_cpu, teacher, run_dir / "bld", space, batches, cfg.eval.logits_chunk)
+    return select_candidates(records, parent.eval(), run_dir / "bld", space, batches, cfg.eval.logits_chunk)
 
 
 # ---- stage: peers -----------------------------------------------------------------------------
@@ -480,6 +477,7 @@ def run_assemble(cfg: RunConfig, run_dir: Path) -> Path:
     from .info import architecture_table
     from .library import read_space
     from .parent import copy_tokenizer_files, load_parent
+    from .search_stage import speedup_text
 
     def fingerprint(record: dict) -> str:
         return config_hash({"search": solution_fingerprint(cfg, record)})
@@ -504,8 +502,7 @@ def run_assemble(cfg: RunConfig, run_dir: Path) -> Path:
         atomic_write_json(tmp / "solution.json", record)
         mark_done(tmp, fingerprint(record), target=record["target"])
         tmp.rename(out)
-        print(f"[assemble] {out.name}: predicted speedup "
-              + ", ".join(f"{k} {v:.2f}x" for k, v in record["predicted_speedup"].items()))
+        print(f"[assemble] {out.name}: predicted speedup {speedup_text(record['predicted_speedup'])}")
         print(table)
     return run_dir
 
@@ -666,8 +663,10 @@ def run_eval(cfg: RunConfig, run_dir: Path) -> Path:
             results[n], session_parent[n] = cached["result"], cached.get("parent_throughput")
     todo = [n for n in names if n not in results]
     if todo:
+        kept = len(names) - len(todo)
         todo = ["parent"] + [n for n in todo if n != "parent"]  # speedups: the parent measured in the same process
-        print(f"[eval] {len(todo)} of {len(names)} models to evaluate ({len(names) - len(todo)} kept from eval/models)")
+        print(f"[eval] {len(todo)} of {len(names)} models to evaluate ({kept} kept from eval/models)")
+
         def keep(n: str, r: dict, parent_result: dict) -> None:  # after each model: a killed eval resumes
             results[n], session_parent[n] = r, parent_result.get("throughput")
             atomic_write_json(out / "models" / f"{n}.json", {"fingerprint": model_fp[n], "result": r,

@@ -264,9 +264,7 @@ def _excess(comp: _Compiled, idx: Sequence[int], constraint_ids: Sequence[int] |
 
 def is_feasible(problem: SearchProblem, choice_index: Sequence[int]) -> bool:
     """Whether an architecture meets every budget (exact sums, tolerance FEASIBILITY_RTOL)."""
-    comp = _compile(problem)
-    _check_index(comp, choice_index, "choice_index")
-    return not _excess(comp, choice_index)
+    return evaluate_architectures(problem, [choice_index], "check")[0][1]
 
 
 def evaluate_architectures(problem: SearchProblem, architectures: Sequence[Sequence[int]],

@@ -1,7 +1,7 @@
 """Each target's child picked among diverse MIP candidates by realized KL (`candidates` of a target).
 
 The MIP minimizes the *sum* of replace-1-block scores, a proxy: damage is not additive, and on
-the bundled parent candidates whose sums lie within 1% of each other differ by up to 60% in the
+the bundled parent (CPU preset) candidates whose sums lie within 1% of each other differ by up to 60% in the
 KL(parent || child) they realize once assembled (benchmarks/RESULTS.md). Each candidate is
 assembled in memory from the parent and the BLD library and scored on held-out tokens; the one
 with the lowest realized KL becomes the target's child, named after the target, carrying the
@@ -20,26 +20,26 @@ from .modeling import DeciLMForCausalLM
 
 
 @torch.no_grad()
-def realized_kl(parent_cpu: DeciLMForCausalLM, teacher: DeciLMForCausalLM, bld_dir: Path, space, record: dict,
-                batches: list[torch.Tensor], parent_hidden: list[torch.Tensor], chunk: int) -> dict[str, float]:
-    """KL to the parent, perplexity and agreement of one candidate, assembled in memory.
-    parent_cpu assembles (its weights are copied), teacher (the parent on the device) scores."""
-    device = teacher.model.embed_tokens.weight.device
-    child = assemble_child(parent_cpu, bld_dir, pairs_from_record(record, space)).to(device).eval()
-    return lm_metrics({"child": child}, teacher, batches, chunk, parent_hidden)["child"]
+def realized_kl(parent: DeciLMForCausalLM, bld_dir: Path, space, record: dict, batches: list[torch.Tensor],
+                parent_hidden: list[torch.Tensor], chunk: int) -> dict[str, float]:
+    """KL to the parent, perplexity and agreement of one candidate, assembled in memory next to
+    the parent (its BLD weights are read from disk, the parent's blocks copied)."""
+    device = parent.model.embed_tokens.weight.device
+    child = assemble_child(parent, bld_dir, pairs_from_record(record, space)).to(device).eval()
+    return lm_metrics({"child": child}, parent, batches, chunk, parent_hidden)["child"]
 
 
-def select_candidates(records: list[dict], parent_cpu: DeciLMForCausalLM, teacher: DeciLMForCausalLM, bld_dir: Path,
-                      space, batches: list[torch.Tensor], chunk: int, log=print) -> tuple[list[dict], list[dict]]:
+def select_candidates(records: list[dict], parent: DeciLMForCausalLM, bld_dir: Path, space,
+                      batches: list[torch.Tensor], chunk: int, log=print) -> tuple[list[dict], list[dict]]:
     """(the records with each target's candidates replaced by its best one; every candidate with
     its realized metrics). Records without candidates pass through unchanged."""
     if not any("candidate" in r for r in records):
         return records, []
-    device = teacher.model.embed_tokens.weight.device
-    parent_hidden = [final_hidden(teacher, b.to(device)) for b in batches]  # (B, T, C) each, once
+    device = parent.model.embed_tokens.weight.device
+    parent_hidden = [final_hidden(parent, b.to(device)) for b in batches]  # (B, T, C) each, once
     scored = []
     for record in (r for r in records if "candidate" in r):
-        m = realized_kl(parent_cpu, teacher, bld_dir, space, record, batches, parent_hidden, chunk)
+        m = realized_kl(parent, bld_dir, space, record, batches, parent_hidden, chunk)
         scored.append({**record, "realized_kl": m["kl_to_parent"], "realized_perplexity": m["perplexity"],
                        "realized_tokens": m["tokens"]})
         log(f"[search] {record['name']}: sum of scores {record['objective']:.4f}, realized KL "
