@@ -5,19 +5,14 @@
 # transcripts (same token budget). Each variant hard-links the shared stages.
 # Usage on the device machine: OUT=folder bash benchmarks/chat_gkd.sh
 set -uo pipefail
-export PYTHONPATH=/tmp/site:.
+source benchmarks/device_common.sh
 BASE=~/runs/chat-base
 TWO_X='search.targets=[{name: decode-2x, scenario: b256-p128-g1024, metric: decode, speedup: 2.0}]'
-quiet() { grep -v -e "it/s]" -e "s/it]"; }
-start=$(date +%s)
-python3 -m puzzlenas.cli run --run-dir "$BASE" --until search --set "$TWO_X" 2>&1 | quiet > "$OUT/base.log"
-echo "base through search: $(( $(date +%s) - start )) s" | tee -a "$OUT/times.txt"
+timed_run base --run-dir "$BASE" --until search --set "$TWO_X"
 variant() {  # name, then --set overrides
   local name=$1; shift
-  local t0=$(date +%s)
-  rm -rf ~/runs/$name && cp -al "$BASE" ~/runs/$name
-  python3 -m puzzlenas.cli run --run-dir ~/runs/$name --set "$TWO_X" "$@" 2>&1 | quiet > "$OUT/$name.log"
-  echo "$name: $(( $(date +%s) - t0 )) s" | tee -a "$OUT/times.txt"
+  copy_run "$BASE" ~/runs/$name
+  timed_run "$name" --run-dir ~/runs/$name --set "$TWO_X" "$@"
 }
 variant corpus-only
 variant chat-0.25 --set gkd.chat_fraction=0.25

@@ -4,23 +4,18 @@
 # Each variant's run directory hard-links the shared stages (stages replace files, never edit them).
 # Usage on the device machine: OUT=folder bash benchmarks/coherence_levers.sh
 set -uo pipefail
-export PYTHONPATH=/tmp/site:.
+source benchmarks/device_common.sh
 BASE=~/runs/levers-base
 TWO_X='search.targets=[{name: decode-2x, scenario: b64-p128-g128, metric: decode, speedup: 2.0}]'
-quiet() { grep -v -e "it/s]" -e "s/it]"; }
-start=$(date +%s)
-python3 -m puzzlenas.cli run --run-dir "$BASE" --until costs 2>&1 | quiet > "$OUT/base.log"
-echo "base through costs: $(( $(date +%s) - start )) s" | tee -a "$OUT/times.txt"
+timed_run base --run-dir "$BASE" --until costs
 variant() {  # name, then --set overrides
   local name=$1; shift
-  local t0=$(date +%s)
-  rm -rf ~/runs/$name && cp -al "$BASE" ~/runs/$name
-  python3 -m puzzlenas.cli run --run-dir ~/runs/$name --set "$TWO_X" "$@" 2>&1 | quiet > "$OUT/$name.log"
+  copy_run "$BASE" ~/runs/$name
+  timed_run "$name" --run-dir ~/runs/$name --set "$TWO_X" "$@"
   mkdir -p "$OUT/$name"
   cp ~/runs/$name/eval/results.json ~/runs/$name/eval/table.txt ~/runs/$name/search/table.txt \
      ~/runs/$name/gkd-decode-2x/history.json "$OUT/$name/" 2>/dev/null
   cp ~/runs/$name/report/README.md "$OUT/$name/report.md" 2>/dev/null
-  echo "$name: $(( $(date +%s) - t0 )) s" | tee -a "$OUT/times.txt"
 }
 variant lr3e-4 --set gkd.lr=3.0e-4
 variant lr3e-4-4M --set gkd.lr=3.0e-4 --set gkd.tokens=4194304 --set gkd.checkpoint_every=256

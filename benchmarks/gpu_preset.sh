@@ -4,13 +4,9 @@
 # Usage there: OUT=folder [SCENARIOS=0] bash benchmarks/gpu_preset.sh [extra `puzzlenas run` args]
 # (SCENARIOS=0: the default job only)
 set -uo pipefail
-export PYTHONPATH=/tmp/site:.
+source benchmarks/device_common.sh
 RUN=~/runs/preset
-quiet() { grep -v -e "it/s]" -e "s/it]"; }
-start=$(date +%s)
-python3 -m puzzlenas.cli run --run-dir "$RUN" "$@" 2>&1 | quiet > "$OUT/run.log"
-echo "puzzlenas run: $(( $(date +%s) - start )) s" | tee "$OUT/times.txt"
-grep -E "^\[[a-z]+\] [0-9.]+ s$" "$OUT/run.log" | tee -a "$OUT/times.txt"
+timed_run run --run-dir "$RUN" "$@"
 # The exported children load with AutoModelForCausalLM after `import puzzlenas` and generate.
 python3 - "$RUN" > "$OUT/automodel_generations.txt" 2>&1 <<'PY'
 import sys, torch
@@ -28,7 +24,7 @@ PY
 [ "${SCENARIOS:-1}" = 1 ] && for spec in "b64-p128-g128 64 128 128" "b64-p128-g1024 64 128 1024" "b128-p512-g512 128 512 512"; do
   set -- $spec
   dir=~/runs/scenario-$1
-  rm -rf "$dir" && cp -al "$RUN" "$dir"
+  copy_run "$RUN" "$dir"
   python3 -m puzzlenas.cli run --run-dir "$dir" --until search \
     --set "costs.scenarios=[{name: $1, batch_size: $2, prompt_tokens: $3, generate_tokens: $4}]" \
     --set "search.targets=[{name: decode-1.5x, scenario: $1, metric: decode, speedup: 1.5}, {name: decode-2x, scenario: $1, metric: decode, speedup: 2.0}]" \
