@@ -30,7 +30,7 @@ from puzzlenas import AttentionConfig, BlockConfig, DeciLMConfig, DeciLMForCausa
 from puzzlenas.activations import parent_layer_activations
 from puzzlenas.bld import BLDConfig, BLDTrainer, Job, decoupled_jobs
 from puzzlenas.library import LibraryConfig, Variant, search_space
-from puzzlenas.parent import load_parent
+from puzzlenas.model.parent import load_parent
 
 DENSE_BF16_PEAK = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 

@@ -17,11 +17,11 @@ import platform
 
 import torch
 
-from puzzlenas.blocks import AttentionConfig, BlockConfig, FFNConfig
+from puzzlenas.model.blocks import AttentionConfig, BlockConfig, FFNConfig
 from puzzlenas.costs import (CostConfig, Scenario, calibrate, calibrated_check, check_against_whole_models,
                              measure_costs, random_children, time_layer)
 from puzzlenas.library import LibraryConfig, search_space
-from puzzlenas.parent import load_parent
+from puzzlenas.model.parent import load_parent
 
 
 def main() -> None:

@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 
 from puzzlenas import AttentionConfig, BlockConfig, DeciLMConfig, DeciLMForCausalLM, FFNConfig
-from puzzlenas.bld import distributed_rank
+from puzzlenas.dist import distributed_rank
 from puzzlenas.gkd import GKDConfig, GKDTrainer, _full_state, parallelize
 
 HIDDEN, HEADS, KV, FFN, VOCAB, LAYERS = 576, 9, 3, 1536, 49152, 30

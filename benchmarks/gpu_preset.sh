@@ -12,7 +12,7 @@ python3 - "$RUN" > "$OUT/automodel_generations.txt" 2>&1 <<'PY'
 import sys, torch
 import puzzlenas  # noqa: F401  (registers nemotron-nas)
 from transformers import AutoModelForCausalLM, AutoTokenizer
-from puzzlenas.evaluate import complete
+from puzzlenas.eval.metrics import complete
 run = sys.argv[1]
 for name in ("parent", "gkd-decode-1.5x", "gkd-decode-2x"):
     model = AutoModelForCausalLM.from_pretrained(f"{run}/{name}", dtype=torch.bfloat16).cuda().eval()

@@ -31,7 +31,7 @@ import time
 import numpy as np
 import scipy
 
-from puzzlenas.search import (Choice, Constraint, InfeasibleBudgetError, SearchProblem, solve_diverse,
+from puzzlenas.mip import (Choice, Constraint, InfeasibleBudgetError, SearchProblem, solve_diverse,
                               solve_greedy, solve_mip, solve_random)
 
 HIDDEN, HEADS, HEAD_DIM, FFN, VOCAB = 8192, 64, 128, 28672, 128256

@@ -22,12 +22,12 @@ from pathlib import Path
 
 import torch
 
-from puzzlenas.blocks import BlockConfig
+from puzzlenas.model.blocks import BlockConfig
 from puzzlenas.costs import CostConfig, Scenario, measure_costs
-from puzzlenas.inference import measure_generation
+from puzzlenas.model.inference import measure_generation
 from puzzlenas.library import LibraryConfig, search_space
-from puzzlenas.modeling import DeciLMConfig, DeciLMForCausalLM
-from puzzlenas.search_stage import SearchConfig, Target, run_search
+from puzzlenas.model.modeling import DeciLMConfig, DeciLMForCausalLM
+from puzzlenas.search import SearchConfig, Target, run_search
 
 
 def build(config: DeciLMConfig, blocks: list[BlockConfig], dtype: torch.dtype) -> DeciLMForCausalLM:

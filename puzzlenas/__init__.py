@@ -4,8 +4,8 @@ Importing the package registers the Nemotron-NAS model with transformers, so tha
 `AutoModelForCausalLM.from_pretrained(child_dir)` loads puzzlenas children.
 """
 
-from .blocks import AttentionConfig, BlockConfig, BlockConfigError, FFNConfig
-from .modeling import DeciLMConfig, DeciLMForCausalLM, DeciLMModel
+from .model.blocks import AttentionConfig, BlockConfig, BlockConfigError, FFNConfig
+from .model.modeling import DeciLMConfig, DeciLMForCausalLM, DeciLMModel
 
 __version__ = "0.1.0"
 

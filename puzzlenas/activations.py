@@ -12,7 +12,7 @@ from typing import Callable
 
 import torch
 
-from .modeling import DeciLMForCausalLM, ForwardContext, _attention_mask
+from .model.modeling import DeciLMForCausalLM, ForwardContext, _attention_mask
 
 
 @dataclass

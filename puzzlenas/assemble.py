@@ -11,10 +11,10 @@ from pathlib import Path
 
 from safetensors.torch import load_file
 
-from .blocks import BlockConfig
+from .model.blocks import BlockConfig
 from .library import Variant
-from .modeling import DeciLMConfig, DeciLMForCausalLM
-from .parent import ParentError, model_from_state
+from .model.modeling import DeciLMConfig, DeciLMForCausalLM
+from .model.parent import ParentError, model_from_state
 
 ATTENTION_PARAMS = ("input_layernorm.", "self_attn.")
 FFN_PARAMS = ("post_attention_layernorm.", "mlp.")

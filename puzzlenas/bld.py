@@ -37,7 +37,7 @@ from .activations import LayerActivations, visit_parent_layers
 from .checkpoint import atomic_save_tensors, atomic_write_json, atomic_write_text, optimizer_tensors, restore_optimizer
 from .library import (AttentionUnit, FFNUnit, LibraryConfig, Variant, build_unit, parent_attention_unit,
                       parent_ffn_unit)
-from .modeling import DeciLMForCausalLM, ForwardContext
+from .model.modeling import DeciLMForCausalLM, ForwardContext
 
 MODES = ("decoupled", "coupled", "hybrid")
 
@@ -448,37 +448,6 @@ def load_trained_unit(out_dir: Path, job: Job, config, device) -> nn.Module:
 # =============================================================================================
 # Driver: split jobs over ranks, run them in rounds
 # =============================================================================================
-def distributed_rank() -> tuple[int, int]:
-    """(rank, world_size) from torchrun's environment, initializing the process group if needed."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        return 0, 1
-    import torch.distributed as dist
-
-    if not dist.is_initialized():
-        if torch.cuda.is_available():  # one GPU per rank; NCCL uses the current device
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    return dist.get_rank(), dist.get_world_size()
-
-
-def shutdown_distributed() -> None:
-    """After a torchrun job: every rank done talking, then the process group destroyed (a gloo or
-    NCCL group left to interpreter shutdown can abort the process)."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
-
-
-def barrier(world_size: int) -> None:
-    if world_size > 1:
-        import torch.distributed as dist
-
-        dist.barrier()
-
-
 def run_jobs(trainer: BLDTrainer, jobs: list[Job], train_batches, val_batches, rank: int, world_size: int,
              param_counts: dict[str, int]) -> list[Job]:
     """Run this rank's share of `jobs` (skipping finished ones); return that share."""

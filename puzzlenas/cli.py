@@ -16,9 +16,9 @@ def _torch_dtype(name: str):
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    from .info import architecture_table
-    from .parent import convert_parent
-    from .modeling import DeciLMConfig
+    from .model.info import architecture_table
+    from .model.parent import convert_parent
+    from .model.modeling import DeciLMConfig
 
     out = convert_parent(args.parent, args.out, _torch_dtype(args.dtype))
     print(architecture_table(DeciLMConfig.from_pretrained(out)))
@@ -27,8 +27,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    from .info import architecture_table
-    from .parent import nas_config_from_hf, read_hf_config, resolve_parent_dir
+    from .model.info import architecture_table
+    from .model.parent import nas_config_from_hf, read_hf_config, resolve_parent_dir
 
     config = nas_config_from_hf(read_hf_config(resolve_parent_dir(args.model)))
     print(architecture_table(config, args.kv_dtype))
@@ -39,8 +39,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     import torch
     from transformers import AutoTokenizer
 
-    from .evaluate import complete
-    from .parent import load_parent, resolve_parent_dir
+    from .eval.metrics import complete
+    from .model.parent import load_parent, resolve_parent_dir
 
     model_dir = resolve_parent_dir(args.model)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -169,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         code = args.func(args)
-        from .bld import shutdown_distributed
+        from .dist import shutdown_distributed
 
         shutdown_distributed()  # under torchrun; nothing otherwise
         return code

@@ -18,14 +18,14 @@ from typing import Any
 import yaml
 
 from .bld import BLDConfig
-from .data import DataConfig
+from .data.corpus import DataConfig
 from .library import LibraryConfig
 from .costs import CostConfig
-from .evaluate import EvalConfig
+from .eval.metrics import EvalConfig
 from .gkd import GKDConfig
 from .peers import PeersConfig
 from .scoring import ScoringConfig
-from .search_stage import SearchConfig
+from .search import SearchConfig
 
 
 class ConfigError(ValueError):

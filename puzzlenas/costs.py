@@ -33,10 +33,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .blocks import AttentionConfig, BlockConfig, FFNConfig
-from .info import DTYPE_BYTES, attention_params, ffn_params, fixed_params
-from .inference import StaticKVCache, measure_generation, static_forward, time_fn
-from .modeling import DeciLMConfig, DeciLMDecoderLayer, DeciLMForCausalLM, ForwardContext
+from .model.blocks import AttentionConfig, BlockConfig, FFNConfig
+from .model.info import DTYPE_BYTES, attention_params, ffn_params, fixed_params
+from .model.inference import StaticKVCache, measure_generation, static_forward, time_fn
+from .model.modeling import DeciLMConfig, DeciLMDecoderLayer, DeciLMForCausalLM, ForwardContext
 
 
 @dataclass
@@ -138,7 +138,7 @@ def time_layer(model_config: DeciLMConfig, block: BlockConfig, scenario: Scenari
 
 
 def _rotary(model_config: DeciLMConfig, device):
-    from .modeling import RotaryEmbedding
+    from .model.modeling import RotaryEmbedding
 
     return RotaryEmbedding(model_config).to(device)
 

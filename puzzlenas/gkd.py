@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from .checkpoint import atomic_save_tensors, atomic_write_json, optimizer_state_from_tensors, optimizer_state_tensors
-from .modeling import DeciLMForCausalLM
+from .model.modeling import DeciLMForCausalLM
 
 
 class GKDError(RuntimeError):

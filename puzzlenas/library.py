@@ -19,8 +19,8 @@ import torch
 from torch import nn
 
 from .activations import LayerActivations, visit_parent_layers
-from .blocks import AttentionConfig, BlockConfig, FFNConfig
-from .modeling import (DeciLMConfig, DeciLMDecoderLayer, DeciLMForCausalLM, ForwardContext, RMSNorm,
+from .model.blocks import AttentionConfig, BlockConfig, FFNConfig
+from .model.modeling import (DeciLMConfig, DeciLMDecoderLayer, DeciLMForCausalLM, ForwardContext, RMSNorm,
                        build_attention_subblock, build_ffn_subblock)
 
 LINEAR_INITS = ("lstsq", "product")

@@ -28,12 +28,12 @@ import torch
 import torch.nn.functional as F
 
 from .activations import visit_parent_layers
-from .blocks import BlockConfig
+from .model.blocks import BlockConfig
 from .costs import predicted_costs
-from .info import DTYPE_BYTES
+from .model.info import DTYPE_BYTES
 from .library import Variant
-from .search import SearchProblem, evaluate_architectures
-from .search_stage import (SearchConfig, Target, layer_choices, scenario_names, scenario_of, solution_record,
+from .mip import SearchProblem, evaluate_architectures
+from .search import (SearchConfig, Target, layer_choices, scenario_names, scenario_of, solution_record,
                            speedup_text, target_constraints, target_variants)
 
 PEER_METHODS = ("shortgpt", "minitron_width", "uniform_kv")

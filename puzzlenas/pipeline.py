@@ -18,6 +18,7 @@ from typing import Callable
 
 from .checkpoint import atomic_write_json, atomic_write_text
 from .config import RunConfig, config_hash, dump_yaml, load_run_config
+from .dist import resolve_device
 
 Stage = Callable[[RunConfig, Path], Path]
 
@@ -58,9 +59,9 @@ def run_parent(cfg: RunConfig, run_dir: Path) -> Path:
 
     import torch
 
-    from .info import architecture_table
-    from .modeling import DeciLMConfig
-    from .parent import convert_parent
+    from .model.info import architecture_table
+    from .model.modeling import DeciLMConfig
+    from .model.parent import convert_parent
 
     out = run_dir / "parent"
     fingerprint = parent_fingerprint(cfg)
@@ -82,16 +83,6 @@ def run_parent(cfg: RunConfig, run_dir: Path) -> Path:
 
 
 # ---- stage: data ------------------------------------------------------------------------------
-def resolve_device(name: str):
-    import torch
-
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        return torch.device("cpu")
-    return torch.device(name)
-
-
 def data_fingerprint(cfg: RunConfig) -> str:
     return config_hash({"parent": parent_fingerprint(cfg), "data": cfg.data})
 
@@ -100,7 +91,7 @@ def load_data(cfg: RunConfig, run_dir: Path, verbose: bool = False):
     """The packed dataset of this run (built by the data stage, cached in run_dir/data)."""
     from transformers import AutoTokenizer
 
-    from .data import DEFAULT_CACHE_DIR, build_dataset
+    from .data.corpus import DEFAULT_CACHE_DIR, build_dataset
 
     tokenizer = AutoTokenizer.from_pretrained(run_dir / "parent")
     cache = run_dir / "data" if Path(cfg.data.cache_dir) == Path(DEFAULT_CACHE_DIR) else cfg.data.cache_dir
@@ -128,9 +119,9 @@ def run_library(cfg: RunConfig, run_dir: Path) -> Path:
     """The search space per layer and the calibration statistics that initialize it."""
     from safetensors.torch import save_file
 
-    from .data import token_batches
+    from .data.corpus import token_batches
     from .library import calibration_statistics, search_space, space_table, write_space
-    from .parent import load_parent
+    from .model.parent import load_parent
 
     out = run_dir / "library"
     fingerprint = library_fingerprint(cfg)
@@ -166,11 +157,12 @@ def run_bld(cfg: RunConfig, run_dir: Path) -> Path:
     import torch
     from safetensors.torch import load_file
 
-    from .bld import (BLDTrainer, barrier, collect_metrics, coupled_jobs, decoupled_jobs, distributed_rank,
+    from .dist import barrier, distributed_rank
+    from .bld import (BLDTrainer, collect_metrics, coupled_jobs, decoupled_jobs,
                       library_table, reset_if_stale, run_jobs)
-    from .data import token_batches
+    from .data.corpus import token_batches
     from .library import read_space
-    from .parent import load_parent
+    from .model.parent import load_parent
 
     out = run_dir / "bld"
     fingerprint = bld_fingerprint(cfg)
@@ -232,9 +224,10 @@ def run_scores(cfg: RunConfig, run_dir: Path) -> Path:
     """Replace-1-block KL and LM loss of every trained library item (split over ranks)."""
     import torch
 
-    from .bld import barrier, distributed_rank, finished_jobs
+    from .bld import finished_jobs
+    from .dist import barrier, distributed_rank
     from .library import read_space
-    from .parent import load_parent
+    from .model.parent import load_parent
     from .scoring import score_items, scores_table, split_items
 
     out = run_dir / "scores"
@@ -284,7 +277,7 @@ def run_costs(cfg: RunConfig, run_dir: Path) -> Path:
     """Measured prefill / decode cost of every subblock shape, memory, and the whole-model check."""
     from .costs import calibrate, calibrated_check, check_against_whole_models, measure_costs, random_children
     from .library import read_space
-    from .modeling import DeciLMConfig
+    from .model.modeling import DeciLMConfig
 
     out = run_dir / "costs"
     fingerprint = costs_fingerprint(cfg)
@@ -349,8 +342,8 @@ def search_fingerprint(cfg: RunConfig) -> str:
 
 def run_search_stage(cfg: RunConfig, run_dir: Path) -> Path:
     """The MIP of METHOD.md section 6 for every target; solutions saved as block_configs."""
-    from .modeling import DeciLMConfig
-    from .search_stage import run_search, search_table
+    from .model.modeling import DeciLMConfig
+    from .search import run_search, search_table
 
     out = run_dir / "search"
     fingerprint = search_fingerprint(cfg)
@@ -384,7 +377,7 @@ def select_by_realized_kl(cfg: RunConfig, run_dir: Path, records: list[dict]) ->
     import torch
 
     from .library import read_space
-    from .parent import load_parent
+    from .model.parent import load_parent
     from .selection import select_candidates
 
     parent = load_parent(run_dir / "parent", getattr(torch, cfg.parent_dtype)).to(resolve_device(cfg.device))
@@ -410,8 +403,8 @@ def run_peers(cfg: RunConfig, run_dir: Path) -> Path:
     import torch
 
     from .library import read_space
-    from .modeling import DeciLMConfig
-    from .parent import load_parent
+    from .model.modeling import DeciLMConfig
+    from .model.parent import load_parent
     from .peers import block_influence, build_peers, peers_table
 
     out = run_dir / "peers"
@@ -474,10 +467,10 @@ def run_assemble(cfg: RunConfig, run_dir: Path) -> Path:
     import torch
 
     from .assemble import assemble_child, pairs_from_record
-    from .info import architecture_table
+    from .model.info import architecture_table
     from .library import read_space
-    from .parent import copy_tokenizer_files, load_parent
-    from .search_stage import speedup_text
+    from .model.parent import copy_tokenizer_files, load_parent
+    from .search import speedup_text
 
     def fingerprint(record: dict) -> str:
         return config_hash({"search": solution_fingerprint(cfg, record)})
@@ -514,11 +507,11 @@ def run_gkd(cfg: RunConfig, run_dir: Path) -> Path:
 
     import torch
 
-    from .bld import distributed_rank
-    from .data import token_batches
+    from .dist import distributed_rank
+    from .data.corpus import token_batches
     from .gkd import GKDTrainer, parallelize
-    from .modeling import DeciLMForCausalLM
-    from .parent import copy_tokenizer_files, load_parent
+    from .model.modeling import DeciLMForCausalLM
+    from .model.parent import copy_tokenizer_files, load_parent
 
     def fingerprint(record: dict) -> str:
         return config_hash({"search": solution_fingerprint(cfg, record), "gkd": cfg.gkd, "seed": cfg.seed})
@@ -546,7 +539,7 @@ def run_gkd(cfg: RunConfig, run_dir: Path) -> Path:
         batches = token_batches(dataset.train, gkd_cfg.batch_size, max(gkd_cfg.tokens, 1), seed=cfg.seed + 1,
                                 rank=rank, world_size=world)
         if chat_rows is not None:
-            from .chat_data import MixedBatches
+            from .data.chat import MixedBatches
 
             batches = MixedBatches(batches, chat_rows, gkd_cfg.chat_fraction, seed=cfg.seed + 2 + rank)
         trainer = GKDTrainer(child, parent, gkd_cfg, work, dataset.seq_len, world_size=world)
@@ -578,7 +571,7 @@ def run_gkd(cfg: RunConfig, run_dir: Path) -> Path:
             trainer.clear_checkpoint()
             if work.exists():
                 shutil.rmtree(work)
-        from .bld import barrier
+        from .dist import barrier
 
         barrier(world)
     return run_dir
@@ -598,8 +591,8 @@ def gkd_chat_rows(cfg: RunConfig, run_dir: Path, parent, seq_len: int, rank: int
     """The parent's chat transcripts packed into rows (written once by rank 0, cached)."""
     from transformers import AutoTokenizer
 
-    from .bld import barrier
-    from .chat_data import chat_requests, load_or_build_chat_rows, pack_transcripts, parent_transcripts
+    from .dist import barrier
+    from .data.chat import chat_requests, load_or_build_chat_rows, pack_transcripts, parent_transcripts
 
     g = cfg.gkd
     fingerprint = config_hash({"parent": parent_fingerprint(cfg), "data": cfg.data, "seed": cfg.seed,
@@ -638,7 +631,7 @@ def run_eval(cfg: RunConfig, run_dir: Path) -> Path:
     speedups against the parent measured in the same process."""
     import torch
 
-    from .evaluate import retention
+    from .eval.metrics import retention
 
     out = run_dir / "eval"
     fingerprint = eval_fingerprint(cfg)
@@ -700,10 +693,10 @@ def evaluate_models(cfg: RunConfig, run_dir: Path, names: list[str], device, dty
     from transformers import AutoTokenizer
 
     from .costs import Scenario
-    from .evaluate import final_hidden, lm_metrics, sample_completions
-    from .inference import measure_generation
-    from .info import count_model_params, layer_costs
-    from .modeling import DeciLMForCausalLM
+    from .eval.metrics import final_hidden, lm_metrics, sample_completions
+    from .model.inference import measure_generation
+    from .model.info import count_model_params, layer_costs
+    from .model.modeling import DeciLMForCausalLM
 
     batches = validation_batches(load_data(cfg, run_dir), cfg.eval.tokens, cfg.eval.batch_size, split="test")
     tokenizer = AutoTokenizer.from_pretrained(run_dir / "parent")
@@ -716,7 +709,7 @@ def evaluate_models(cfg: RunConfig, run_dir: Path, names: list[str], device, dty
             DeciLMForCausalLM.from_pretrained(run_dir / n, dtype=dtype).to(device).eval()
         results[n] = lm_metrics({n: model}, parent, batches, cfg.eval.logits_chunk, parent_hidden)[n]
         if cfg.eval.tasks:
-            from .tasks import evaluate_tasks
+            from .eval.tasks import evaluate_tasks
 
             results[n]["tasks"] = evaluate_tasks(model, tokenizer, cfg.eval.tasks, max_examples=cfg.eval.max_examples,
                                                  batch_size=cfg.eval.batch_size, device=device)
@@ -783,7 +776,7 @@ def eval_table(results: dict) -> str:
 # ---- stage: report ----------------------------------------------------------------------------
 def run_report(cfg: RunConfig, run_dir: Path) -> Path:
     """report/README.md with the frontier and per-layer plots and the parent-vs-children table."""
-    from .report import write_report
+    from .eval.report import write_report
 
     out = run_dir / "report"
     fingerprint = config_hash({"eval": eval_fingerprint(cfg)})
@@ -802,7 +795,7 @@ def run_report(cfg: RunConfig, run_dir: Path) -> Path:
 
 def frontier_key(cfg: RunConfig, run_dir: Path) -> str | None:
     """The cost key the search's frontier was swept on: the first target's metric and scenario."""
-    from .search_stage import scenario_names, scenario_of
+    from .search import scenario_names, scenario_of
 
     if not cfg.search.targets:
         return None
@@ -812,8 +805,8 @@ def frontier_key(cfg: RunConfig, run_dir: Path) -> str | None:
 
 
 def _variant_param_counts(config, space) -> dict[str, int]:
-    from .blocks import AttentionConfig, BlockConfig, FFNConfig
-    from .info import attention_params, ffn_params
+    from .model.blocks import AttentionConfig, BlockConfig, FFNConfig
+    from .model.info import attention_params, ffn_params
 
     counts = {}
     for attention, ffn in space:

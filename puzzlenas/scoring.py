@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from .activations import LayerActivations, causal_context
 from .bld import Job, JobBlock, assign_jobs, load_job_block
 from .checkpoint import atomic_write_json
-from .modeling import DeciLMForCausalLM, ForwardContext
+from .model.modeling import DeciLMForCausalLM, ForwardContext
 
 METRICS = ("kl", "lm_loss")
 

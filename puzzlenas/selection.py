@@ -15,8 +15,8 @@ from pathlib import Path
 import torch
 
 from .assemble import assemble_child, pairs_from_record
-from .evaluate import final_hidden, lm_metrics
-from .modeling import DeciLMForCausalLM
+from .eval.metrics import final_hidden, lm_metrics
+from .model.modeling import DeciLMForCausalLM
 
 
 @torch.no_grad()

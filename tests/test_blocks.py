@@ -1,6 +1,6 @@
 import pytest
 
-from puzzlenas.blocks import (AttentionConfig, BlockConfig, BlockConfigError, FFNConfig, ffn_mult_for_width,
+from puzzlenas.model.blocks import (AttentionConfig, BlockConfig, BlockConfigError, FFNConfig, ffn_mult_for_width,
                               nas_ffn_width)
 
 

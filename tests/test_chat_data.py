@@ -8,9 +8,9 @@ import pytest
 import torch
 import yaml
 
-from puzzlenas.chat_data import (MixedBatches, chat_requests, pack_transcripts, parent_transcripts, requests_for,
+from puzzlenas.data.chat import (MixedBatches, chat_requests, pack_transcripts, parent_transcripts, requests_for,
                                  until_stop)
-from puzzlenas.data import DataConfig, assign_split, iter_source, parse_source, split_namespace
+from puzzlenas.data.corpus import DataConfig, assign_split, iter_source, parse_source, split_namespace
 from tests.test_pipeline import finished_run  # noqa: F401  (the fixture)
 
 TEMPLATE = ("{% for m in messages %}w3 {{ m['content'] }} w4 {% endfor %}"
@@ -49,7 +49,7 @@ def test_until_stop_keeps_the_stop_token():
 def test_parent_transcripts_are_the_prompt_then_the_parents_answer(tiny_run_inputs):
     from transformers import AutoTokenizer
 
-    from puzzlenas.parent import load_parent
+    from puzzlenas.model.parent import load_parent
 
     parent = load_parent(tiny_run_inputs["parent"]).eval()
     tokenizer = AutoTokenizer.from_pretrained(tiny_run_inputs["parent"])

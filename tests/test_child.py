@@ -8,7 +8,7 @@ from safetensors import safe_open
 
 import puzzlenas  # noqa: F401  (registers nemotron-nas with transformers)
 from puzzlenas import AttentionConfig, BlockConfig, DeciLMConfig, DeciLMForCausalLM, FFNConfig
-from puzzlenas.info import count_model_params, total_params
+from puzzlenas.model.info import count_model_params, total_params
 
 HIDDEN, HEADS, VOCAB = 64, 4, 128
 A, F_ = AttentionConfig, FFNConfig

@@ -5,7 +5,7 @@ import torch
 
 from puzzlenas.costs import (CostConfig, Scenario, check_against_whole_models, measure_costs, predicted_costs,
                              subblock_key)
-from puzzlenas.inference import StaticKVCache, measure_generation, static_forward
+from puzzlenas.model.inference import StaticKVCache, measure_generation, static_forward
 from tests.test_child import MIXED_BLOCKS, make_child
 
 
@@ -63,9 +63,9 @@ def test_cost_table_and_whole_model_check_on_cpu():
 
 def test_blocks_are_timed_as_stacks_of_independent_copies_on_cpu():
     """A block timed alone sits in the CPU's caches; "auto" stacks copies up to the parent's layer bytes."""
-    from puzzlenas.blocks import AttentionConfig, BlockConfig, FFNConfig
+    from puzzlenas.model.blocks import AttentionConfig, BlockConfig, FFNConfig
     from puzzlenas.costs import stack_size, time_layer
-    from puzzlenas.info import attention_params, ffn_params
+    from puzzlenas.model.info import attention_params, ffn_params
 
     config = make_child().config
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
@@ -87,7 +87,7 @@ def test_blocks_are_timed_as_stacks_of_independent_copies_on_cpu():
 
 def test_calibration_makes_block_sums_predict_the_checked_whole_models():
     """measured = scale x block sum + offset, fitted on the checked models, folded into the table."""
-    from puzzlenas.blocks import AttentionConfig, BlockConfig, FFNConfig
+    from puzzlenas.model.blocks import AttentionConfig, BlockConfig, FFNConfig
     from puzzlenas.costs import calibrate, calibrated_check, fit_line
 
     s = Scenario("s", 2, 4, 10)

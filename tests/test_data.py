@@ -1,4 +1,4 @@
-"""Tests of puzzlenas.data: sources, document split, packing, cache, token budgets.
+"""Tests of puzzlenas.data.corpus: sources, document split, packing, cache, token budgets.
 
 A character-level tokenizer is built in the test (no downloads), so token streams can be
 decoded back to text exactly.
@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from puzzlenas import data as D
+from puzzlenas.data import corpus as D
 
 # --------------------------------------------------------------------------------------------
 # fixtures

@@ -6,7 +6,7 @@ import shutil
 import pytest
 import torch
 
-from puzzlenas.parent import (LLAMA_WEIGHT_MAP, ParentError, hf_to_nas_name, load_parent, nas_to_hf_name,
+from puzzlenas.model.parent import (LLAMA_WEIGHT_MAP, ParentError, hf_to_nas_name, load_parent, nas_to_hf_name,
                               resolve_parent_dir)
 from tests.conftest import VOCAB, save_tiny_hf_parent
 

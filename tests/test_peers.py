@@ -9,7 +9,7 @@ import yaml
 
 from puzzlenas.config import ConfigError, load_run_config
 from puzzlenas.costs import predicted_costs
-from puzzlenas.modeling import DeciLMConfig
+from puzzlenas.model.modeling import DeciLMConfig
 from puzzlenas.pipeline import run_pipeline
 from tests.test_pipeline import finished_run  # noqa: F401  (the module-scoped tiny run)
 
@@ -71,7 +71,7 @@ def test_shortgpt_drops_the_fewest_lowest_influence_layers_that_meet_the_target(
     # one layer fewer dropped (the highest-influence one of the dropped kept) misses the target
     fewer = [b for b in parent_blocks]
     order = sorted(range(3), key=lambda i: influence[i])
-    from puzzlenas.blocks import AttentionConfig, BlockConfig, FFNConfig
+    from puzzlenas.model.blocks import AttentionConfig, BlockConfig, FFNConfig
 
     for i in order[:len(dropped) - 1]:
         fewer[i] = BlockConfig(AttentionConfig("no_op"), FFNConfig("no_op"))
@@ -144,7 +144,7 @@ def test_unknown_peer_method_is_refused_with_the_allowed_ones(tmp_path):
 def synthetic_instance():
     """4 layers; per-layer decode costs: attention kv4 4 / kv2 2 / kv1 1.5 / no-op 0, FFN 64 4 / 32 2.5 /
     16 1.5 / no-op 0, fixed 1 (parent 33); KL: kv2 0.1, kv1 0.3, no-op 1.0, ffn_32 0.05, ffn_16 0.2, no-op 0.8."""
-    from puzzlenas.blocks import AttentionConfig, BlockConfig, FFNConfig
+    from puzzlenas.model.blocks import AttentionConfig, BlockConfig, FFNConfig
     from puzzlenas.costs import subblock_key
     from puzzlenas.library import attention_variant, ffn_variant
 
@@ -170,7 +170,7 @@ def synthetic_instance():
 
 def test_peers_on_a_synthetic_instance_match_the_hand_solution():
     from puzzlenas.peers import build_peers
-    from puzzlenas.search_stage import SearchConfig, Target
+    from puzzlenas.search import SearchConfig, Target
 
     scores, table, parent_blocks, space = synthetic_instance()
     search = SearchConfig(targets=[Target("t1.2", speedup=1.2), Target("t2", speedup=2.0)], time_margin=0.0)
@@ -196,7 +196,7 @@ def test_peers_on_a_synthetic_instance_match_the_hand_solution():
 
 def test_peers_with_a_parameter_budget_name_the_budget_they_miss():
     from puzzlenas.peers import build_peers
-    from puzzlenas.search_stage import SearchConfig, Target
+    from puzzlenas.search import SearchConfig, Target
 
     scores, table, parent_blocks, space = synthetic_instance()
     search = SearchConfig(targets=[Target("tiny", params=300)], time_margin=0.0)  # bf16: 2 bytes a parameter
@@ -238,8 +238,8 @@ def test_a_target_with_several_scenarios_meets_its_budget_in_each():
     """Scenario a: attention is the cost (kv4 4, kv2 2, kv1 1.5, FFN 1 each); scenario b: the FFN is
     (FFN 64 4 / 32 2.5 / 16 1.5, attention 1 each). 1.2x in both needs cuts in both subblocks."""
     from puzzlenas.peers import build_peers
-    from puzzlenas.search import InfeasibleBudgetError
-    from puzzlenas.search_stage import SearchConfig, Target, run_search
+    from puzzlenas.mip import InfeasibleBudgetError
+    from puzzlenas.search import SearchConfig, Target, run_search
 
     scores, table, parent_blocks, space = two_scenario_instance()
 
@@ -265,8 +265,8 @@ def test_a_target_with_several_scenarios_meets_its_budget_in_each():
 
 def test_scenario_mode_best_solves_each_scenario_alone_and_keeps_the_lowest_score():
     from puzzlenas.peers import build_peers
-    from puzzlenas.search import InfeasibleBudgetError
-    from puzzlenas.search_stage import SearchConfig, Target, run_search
+    from puzzlenas.mip import InfeasibleBudgetError
+    from puzzlenas.search import SearchConfig, Target, run_search
 
     scores, table, parent_blocks, space = two_scenario_instance()
 

@@ -9,7 +9,7 @@ import yaml
 
 from puzzlenas.cli import main
 from puzzlenas.pipeline import run_pipeline
-from puzzlenas.search import InfeasibleBudgetError
+from puzzlenas.mip import InfeasibleBudgetError
 from tests.conftest import tiny_run_config
 
 SCENARIO = {"name": "tiny", "batch_size": 2, "prompt_tokens": 16, "generate_tokens": 8}
@@ -83,15 +83,15 @@ def test_impossible_budget_says_the_best_achievable(tmp_path, tiny_run_inputs, f
 
 
 def test_time_margin_tightens_time_budgets_only():
-    from puzzlenas.blocks import AttentionConfig, BlockConfig, FFNConfig
-    from puzzlenas.search_stage import Target
+    from puzzlenas.model.blocks import AttentionConfig, BlockConfig, FFNConfig
+    from puzzlenas.search import Target
 
     entry = {"params_bytes": 10.0, "kv_bytes_per_token": 2.0, "decode_s/s": 1.0}
     table = {"fixed": {**entry, "decode_s/s": 0.5}, "attention": {"gqa kv=1": entry}, "ffn": {"ffn 8": entry},
              "device": {"scenarios": [{"name": "s", "batch_size": 4, "prompt_tokens": 2, "generate_tokens": 2}]}}
     blocks = [BlockConfig(AttentionConfig("gqa", 1), FFNConfig("gated", 8))] * 2
     target = Target("t", speedup=2.0, throughput=100.0, latency_s=3.0, memory_gib=1.0, params=100)
-    from puzzlenas.search_stage import target_constraints
+    from puzzlenas.search import target_constraints
 
     exact = target_constraints(target, table, blocks, "float32")
     tight = target_constraints(target, table, blocks, "float32", time_margin=0.05)
@@ -116,7 +116,7 @@ def test_scoring_resumes_after_a_kill(finished_run, tmp_path):
 
     from puzzlenas.bld import finished_jobs
     from puzzlenas.library import read_space
-    from puzzlenas.parent import load_parent
+    from puzzlenas.model.parent import load_parent
     from puzzlenas.scoring import ScoringConfig, score_items
 
     parent = load_parent(finished_run / "parent")
@@ -141,7 +141,7 @@ def test_scoring_resumes_after_a_kill(finished_run, tmp_path):
 
 
 def test_coupled_library_items_become_the_layer_choices():
-    from puzzlenas.search_stage import layer_choices
+    from puzzlenas.search import layer_choices
 
     def v(name, sub, kind, size, parent=False):
         return {"name": name, "subblock": sub, "kind": kind, "size": size, "is_parent": parent}
@@ -164,7 +164,7 @@ def test_assembled_child_holds_the_library_weights(finished_run):
     from transformers import AutoModelForCausalLM
 
     import puzzlenas  # noqa: F401
-    from puzzlenas.parent import load_parent
+    from puzzlenas.model.parent import load_parent
 
     record = json.loads((finished_run / "child-fast" / "solution.json").read_text())
     child = AutoModelForCausalLM.from_pretrained(finished_run / "child-fast")
@@ -200,8 +200,8 @@ def test_gkd_lowers_its_loss_and_the_report_exists(finished_run):
 def test_eval_samples_are_the_models_greedy_completions(finished_run):
     from transformers import AutoTokenizer
 
-    from puzzlenas.evaluate import complete
-    from puzzlenas.modeling import DeciLMForCausalLM
+    from puzzlenas.eval.metrics import complete
+    from puzzlenas.model.modeling import DeciLMForCausalLM
 
     results = json.loads((finished_run / "eval" / "results.json").read_text())
     tokenizer = AutoTokenizer.from_pretrained(finished_run / "parent")
@@ -295,7 +295,7 @@ def test_rerunning_a_hard_linked_copy_never_edits_the_original(finished_run, tmp
 def test_killed_eval_resumes_with_the_models_it_finished(finished_run, tmp_path, monkeypatch):
     import shutil
 
-    from puzzlenas import evaluate
+    from puzzlenas.eval import metrics as evaluate
 
     run = tmp_path / "run"
     shutil.copytree(finished_run, run)
@@ -325,9 +325,9 @@ def test_candidates_are_assembled_and_the_lowest_realized_kl_is_kept(finished_ru
     import shutil
 
     from puzzlenas.assemble import assemble_child, pairs_from_record
-    from puzzlenas.evaluate import lm_metrics
+    from puzzlenas.eval.metrics import lm_metrics
     from puzzlenas.library import read_space
-    from puzzlenas.parent import load_parent
+    from puzzlenas.model.parent import load_parent
     from puzzlenas.pipeline import load_data, validation_batches
     from puzzlenas.config import load_run_config
 

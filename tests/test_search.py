@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 
-from puzzlenas.search import (Choice, Constraint, DiversityError, InfeasibleBudgetError, SearchProblem, Solution,
+from puzzlenas.mip import (Choice, Constraint, DiversityError, InfeasibleBudgetError, SearchProblem, Solution,
                               brute_force, enumerate_architectures, is_feasible, solution_table, solve_diverse,
                               solve_greedy, solve_mip, solve_random, sweep)
 
@@ -70,7 +70,7 @@ def random_problem(rng: np.random.Generator, budget_mode: str) -> SearchProblem:
 
 @dataclass
 class Reference:
-    """The truth by plain-Python enumeration, independent of puzzlenas.search."""
+    """The truth by plain-Python enumeration, independent of puzzlenas.mip."""
 
     best: float | None  # the smallest objective among architectures within every budget
     argmins: list[tuple]  # the architectures reaching it (several when scores tie)

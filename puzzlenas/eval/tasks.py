@@ -64,7 +64,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
-from puzzlenas import data as _data
+from ..data import corpus as _data
 
 __all__ = [
     "DEFAULT_TASKS",

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .data import DataConfig, assign_split, expand_sources, iter_source, split_namespace
+from .corpus import DataConfig, assign_split, expand_sources, iter_source, split_namespace
 
 
 def _excerpt(text: str, words: int = 60) -> str:
@@ -143,7 +143,7 @@ def load_or_build_chat_rows(path: Path, fingerprint: str, build) -> np.ndarray:
     """The cached rows at `path` when their fingerprint matches, else build() and cache them."""
     from safetensors.torch import load_file
 
-    from .checkpoint import atomic_save_tensors
+    from ..checkpoint import atomic_save_tensors
 
     if path.is_file():
         try:

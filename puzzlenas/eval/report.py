@@ -14,8 +14,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .checkpoint import atomic_write_text
-from .search_stage import speedup_text
+from ..checkpoint import atomic_write_text
+from ..search import speedup_text
 
 
 def _plt():

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from .modeling import DeciLMForCausalLM
+from ..model.modeling import DeciLMForCausalLM
 
 
 @dataclass

@@ -1,0 +1,1 @@
+"""Data: text sources, the split / packed / cached corpus, token batches, chat transcripts."""

@@ -1,0 +1,1 @@
+"""Evaluation: language-model metrics, downstream tasks, the report."""

@@ -1,0 +1,1 @@
+"""The one model class for parent and child: blocks, modeling, parent import, info, inference."""
