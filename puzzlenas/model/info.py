@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .blocks import BlockConfig
+from .blocks import BlockConfig, is_nas_expressible
 from .modeling import DeciLMConfig
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "fp8": 1}
@@ -94,9 +94,82 @@ def architecture_table(config: DeciLMConfig, dtype: str = "bfloat16") -> str:
         f"vocab {config.vocab_size}, {config.num_hidden_layers} layers; KV bytes per token in {dtype}; "
         f"parameters {total / 1e6:.1f}M = {total * DTYPE_BYTES[dtype] / 2**20:.1f} MiB in {dtype}",
     ]
-    problems = config.nemotron_nas_incompatibilities()
-    if problems:
-        lines.append("not loadable by Nemotron-NAS runtimes (vLLM / TRT-LLM / mlx-lm): " + "; ".join(problems))
+    lines.append(runtimes_text(config))
+    return "\n".join(lines)
+
+
+# =============================================================================================
+# Runtimes that load the checkpoint (`puzzlenas export --runtime ...`)
+# =============================================================================================
+RUNTIMES = {  # --runtime value -> what runs it
+    "vllm": "vLLM (nemotron_nas.py)",
+    "trtllm": "TensorRT-LLM (modeling_nemotron_nas.py)",
+    "mlx": "mlx-lm (models/nemotron-nas.py)",
+    "hf": "transformers / lm-eval (the exported modeling_decilm.py, trust_remote_code)",
+}
+
+
+def _layers(indices: list[int]) -> str:
+    return ("layer " if len(indices) == 1 else "layers ") + ", ".join(map(str, indices))
+
+
+def runtime_problems(config: DeciLMConfig, runtime: str) -> list[str]:
+    """Why `runtime` cannot run this checkpoint as exported for it (empty = it can).
+
+    Read from each runtime's Nemotron-NAS model code: vLLM builds GQA or no-op subblocks only;
+    TensorRT-LLM has no biases and takes head_dim = hidden / heads; mlx-lm takes head_dim = hidden /
+    heads, biases on q/k/v/o together (no Qwen2-style q/k/v-only bias) and linear subblocks with
+    the subblock's bias; every one of them derives FFN widths from `ffn_mult` alone."""
+    if runtime not in RUNTIMES:
+        raise ValueError(f"runtime {runtime!r}; allowed: {', '.join(RUNTIMES)}")
+    if runtime == "hf":
+        return []  # our own modeling code runs every block puzzlenas builds
+    blocks = config.blocks
+    problems = []
+    widths = is_nas_expressible(blocks, config.hidden_size)
+    if widths:
+        problems.append(f"the FFN widths of {_layers(widths)} are not expressible by ffn_mult (256 rounding)")
+    linear_attention = [i for i, b in enumerate(blocks) if b.attention.kind == "linear"]
+    linear_ffn = [i for i, b in enumerate(blocks) if b.ffn.kind == "linear"]
+    natural_head_dim = config.head_dim == config.hidden_size // config.num_attention_heads
+    if runtime == "vllm":
+        if linear_attention:
+            problems.append(f"{_layers(linear_attention)}: linear attention (replace_with_linear), which vLLM's "
+                            f"nemotron_nas does not build")
+        if linear_ffn:
+            problems.append(f"{_layers(linear_ffn)}: linear FFN (replace_with_linear), which vLLM's nemotron_nas "
+                            f"does not build")
+    elif runtime == "trtllm":
+        if config.attention_bias or config.qkv_bias or config.mlp_bias:
+            problems.append("attention / MLP biases (TensorRT-LLM's Nemotron-NAS layers have none)")
+        if not natural_head_dim:
+            problems.append(f"head_dim {config.head_dim} != hidden_size / num_attention_heads")
+    elif runtime == "mlx":
+        if config.qkv_bias and not config.attention_bias:
+            problems.append("q/k/v-only biases (Qwen2 style; mlx-lm has attention_bias on q, k, v and o together)")
+        if not natural_head_dim:
+            problems.append(f"head_dim {config.head_dim} != hidden_size / num_attention_heads (mlx-lm derives it)")
+        if linear_attention and (config.attention_bias or config.qkv_bias):
+            problems.append(f"{_layers(linear_attention)}: linear attention in a model with attention biases "
+                            f"(mlx-lm gives it a bias puzzlenas does not train)")
+        if linear_ffn and config.mlp_bias:
+            problems.append(f"{_layers(linear_ffn)}: linear FFN in a model with MLP biases (mlx-lm gives it a bias)")
+    return problems
+
+
+def runtime_support(config: DeciLMConfig) -> dict[str, list[str]]:
+    """{runtime: reasons it cannot run the checkpoint} for every runtime (empty list = it can)."""
+    return {runtime: runtime_problems(config, runtime) for runtime in RUNTIMES}
+
+
+def runtimes_text(config: DeciLMConfig) -> str:
+    """One line per runtime: whether `puzzlenas export --runtime R` gives a checkpoint R loads."""
+    support = runtime_support(config)
+    ok = [r for r, problems in support.items() if not problems]
+    lines = [f"runtimes (puzzlenas export --runtime R): {', '.join(ok)} can run this model"]
+    for runtime, problems in support.items():
+        if problems:
+            lines.append(f"  not {runtime}: " + "; ".join(problems))
     return "\n".join(lines)
 
 
