@@ -1,4 +1,4 @@
-"""`puzzlenas` command line: convert, info, generate, run."""
+"""`puzzlenas` command line: convert, info, export, generate, run."""
 
 from __future__ import annotations
 
@@ -116,6 +116,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kv-dtype", choices=("bfloat16", "float16", "float32", "fp8"), default="bfloat16",
                    help="dtype of the KV cache and weights for the byte counts (default bfloat16)")
     p.set_defaults(func=cmd_info)
+
+    from .export import add_export_parser
+
+    add_export_parser(sub)
 
     p = sub.add_parser("generate", help="generate text from a model with its KV cache",
                        description="Generate a continuation of PROMPT (greedy unless --temperature > 0).")

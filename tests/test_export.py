@@ -256,3 +256,35 @@ def test_mlx_lm_loads_the_mlx_export_and_matches_logits(child, tmp_path):
         expected = model(torch.tensor([[5, 9, 17, 33, 2, 64, 100, 7]])).logits
     torch.testing.assert_close(torch.tensor(json.loads((tmp_path / "logits.json").read_text())), expected,
                                atol=1e-3, rtol=0)
+
+
+def test_cli_export_and_info(child, tmp_path, capsys):
+    from puzzlenas.cli import main
+
+    assert main(["export", str(child[0]), str(tmp_path / "out"), "--runtime", "vllm"]) == 2
+    assert "layer 2: linear attention" in capsys.readouterr().err
+    assert main(["export", str(child[0]), str(tmp_path / "out"), "--runtime", "mlx", "--dtype", "float16"]) == 0
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["dtype"] == "float16"
+    assert main(["info", str(tmp_path / "out")]) == 0  # an export reads back in puzzlenas (mlx names aside)
+    assert main(["info", str(child[0])]) == 0
+    assert "not vllm: layer 2: linear attention" in capsys.readouterr().out
+
+
+def test_export_stage_writes_one_folder_per_child(tmp_path):
+    from puzzlenas.config import load_run_config
+    from puzzlenas.export import run_export_stage
+
+    run = tmp_path / "run"
+    save_child(run / "gkd-fast", VLLM_CHILD)
+    save_child(run / "gkd-faster", LINEAR_CHILD)
+    (run / "search").mkdir()
+    (run / "search" / "solutions.jsonl").write_text("".join(json.dumps({"name": n}) + "\n" for n in ("fast", "faster")))
+    (run / "eval").mkdir()
+    (run / "eval" / "results.json").write_text(json.dumps({"gkd-fast": {"perplexity": 9.5}}))
+    cfg = load_run_config(None, ["parent=smollm2-135m"])
+    run_export_stage(cfg, run)
+    assert (run / "export-fast" / "model.safetensors").is_file() and not (run / "export-faster").exists()
+    text = (run / "export" / "exports.txt").read_text()
+    assert "export-fast: vllm: vllm serve" in text and "export-faster: not written" in text and "layer 2" in text
+    assert "| perplexity | test split | 9.5 |" in (run / "export-fast" / "README.md").read_text()
+    assert "DONE" not in {p.name for p in (run / "export-fast").iterdir()}
