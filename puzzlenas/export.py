@@ -434,6 +434,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     """`puzzlenas export MODEL OUT --runtime R [--dtype D]`."""
     model_dir = Path(args.model)
     parent, evaluation, speedups, device = _run_context(model_dir)
+    if parent is None and str(args.model) in BUNDLED_PARENTS:  # exporting the bundled parent itself
+        parent = str(args.model)
     out = export_child(model_dir, args.out, args.runtime, args.dtype, parent=parent, evaluation=evaluation,
                        speedups=speedups, device=device, overwrite=getattr(args, "force", False))
     files = sorted(p.name for p in out.iterdir())
