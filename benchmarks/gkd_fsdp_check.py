@@ -27,7 +27,8 @@ import torch.distributed as dist
 
 from puzzlenas import AttentionConfig, BlockConfig, DeciLMConfig, DeciLMForCausalLM, FFNConfig
 from puzzlenas.dist import distributed_rank
-from puzzlenas.gkd import GKDConfig, GKDTrainer, _full_state, parallelize
+from puzzlenas.gkd import GKDConfig, GKDTrainer, parallelize
+from puzzlenas.train import full_model_state
 
 HIDDEN, HEADS, KV, FFN, VOCAB, LAYERS = 576, 9, 3, 1536, 49152, 30
 if os.environ.get("GKD_CHECK_TINY"):  # a dry run of this script on CPU (gloo)
@@ -93,7 +94,7 @@ def distributed_run(args, rank: int, world: int, device, work: Path) -> tuple[di
         if stop == args.kill:
             dist.barrier()
             args.resumed_from = json.loads((work / "ckpt.json").read_text())["step"]
-    state = _full_state(child)
+    state = full_model_state(child)
     parent, child = pair(device)
     parallelize(child, parent)
     trainer = GKDTrainer(child, parent, gkd_config(args, world, checkpoints=False), work / "timing", args.seq,

@@ -12,7 +12,7 @@ from typing import Callable
 
 import torch
 
-from .model.modeling import DeciLMForCausalLM, ForwardContext, _attention_mask
+from .model.modeling import DeciLMForCausalLM, ForwardContext
 
 
 @dataclass
@@ -27,8 +27,8 @@ def causal_context(model: DeciLMForCausalLM, input_ids: torch.Tensor, dtype: tor
     B, T = input_ids.shape
     positions = torch.arange(T, device=input_ids.device).unsqueeze(0).expand(B, T)
     cos, sin = model.model.rotary_emb(positions, dtype)
-    mask, is_causal = _attention_mask(None, B, T, 0, input_ids.device)
-    return ForwardContext(cos, sin, mask, is_causal, None)
+    # No padding and no cache: SDPA's own causal mask, no mask tensor (one token needs none).
+    return ForwardContext(cos, sin, None, T > 1, None)
 
 
 @torch.no_grad()

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,15 +33,17 @@ from safetensors.torch import load_file
 from torch import nn
 
 from .activations import LayerActivations, visit_parent_layers
-from .checkpoint import atomic_save_tensors, atomic_write_json, atomic_write_text, optimizer_tensors, restore_optimizer
+from .checkpoint import atomic_save_tensors, atomic_write_json, atomic_write_text
 from .library import (AttentionUnit, FFNUnit, LibraryConfig, Variant, build_unit, parent_attention_unit,
                       parent_ffn_unit)
 from .model.modeling import DeciLMForCausalLM, ForwardContext
+from .train import (TrainingCheckpoint, TrainingError, adamw, autocast, autocast_dtype, clip_gradients,
+                    lr_scheduler, raise_if_non_finite, settings_fingerprint)
 
 MODES = ("decoupled", "coupled", "hybrid")
 
 
-class BLDError(RuntimeError):
+class BLDError(TrainingError):
     """A BLD run that cannot go on (non-finite loss, corrupted checkpoint...)."""
 
 
@@ -216,9 +217,10 @@ class BLDTrainer:
         self.out_dir, self.seq_len, self.seed, self.log = out_dir, seq_len, seed, log
         self.config = parent.config
         self.device = parent.model.embed_tokens.weight.device
-        use_bf16 = cfg.autocast == "bf16" or (cfg.autocast == "auto" and self.device.type == "cuda")
-        self.autocast_dtype = torch.bfloat16 if use_bf16 else None
+        self.autocast_dtype = autocast_dtype(cfg.autocast, self.device)
         self.steps = math.ceil(cfg.tokens / (cfg.batch_size * seq_len)) if cfg.tokens else 0
+        # What a job checkpoint must have been made with to be resumed.
+        self.fingerprint = settings_fingerprint(cfg, lib_cfg, seq_len, seed)
 
     # ---- building -------------------------------------------------------------------------
     def _unit(self, variant: Variant | None, layer: int, subblock: str, from_decoupled: bool) -> nn.Module:
@@ -232,14 +234,6 @@ class BLDTrainer:
         return build_unit(variant, self.config, self.parent, layer, self.stats, self.lib_cfg,
                           init=self.cfg.init, seed=seed)
 
-    def _lr_lambda(self, step: int) -> float:
-        warmup = int(self.cfg.warmup_fraction * self.steps)
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = (step - warmup) / max(1, self.steps - warmup)
-        floor = self.cfg.min_lr_fraction
-        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
     def build(self, job: Job) -> JobState:
         attention = self._unit(job.attention, job.layer, "attention", job.init_from_decoupled)
         ffn = self._unit(job.ffn, job.layer, "ffn", job.init_from_decoupled)
@@ -251,20 +245,13 @@ class BLDTrainer:
                 unit.requires_grad_(False)
         optimizer = scheduler = None
         if params and self.steps:
-            decay = [p for p in params if p.dim() >= 2]
-            no_decay = [p for p in params if p.dim() < 2]  # norms and biases: no weight decay
-            optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": self.cfg.weight_decay},
-                                           {"params": no_decay, "weight_decay": 0.0}],
-                                          lr=self.cfg.lr, betas=tuple(self.cfg.betas),
-                                          fused=self.device.type == "cuda")
-            scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self._lr_lambda)
+            optimizer = adamw(params, self.cfg, self.device)
+            scheduler = lr_scheduler(optimizer, self.steps, self.cfg)
         return JobState(job, block, trainables, optimizer, scheduler)
 
     # ---- one step -------------------------------------------------------------------------
     def _autocast(self):
-        if self.autocast_dtype is None:
-            return torch.autocast(self.device.type, enabled=False)
-        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+        return autocast(self.device, self.autocast_dtype)
 
     def train_step(self, state: JobState, acts: LayerActivations, ctx: ForwardContext) -> torch.Tensor:
         """One optimizer step of one job; returns the (detached) loss without syncing the GPU."""
@@ -272,8 +259,7 @@ class BLDTrainer:
             err, ref = normalized_mse_terms(state.block(acts, ctx), acts)
             loss = err / ref.clamp(min=1e-12)
         loss.backward()
-        params = [p for u in state.trainables for p in u.parameters()]
-        torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip, foreach=True)
+        clip_gradients((p for u in state.trainables for p in u.parameters()), self.cfg.grad_clip)
         state.optimizer.step()
         state.scheduler.step()
         state.optimizer.zero_grad(set_to_none=True)
@@ -281,18 +267,11 @@ class BLDTrainer:
 
     def check_finite(self, states: list[JobState]) -> None:
         """One GPU sync for all jobs: stop on a non-finite loss before it reaches a checkpoint."""
-        losses = [s.metrics["last_loss"] for s in states if isinstance(s.metrics.get("last_loss"), torch.Tensor)]
-        if not losses or bool(torch.isfinite(torch.stack(losses)).all()):
-            for s in states:
-                if isinstance(s.metrics.get("last_loss"), torch.Tensor):
-                    s.metrics["last_loss"] = s.metrics["last_loss"].item()
-            return
-        bad = [s for s in states if isinstance(s.metrics.get("last_loss"), torch.Tensor)
-               and not torch.isfinite(s.metrics["last_loss"])]
-        names = ", ".join(f"layer {s.job.layer} {s.job.name}" for s in bad[:5])
-        raise BLDError(f"non-finite loss at step {bad[0].step} in {len(bad)} job(s): {names}. Lower bld.lr "
-                       f"(now {self.cfg.lr:g}) or use bld.autocast=off; finished jobs and the checkpoints "
-                       f"before this step are kept, and a rerun resumes from them")
+        pending = [s for s in states if isinstance(s.metrics.get("last_loss"), torch.Tensor)]
+        losses = {f"layer {s.job.layer} {s.job.name}": s.metrics["last_loss"] for s in pending}
+        raise_if_non_finite(losses, max((s.step for s in pending), default=0), "bld", self.cfg.lr, BLDError)
+        for s in pending:
+            s.metrics["last_loss"] = s.metrics["last_loss"].item()
 
     # ---- evaluation -----------------------------------------------------------------------
     @torch.no_grad()
@@ -366,32 +345,23 @@ class BLDTrainer:
     def job_dir(self, job: Job) -> Path:
         return self.out_dir / job.relpath
 
+    def job_checkpoint(self, job: Job) -> TrainingCheckpoint:
+        """A job's checkpoint: written by the rank that owns the job alone (no collective)."""
+        return TrainingCheckpoint(self.job_dir(job), self.fingerprint, world_size=1,
+                                  label=f"{job.relpath}: checkpoint", log=self.log)
+
     def _checkpoint(self, s: JobState) -> None:
-        d = self.job_dir(s.job)
-        d.mkdir(parents=True, exist_ok=True)
-        tensors = {f"unit{k}.{n}": p.detach() for k, u in enumerate(s.trainables)
-                   for n, p in u.state_dict().items()}
-        atomic_save_tensors({**tensors, **optimizer_tensors(s.optimizer)}, d / "ckpt.safetensors")
-        meta = {"step": s.step, "metrics": s.metrics, "seconds": s.seconds,
-                "param_groups": s.optimizer.state_dict()["param_groups"], "scheduler": s.scheduler.state_dict()}
-        atomic_write_json(d / "ckpt.json", meta, indent=None)
+        self.job_checkpoint(s.job).save(nn.ModuleList(s.trainables), s.optimizer, s.scheduler, s.step,
+                                        extra={"metrics": s.metrics, "seconds": s.seconds})
 
     def _maybe_resume(self, s: JobState) -> None:
-        d = self.job_dir(s.job)
-        if not (d / "ckpt.json").is_file() or s.optimizer is None:
+        if s.optimizer is None:
             return
-        try:
-            meta = json.loads((d / "ckpt.json").read_text())
-            tensors = load_file(str(d / "ckpt.safetensors"), device=str(self.device))
-        except Exception as err:  # a checkpoint torn by a kill: start this job over
-            self.log(f"  {s.job.relpath}: unreadable checkpoint ({err}); restarting this job")
+        saved = self.job_checkpoint(s.job).load(nn.ModuleList(s.trainables), s.optimizer, s.scheduler)
+        if saved is None:
             return
-        for k, unit in enumerate(s.trainables):
-            unit.load_state_dict({n[len(f"unit{k}."):]: t for n, t in tensors.items() if n.startswith(f"unit{k}.")})
-        restore_optimizer(s.optimizer, tensors, meta["param_groups"])
-        s.scheduler.load_state_dict(meta["scheduler"])
-        s.start_step = s.step = meta["step"]
-        s.metrics, s.seconds = meta["metrics"], meta["seconds"]
+        s.start_step = s.step = saved["step"]
+        s.metrics, s.seconds = saved["extra"]["metrics"], saved["extra"]["seconds"]
         self.log(f"  {s.job.relpath}: resumed at step {s.step}")
 
     def _finish(self, s: JobState) -> None:
@@ -412,8 +382,7 @@ class BLDTrainer:
                    "params": sum(p.numel() for u in s.trainables for p in u.parameters())}
         atomic_write_json(d / "metrics.json", metrics)
         atomic_write_text(d / "DONE", "")
-        for name in ("ckpt.safetensors", "ckpt.json"):
-            (d / name).unlink(missing_ok=True)
+        self.job_checkpoint(s.job).clear()
 
 
 def _unit_prefixes(s: JobState):
@@ -502,18 +471,6 @@ def library_table(rows: list[dict], per_layer: bool = False) -> str:
 
 def _fmt(x: float | None) -> str:
     return "-" if x is None else f"{x:.4f}"
-
-
-def reset_if_stale(out_dir: Path, fingerprint: str) -> None:
-    """A bld folder from another config must not be resumed: move it aside."""
-    marker = out_dir / "fingerprint"
-    if out_dir.exists() and (not marker.is_file() or marker.read_text() != fingerprint):
-        stale = out_dir.with_name(out_dir.name + f".stale-{int(time.time())}")
-        out_dir.rename(stale)
-        print(f"[bld] {out_dir} was made with another config; moved to {stale}")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(marker, fingerprint)
-
 
 
 def load_job_block(out_dir: Path, job: Job, parent: DeciLMForCausalLM, dtype: torch.dtype) -> JobBlock:

@@ -1,15 +1,18 @@
-"""Files that survive a kill: atomic writes (temp name, then rename) and optimizer state as
-safetensors (never pickled). Shared by BLD, GKD, scoring and the stage markers."""
+"""Files that survive a kill: atomic writes (temp name, then rename), JSON lines, optimizer state
+as safetensors (never pickled), and stage folders made with other settings moved aside. One copy
+of each helper, shared by every stage. Reading and writing text needs no torch (imported only by
+the tensor helpers)."""
 
 from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Iterable
 
-import torch
-from safetensors.torch import save_file
+if TYPE_CHECKING:
+    import torch
 
 
 def _temp_name(path: Path) -> Path:
@@ -28,9 +31,33 @@ def atomic_write_json(path: Path, data: Any, indent: int | None = 1) -> None:
     atomic_write_text(path, json.dumps(data, indent=indent))
 
 
-def atomic_save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+def write_jsonl(path: Path, rows: Iterable[dict]) -> None:
+    """One JSON object per line, written atomically."""
+    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
+
+
+def read_jsonl(path: Path, stage: str | None = None) -> list[dict]:
+    """The rows of a JSON-lines file; a missing or corrupted file is a ValueError naming the file,
+    the line and (given `stage`) the stage that writes it."""
+    fix = f"; rerun its stage: --force {stage}" if stage else ""
+    try:
+        lines = path.read_text().splitlines()
+    except OSError as err:
+        raise ValueError(f"{path} is missing or unreadable ({err}){fix}") from err
+    rows = []
+    for number, line in enumerate(lines, 1):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path} line {number} is not JSON ({err}): the file is corrupted{fix}") from err
+    return rows
+
+
+def atomic_save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
+    from safetensors.torch import save_file
+
     tmp = _temp_name(path)
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
     os.replace(tmp, path)
 
 
@@ -54,14 +81,13 @@ def optimizer_state_from_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, 
     return state
 
 
-def optimizer_tensors(optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
-    """The optimizer's per-parameter state as flat tensors named opt.<param id>.<key>."""
-    return optimizer_state_tensors(optimizer.state_dict()["state"])
-
-
-def restore_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], param_groups: list) -> None:
-    """Inverse of `optimizer_tensors` (+ the param groups saved as JSON)."""
-    # AdamW keeps a non-capturable step counter on the CPU.
-    state = {int(pid): {k: v.cpu() if k == "step" else v for k, v in entries.items()}
-             for pid, entries in optimizer_state_from_tensors(tensors).items()}
-    optimizer.load_state_dict({"state": state, "param_groups": param_groups})
+def reset_if_stale(out_dir: Path, fingerprint: str, log=print) -> None:
+    """A stage folder made with other settings must not be resumed: move it aside (kept, renamed
+    `<name>.stale-<time>`), then mark the fresh folder with `fingerprint`."""
+    marker = out_dir / "fingerprint"
+    if out_dir.exists() and (not marker.is_file() or marker.read_text() != fingerprint):
+        stale = out_dir.with_name(out_dir.name + f".stale-{int(time.time())}")
+        out_dir.rename(stale)
+        log(f"[{out_dir.name}] {out_dir} was made with another config; moved to {stale}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(marker, fingerprint)

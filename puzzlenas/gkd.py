@@ -12,22 +12,20 @@ the parent are sharded with FSDP2 (`fully_shard`) and the data is split by rank.
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file
 
-from .checkpoint import atomic_save_tensors, atomic_write_json, optimizer_state_from_tensors, optimizer_state_tensors
 from .model.modeling import DeciLMForCausalLM
+from .train import (TrainingCheckpoint, TrainingError, adamw, autocast, autocast_dtype, clip_gradients,
+                    lr_scheduler, raise_if_non_finite, settings_fingerprint)
 
 
-class GKDError(RuntimeError):
+class GKDError(TrainingError):
     """GKD cannot go on (non-finite loss, unreadable checkpoint...)."""
 
 
@@ -117,37 +115,28 @@ class GKDTrainer:
     """Distills one child from the parent; writes checkpoints and the final model to out_dir."""
 
     def __init__(self, child: DeciLMForCausalLM, parent: DeciLMForCausalLM, cfg: GKDConfig, out_dir: Path,
-                 seq_len: int, world_size: int = 1, log=print):
+                 seq_len: int, world_size: int = 1, log=print, fingerprint: str = ""):
+        """world_size > 1: child and parent sharded with `parallelize` over the ranks.
+        fingerprint: what else the checkpoint must have been made with to be resumed (the
+        child's identity, the data...); the GKD settings and seq_len are always covered."""
         self.child, self.parent, self.cfg, self.out_dir, self.log = child, parent, cfg, out_dir, log
         self.device = next(child.parameters()).device
         self.world = world_size
         self.steps = math.ceil(cfg.tokens / (cfg.batch_size * seq_len * world_size)) if cfg.tokens else 0
-        use_bf16 = cfg.autocast == "bf16" or (cfg.autocast == "auto" and self.device.type == "cuda")
-        self.autocast_dtype = torch.bfloat16 if use_bf16 else None
+        self.autocast_dtype = autocast_dtype(cfg.autocast, self.device)
         params = [p for p in child.parameters() if p.requires_grad]
-        decay = [p for p in params if p.dim() >= 2]
-        no_decay = [p for p in params if p.dim() < 2]
-        self.optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                                            {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr,
-                                           betas=tuple(cfg.betas), **_adamw_kernel(self.device, world_size))
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_lambda)
+        self.optimizer = adamw(params, cfg, self.device, sharded=world_size > 1)
+        self.scheduler = lr_scheduler(self.optimizer, self.steps, cfg)
+        # Not the world size: a checkpoint written by W ranks resumes on any number of ranks.
+        self.checkpoint = TrainingCheckpoint(out_dir, settings_fingerprint(cfg, seq_len, fingerprint),
+                                             world_size=world_size, label="GKD checkpoint", log=log)
         self.step = 0
         self.history: list[dict] = []
         if cfg.activation_checkpointing:
             child.model.gradient_checkpointing = True
 
-    def _lr_lambda(self, step: int) -> float:
-        warmup = int(self.cfg.warmup_fraction * self.steps)
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = min(1.0, (step - warmup) / max(1, self.steps - warmup))
-        floor = self.cfg.min_lr_fraction
-        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
-
     def _autocast(self):
-        if self.autocast_dtype is None:
-            return torch.autocast(self.device.type, enabled=False)
-        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+        return autocast(self.device, self.autocast_dtype)
 
     def loss_and_backward(self, batch: torch.Tensor) -> dict[str, torch.Tensor]:
         """One forward/backward of the GKD loss (gradients accumulate in the child)."""
@@ -195,9 +184,7 @@ class GKDTrainer:
             parts = self.loss_and_backward(batch.to(self.device))
             if self.world > 1:
                 sync_replicated_grads(self.child)
-                clip_grad_norm(self.child, self.cfg.grad_clip)
-            else:
-                torch.nn.utils.clip_grad_norm_(self.child.parameters(), self.cfg.grad_clip)
+            clip_gradients(self.child.parameters(), self.cfg.grad_clip, sharded=self.world > 1)
             self.optimizer.step()
             self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
@@ -205,9 +192,7 @@ class GKDTrainer:
             every = max(1, self.steps // 10)
             if self.step % every == 0 or self.step == self.steps or self.step % self.cfg.checkpoint_every == 0:
                 values = {k: v.item() for k, v in parts.items()}
-                if not math.isfinite(values["loss"]):
-                    raise GKDError(f"non-finite GKD loss at step {self.step}; lower gkd.lr (now {self.cfg.lr:g}) "
-                                   f"or use gkd.autocast=off; the last checkpoint is kept and a rerun resumes")
+                raise_if_non_finite({"the GKD loss": values["loss"]}, self.step, "gkd", self.cfg.lr, GKDError)
                 self.history.append({"step": self.step, **values, "lr": self.scheduler.get_last_lr()[0]})
                 if self.step % every == 0:
                     self.log(f"  gkd step {self.step}/{self.steps}: loss {values['loss']:.4f} (cos {values['cosine']:.4f}, "
@@ -218,91 +203,21 @@ class GKDTrainer:
         self.child.model.gradient_checkpointing = False
         return self.history
 
-    # ---- checkpoints ------------------------------------------------------------------------
-    # One format for any number of ranks: the full (unsharded) model and optimizer state,
-    # optimizer entries keyed by parameter name, gathered to rank 0 and written as safetensors
-    # + JSON. A run killed with W ranks resumes with any number of ranks. (For very large
-    # children the gather needs the whole optimizer state in rank 0's CPU memory.)
+    # ---- checkpoints (train.TrainingCheckpoint: any number of ranks, settings fingerprinted) ----
     def _checkpoint(self) -> None:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
-
-        # A collective with several ranks: every rank calls it; with cpu_offload only rank 0 gets data.
-        model_state, optim_state = get_state_dict(self.child, self.optimizer,
-                                                  options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        if _rank() == 0:
-            self.out_dir.mkdir(parents=True, exist_ok=True)
-            tensors = {f"model.{k}": v.detach() for k, v in model_state.items()}
-            tensors.update(optimizer_state_tensors(optim_state["state"]))  # keyed by parameter name
-            atomic_save_tensors(_dedupe(tensors), self.out_dir / "ckpt.safetensors")
-            meta = {"step": self.step, "world_size": self.world, "param_groups": optim_state["param_groups"],
-                    "scheduler": self.scheduler.state_dict(), "history": self.history}
-            atomic_write_json(self.out_dir / "ckpt.json", meta, indent=None)
-        if self.world > 1:
-            import torch.distributed as dist
-
-            dist.barrier()  # no rank runs ahead of a checkpoint that is still being written
+        self.checkpoint.save(self.child, self.optimizer, self.scheduler, self.step, extra={"history": self.history})
 
     def _maybe_resume(self) -> None:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
-
-        meta_path, ckpt = self.out_dir / "ckpt.json", self.out_dir / "ckpt.safetensors"
-        if not meta_path.is_file() or not ckpt.is_file():
+        saved = self.checkpoint.load(self.child, self.optimizer, self.scheduler)
+        if saved is None:
             return
-        try:
-            meta = json.loads(meta_path.read_text())
-            tensors = load_file(str(ckpt))
-            model_state = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
-            optim = {"state": optimizer_state_from_tensors(tensors), "param_groups": meta["param_groups"]}
-            if self.child.config.tie_word_embeddings and "lm_head.weight" not in model_state:
-                model_state["lm_head.weight"] = model_state["model.embed_tokens.weight"]  # one tensor, two names
-            set_state_dict(self.child, self.optimizer, model_state_dict=model_state, optim_state_dict=optim,
-                           options=StateDictOptions(full_state_dict=True))
-        except Exception as err:  # torn, foreign or stale: this child's GKD starts over, nothing else is lost
-            self.log(f"  unreadable GKD checkpoint in {self.out_dir} ({type(err).__name__}: {err}); starting over")
-            return
-        self.scheduler.load_state_dict(meta["scheduler"])
-        self.step, self.history = meta["step"], meta["history"]
-        written_by = meta.get("world_size", 1)
+        self.step, self.history = saved["step"], saved["extra"]["history"]
+        written_by = saved["world_size"]
         self.log(f"  resumed GKD at step {self.step}" + (f" (checkpoint written by {written_by} ranks, resumed "
                                                           f"on {self.world})" if written_by != self.world else ""))
 
     def clear_checkpoint(self) -> None:
-        for name in ("ckpt.safetensors", "ckpt.json"):
-            (self.out_dir / name).unlink(missing_ok=True)
-
-
-def _adamw_kernel(device: torch.device, world_size: int) -> dict:
-    """Fused AdamW on one GPU. With FSDP2 the parameters mix sharded DTensors (decoder layers)
-    and plain replicated tensors (embedding, final norm, head), which the fused and foreach
-    kernels refuse to take in one call (seen over NCCL on 2 H100s), so they step one by one."""
-    if world_size > 1:
-        return {"foreach": False, "fused": False}
-    return {"fused": device.type == "cuda"}
-
-
-def _dedupe(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """safetensors refuses shared storage (tied embeddings): keep the first name of each tensor."""
-    seen, out = set(), {}
-    for k, v in tensors.items():
-        key = (v.data_ptr(), v.shape, v.dtype) if v.numel() else (k,)
-        if key in seen:
-            continue
-        seen.add(key)
-        out[k] = v
-    return out
-
-
-def _rank() -> int:
-    return int(os.environ.get("RANK", "0"))
-
-
-def _full_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The whole state dict on rank 0, also when the model is sharded with FSDP2."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-        return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    return model.state_dict()
+        self.checkpoint.clear()
 
 
 def parallelize(child: DeciLMForCausalLM, parent: DeciLMForCausalLM) -> None:
@@ -325,26 +240,3 @@ def sync_replicated_grads(model: torch.nn.Module) -> None:
     for p in {id(p): p for p in model.parameters()}.values():
         if p.grad is not None and not isinstance(p, DTensor):
             dist.all_reduce(p.grad, op=dist.ReduceOp.AVG)
-
-
-def clip_grad_norm(model: torch.nn.Module, max_norm: float) -> None:
-    """Gradient clipping over sharded (DTensor) and replicated parameters alike: each rank sums
-    the squares of its own shards, one all-reduce adds them up; replicated gradients (equal on
-    every rank after `sync_replicated_grads`) are counted once."""
-    import torch.distributed as dist
-    from torch.distributed.tensor import DTensor
-
-    params = [p for p in {id(p): p for p in model.parameters()}.values() if p.grad is not None]
-    device = params[0].grad.device
-    sharded = torch.zeros((), device=device)
-    replicated = torch.zeros((), device=device)
-    for p in params:
-        if isinstance(p.grad, DTensor):
-            sharded += p.grad.to_local().float().pow(2).sum()
-        else:
-            replicated += p.grad.float().pow(2).sum()
-    dist.all_reduce(sharded)
-    total = (sharded + replicated).sqrt()
-    scale = (max_norm / (total + 1e-6)).clamp(max=1.0)
-    for p in params:
-        p.grad.mul_(scale)

@@ -158,8 +158,8 @@ def run_bld(cfg: RunConfig, run_dir: Path) -> Path:
     from safetensors.torch import load_file
 
     from .dist import barrier, distributed_rank
-    from .bld import (BLDTrainer, collect_metrics, coupled_jobs, decoupled_jobs,
-                      library_table, reset_if_stale, run_jobs)
+    from .bld import BLDTrainer, collect_metrics, coupled_jobs, decoupled_jobs, library_table, run_jobs
+    from .checkpoint import reset_if_stale
     from .data.corpus import token_batches
     from .library import read_space
     from .model.parent import load_parent
@@ -236,7 +236,7 @@ def run_scores(cfg: RunConfig, run_dir: Path) -> Path:
         return out
     rank, world = distributed_rank()
     if rank == 0:
-        from .bld import reset_if_stale
+        from .checkpoint import reset_if_stale
 
         reset_if_stale(out, fingerprint)
     barrier(world)
@@ -553,9 +553,9 @@ def run_gkd(cfg: RunConfig, run_dir: Path) -> Path:
               f"(KL {before['kl']:.4f} -> {after['kl']:.4f}, cosine {before['cosine']:.4f} -> {after['cosine']:.4f})")
         history = {"validation_before": before, "validation_after": after, "steps": steps,
                    "tokens": trainer.steps * gkd_cfg.batch_size * dataset.seq_len * world}
-        from .gkd import _full_state
+        from .train import full_model_state
 
-        state = _full_state(child)  # a collective with several ranks: every rank calls it
+        state = full_model_state(child)  # a collective with several ranks: every rank calls it
         if rank == 0:
             final = DeciLMForCausalLM(child.config) if world > 1 else child
             if world > 1:

@@ -11,7 +11,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from puzzlenas.gkd import GKDConfig, GKDTrainer, _full_state, parallelize
+from puzzlenas.gkd import GKDConfig, GKDTrainer, parallelize
+from puzzlenas.train import full_model_state
 from tests.test_child import make_child
 
 STEPS, B, T = 3, 2, 16
@@ -38,7 +39,7 @@ def _rank_main(rank: int, port: int, out: str, steps_before_kill: int) -> None:
     parallelize(child, parent)
     trainer = GKDTrainer(child, parent, config(), Path(out) / "ckpt", T, world_size=2, log=lambda *a: None)
     trainer.train(batches(rank)[:steps_before_kill])  # fewer batches: stops like a killed run
-    state = _full_state(child)
+    state = full_model_state(child)
     if rank == 0 and steps_before_kill == STEPS:
         save_file({k: v.contiguous() for k, v in state.items()}, str(Path(out) / "sharded.safetensors"))
     dist.barrier()  # no rank tears gloo down while the other still talks to it (a C++ abort at exit)
