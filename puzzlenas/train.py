@@ -13,7 +13,6 @@ lr, betas, weight_decay, warmup_fraction, min_lr_fraction, grad_clip, autocast.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import hashlib
@@ -228,6 +227,21 @@ def _dedupe(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], 
     return out, aliases
 
 
+def _misfit(model: nn.Module, saved: dict[str, torch.Tensor]) -> str:
+    """What keeps a saved full state dict from loading into `model` ("" when it fits); checked
+    before anything is loaded, so a model is never left half loaded. (FSDP2 keeps the names,
+    and a sharded parameter's shape is the whole tensor's.)"""
+    own = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    missing, unexpected = sorted(own.keys() - saved.keys()), sorted(saved.keys() - own.keys())
+    if missing or unexpected:
+        parts = [f"{len(names)} {what}, e.g. {names[0]}" for names, what in ((missing, "missing"),
+                                                                             (unexpected, "unexpected")) if names]
+        return "tensors " + "; ".join(parts)
+    wrong = [k for k in own if own[k] != tuple(saved[k].shape)]
+    return f"{len(wrong)} tensors of other shapes, e.g. {wrong[0]}: {tuple(saved[wrong[0]].shape)} saved, " \
+           f"{own[wrong[0]]} here" if wrong else ""
+
+
 def _tensors_metadata(path: Path) -> dict[str, str]:
     from safetensors import safe_open
 
@@ -332,6 +346,10 @@ class TrainingCheckpoint:
                 tensors[alias] = tensors[kept]  # one tensor, two names (tied embeddings)
             model_state = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
             optim_state = {"state": optimizer_state_from_tensors(tensors), "param_groups": meta["param_groups"]}
+            misfit = _misfit(model, model_state)
+            if misfit:  # e.g. a child assembled anew with other blocks since the checkpoint
+                self.log(f"  {self.label} in {self.directory} is of another model ({misfit}); starting over")
+                return None
         except Exception as err:  # torn by a kill: this run starts over, nothing else is lost
             self.log(f"  unreadable {self.label} in {self.directory} ({type(err).__name__}: {err}); starting over")
             return None

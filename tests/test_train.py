@@ -3,7 +3,7 @@ groups, autocast, clipping, non-finite losses, checkpoints stamped with their se
 
 import dataclasses
 import json
-import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,7 +12,7 @@ from puzzlenas.checkpoint import read_jsonl, reset_if_stale, write_jsonl
 from puzzlenas.gkd import GKDConfig, GKDError, GKDTrainer
 from puzzlenas.train import (TrainingCheckpoint, TrainingError, adamw, autocast, autocast_dtype, clip_gradients,
                              lr_scheduler, raise_if_non_finite, warmup_cosine)
-from tests.test_child import make_child
+from tests.test_child import MIXED_BLOCKS, make_child
 
 STEPS, B, T = 4, 2, 16
 
@@ -227,13 +227,26 @@ def test_torn_or_foreign_checkpoints_start_over_in_one_line(tmp_path):
     assert not ckpt.exists() and TrainingCheckpoint(tmp_path, "abc").load(*tiny_training()) is None
 
 
-def test_checkpoint_of_another_model_is_an_error_not_a_half_load(tmp_path):
+def test_checkpoint_of_another_model_starts_over_and_loads_nothing(tmp_path):
     model, optimizer, scheduler = tiny_training()
     TrainingCheckpoint(tmp_path, "abc").save(model, optimizer, scheduler, 0)
-    other = torch.nn.Linear(3, 3)
-    opt = adamw(other.parameters(), GKDConfig(), torch.device("cpu"))
-    with pytest.raises(TrainingError, match="does not fit this model.*delete"):
-        TrainingCheckpoint(tmp_path, "abc").load(other, opt, lr_scheduler(opt, 10, GKDConfig()))
+    logs = []
+    for other in (make_child(blocks=MIXED_BLOCKS[:3]), make_child(blocks=MIXED_BLOCKS[1:2] + MIXED_BLOCKS[1:])):
+        before = {k: v.clone() for k, v in other.state_dict().items()}
+        opt = adamw(other.parameters(), GKDConfig(), torch.device("cpu"))
+        assert TrainingCheckpoint(tmp_path, "abc", log=logs.append).load(other, opt, lr_scheduler(opt, 10, GKDConfig())) is None
+        assert_same_weights(other.state_dict(), before)
+    assert len(logs) == 2 and all("of another model" in line and "starting over" in line for line in logs)
+    assert "9 unexpected" in logs[0] and "other shapes" in logs[1]
+
+
+def test_checkpoint_that_fails_while_loading_is_an_error(tmp_path, monkeypatch):
+    model, optimizer, scheduler = tiny_training()
+    TrainingCheckpoint(tmp_path, "abc").save(model, optimizer, scheduler, 0)
+    other, opt, sched = tiny_training()
+    monkeypatch.setattr(opt, "load_state_dict", lambda state: (_ for _ in ()).throw(RuntimeError("boom")))
+    with pytest.raises(TrainingError, match="does not fit this model.*boom.*delete"):
+        TrainingCheckpoint(tmp_path, "abc").load(other, opt, sched)
 
 
 # ---- run-dir files -------------------------------------------------------------------------
@@ -261,3 +274,52 @@ def test_reset_if_stale_names_the_stage_it_resets(tmp_path):
     assert not (out / "part.json").exists() and (out / "fingerprint").read_text() == "two"
     (stale,) = tmp_path.glob("scores.stale-*")
     assert (stale / "part.json").is_file()
+
+
+# ---- two ranks (gloo, FSDP2 on CPU) ----------------------------------------------------------
+def _two_rank_main(rank: int, port: int, out: str) -> None:
+    import os
+
+    import torch.distributed as dist
+
+    from puzzlenas.gkd import parallelize
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    dist.init_process_group("gloo")
+    torch.set_num_threads(1)
+    logs: list[str] = []
+
+    def sharded_gkd(cfg: GKDConfig, data: list[torch.Tensor]) -> GKDTrainer:
+        parent, child = make_child(seed=0), make_child(seed=1)
+        parent.requires_grad_(False)
+        parallelize(child, parent)
+        trainer = GKDTrainer(child, parent, cfg, Path(out) / "ckpt", T, world_size=2, log=logs.append)
+        trainer.train(data)
+        return trainer
+
+    data = batches()[:STEPS // 2] if rank == 0 else batches()[STEPS // 2:]  # any rows: 2 steps per rank
+    cfg = gkd_config(tokens=2 * B * T * 2)  # 2 steps over 2 ranks
+    sharded_gkd(cfg, data[:1])  # killed after its first step
+    steps_after_resume = sharded_gkd(cfg, data).step
+    changed = sharded_gkd(dataclasses.replace(cfg, lr=3e-3), data)
+    Path(out, f"rank{rank}.json").write_text(json.dumps({"logs": [line for line in logs if "gkd step" not in line],
+                                                          "steps": [steps_after_resume, changed.step],
+                                                          "history": [h["step"] for h in changed.history]}))
+    dist.barrier()  # no rank tears gloo down while the other still talks to it
+    dist.destroy_process_group()
+
+
+def test_two_ranks_resume_together_and_start_over_together(tmp_path):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torch.multiprocessing.spawn(_two_rank_main, args=(port, str(tmp_path)), nprocs=2, join=True)
+    for rank in range(2):
+        got = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert got["steps"] == [2, 2] and got["history"] == [1, 2]
+        resumed, restarted = got["logs"]
+        assert resumed == "  resumed GKD at step 1"
+        assert "made with other settings" in restarted and "starting over" in restarted
