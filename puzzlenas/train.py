@@ -132,7 +132,7 @@ def non_finite(losses: dict[str, torch.Tensor | float]) -> list[str]:
 
 
 def raise_if_non_finite(losses: dict[str, torch.Tensor | float], step: int, section: str, lr: float,
-                 error: type[TrainingError] = TrainingError) -> None:
+                        error: type[TrainingError] = TrainingError) -> None:
     """Stop before a non-finite loss reaches a checkpoint, naming what diverged and the fix."""
     bad = non_finite(losses)
     if bad:
