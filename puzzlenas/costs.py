@@ -35,7 +35,7 @@ import torch
 
 from .model.blocks import AttentionConfig, BlockConfig, FFNConfig
 from .model.info import DTYPE_BYTES, attention_params, ffn_params, fixed_params
-from .model.inference import StaticKVCache, measure_generation, static_forward, time_fn
+from .model.inference import decode_positions, mean_over_fills, measure_generation, time_decode_over_fills, time_fn
 from .model.modeling import DeciLMConfig, DeciLMDecoderLayer, DeciLMForCausalLM, ForwardContext
 
 
@@ -63,12 +63,19 @@ class CostConfig:
     check_children: int = 2  # random children measured end to end against the sum of their blocks
     stack_layers: int | str = "auto"  # copies of a block timed in a row (see the module docstring)
     calibrate: bool = True  # fold the whole-model check into the table (needs check_children >= 1)
+    decode_fills: int = 3  # cache fills at which decode steps are timed, then integrated over the generation
+    # A costs.json recorded earlier (an earlier run's costs/costs.json, e.g. measured on the deployment
+    # device): used instead of measuring here; the whole-model check still runs, as a report.
+    recorded: str | None = None
 
     def validate(self) -> None:
         if self.dtype not in ("bfloat16", "float16", "float32"):
             raise ValueError(f"costs.dtype = {self.dtype!r}; allowed: bfloat16, float16, float32")
         if self.stack_layers != "auto" and not (isinstance(self.stack_layers, int) and self.stack_layers >= 1):
             raise ValueError(f"costs.stack_layers = {self.stack_layers!r}; allowed: auto or an int >= 1")
+        if not (isinstance(self.decode_fills, int) and self.decode_fills >= 1):
+            raise ValueError(f"costs.decode_fills = {self.decode_fills!r}; allowed: an int >= 1 (3 is exact for "
+                             f"step costs linear in the fill)")
         names = [s.name for s in self.scenarios]
         if not names or len(set(names)) != len(names):
             raise ValueError(f"costs.scenarios needs at least one scenario and unique names, got {names}")
@@ -110,31 +117,39 @@ def _random_layer(model_config: DeciLMConfig, block: BlockConfig, dtype, device,
 
 @torch.no_grad()
 def time_layer(model_config: DeciLMConfig, block: BlockConfig, scenario: Scenario, dtype: torch.dtype,
-               device: torch.device, iters: int, copies: int = 1) -> dict[str, float]:
-    """Prefill and decode-step seconds of one layer on the static-cache path: `copies`
-    independent copies (own weights, own KV buffers) run in a row, time divided by copies."""
-    layers = [_random_layer(model_config, block, dtype, device, cache_index=i if block.attention.kind == "gqa" else 0)
+               device: torch.device, iters: int, copies: int = 1, fill_levels: int = 3) -> dict:
+    """Prefill seconds and decode-step seconds at a few cache fills of one layer on the fast
+    path: `copies` independent copies (own weights, own KV buffers) run in a row, time divided
+    by copies. Returns {"prefill": s, "decode": mean step over the generation, "decode_by_fill": {fill: s}}."""
+    from .model.fast import FastLayer, KVCache, prefill_layers, rope_tables, run_layers
+
+    layers = [FastLayer.of(_random_layer(model_config, block, dtype, device), i if block.attention.kind == "gqa" else -1)
               for i in range(copies)]
     B, N = scenario.batch_size, scenario.prompt_tokens
-    max_len = N + scenario.generate_tokens
-    cache = StaticKVCache.for_blocks([block] * copies, model_config.head_dim, B, max_len, dtype, device)
-    rotary = _rotary(model_config, device)
-    out = {}
-    for phase, T, pos in (("prefill", N, 0), ("decode", 1, max_len - 1)):
-        x = torch.randn(B, T, model_config.hidden_size, dtype=dtype, device=device)
-        q_pos = torch.arange(pos, pos + T, device=device)
-        cos, sin = rotary(q_pos.unsqueeze(0).expand(B, T), dtype)
-        mask = (torch.arange(max_len, device=device)[None, :] <= q_pos[:, None])[None, None]
-        ctx = ForwardContext(cos, sin, mask, False, cache)
+    kv_heads = [block.attention.num_kv_heads] * copies if block.attention.kind == "gqa" else []
+    cache = KVCache(kv_heads, model_config.head_dim, B, N + scenario.generate_tokens, dtype, device)
+    inv_freq = _rotary(model_config, device).inv_freq
+    args = (cache, model_config.rms_norm_eps, model_config.num_attention_heads, model_config.head_dim,
+            device.type == "cuda")
+    x_prefill = torch.randn(B, N, model_config.hidden_size, dtype=dtype, device=device)
+    cos_p, sin_p = rope_tables(torch.arange(N, device=device)[None].expand(B, N), inv_freq, dtype)
+    x_step = torch.randn(B, model_config.hidden_size, dtype=dtype, device=device)
 
-        def run(x=x, ctx=ctx, pos=pos) -> None:
-            cache.pos.fill_(pos)
-            for layer in layers:  # each copy reads the same input: the cost of one is what counts
-                layer(x, ctx)
+    def prefill() -> None:  # each copy reads the same input: the cost of one is what counts
+        for layer in layers:
+            prefill_layers([layer], x_prefill, cos_p, sin_p, *args)
 
-        calls = 1 if phase == "prefill" or copies > 1 else 8
-        out[phase] = time_fn(run, device, iters=iters, calls_per_sample=calls) / copies
-    return out
+    cos, sin = rope_tables(torch.full((B,), N, device=device), inv_freq, dtype)  # values do not change the cost
+
+    def decode() -> None:
+        for layer in layers:
+            run_layers([layer], x_step, cos, sin, *args)
+
+    by_fill = time_decode_over_fills(decode, cache.lengths, decode_positions(N, scenario.generate_tokens, fill_levels),
+                                     device, iters, calls_per_sample=1 if copies > 1 else 8)
+    return {"prefill": time_fn(prefill, device, iters=iters) / copies,
+            "decode": mean_over_fills(by_fill) / copies,
+            "decode_by_fill": {str(p): t / copies for p, t in by_fill.items()}}
 
 
 def _rotary(model_config: DeciLMConfig, device):
@@ -144,65 +159,142 @@ def _rotary(model_config: DeciLMConfig, device):
 
 
 @torch.no_grad()
-def time_fixed(model_config: DeciLMConfig, scenario: Scenario, dtype, device, iters: int) -> dict[str, float]:
-    """Embedding, RoPE tables, masks, final norm, LM head and argmax: a model with no layers."""
+def time_fixed(model_config: DeciLMConfig, scenario: Scenario, dtype, device, iters: int,
+               fill_levels: int = 3) -> dict:
+    """Embedding, RoPE tables, final norm, LM head and argmax: a model with no layers, on the fast path."""
+    from .model.fast import FastRunner
+
     empty = DeciLMConfig(**{**model_config.to_dict(), "block_configs": [], "num_hidden_layers": 0})
     with torch.device(device):
         model = DeciLMForCausalLM(empty).to(dtype).eval()
     B, N, M = scenario.batch_size, scenario.prompt_tokens, scenario.generate_tokens
-    cache = StaticKVCache(model, B, N + M)
+    runner = FastRunner(model, B, N + M)
     prompt = torch.randint(0, empty.vocab_size, (B, N), device=device)
-    token = torch.zeros(B, 1, dtype=torch.long, device=device)
+    token = torch.zeros(B, dtype=torch.long, device=device)
 
     def prefill() -> None:
-        cache.pos.zero_()
-        token.copy_(static_forward(model, prompt, cache).argmax(-1, keepdim=True))
+        token.copy_(runner.prefill(prompt).argmax(-1))
 
     def decode() -> None:
-        cache.pos.fill_(N + M - 1)
-        token.copy_(static_forward(model, token, cache).argmax(-1, keepdim=True))
+        token.copy_(runner.decode_step(token).argmax(-1))
 
-    return {"prefill": time_fn(prefill, device, iters=iters),
-            "decode": time_fn(decode, device, iters=iters, calls_per_sample=8)}
+    by_fill = time_decode_over_fills(decode, runner.cache.lengths, decode_positions(N, M, fill_levels), device, iters)
+    return {"prefill": time_fn(prefill, device, iters=iters), "decode": mean_over_fills(by_fill),
+            "decode_by_fill": {str(p): t for p, t in by_fill.items()}}
 
 
-def scenario_costs(times: dict[str, float], scenario: Scenario) -> dict[str, float]:
-    """Cost keys of one measured part for one scenario (seconds)."""
+def mean_context(scenario: Scenario) -> float:
+    """Mean number of cached positions a decode step of the scenario reads (fills N+1 .. N+M)."""
+    return scenario.prompt_tokens + (scenario.generate_tokens + 1) / 2
+
+
+def scenario_costs(times: dict, scenario: Scenario, read_bytes: float | None = None) -> dict[str, float]:
+    """Cost keys of one measured part for one scenario (seconds; `read_bytes`: bytes a mean decode
+    step must read for this part, weights + KV at the mean fill)."""
     name = scenario.name
-    return {f"prefill_s/{name}": times["prefill"], f"decode_s/{name}": times["decode"],
-            f"generate_s/{name}": times["prefill"] + scenario.generate_tokens * times["decode"]}
+    out = {f"prefill_s/{name}": times["prefill"], f"decode_s/{name}": times["decode"],
+           f"generate_s/{name}": times["prefill"] + scenario.generate_tokens * times["decode"]}
+    if read_bytes is not None:
+        out[f"read_bytes/{name}"] = float(read_bytes)
+    return out
+
+
+def copy_bandwidth(device: torch.device, iters: int = 10) -> float:
+    """Bytes per second a plain device-to-device copy moves (read + write) on `device`: the
+    achievable memory bandwidth the decode costs are compared with."""
+    nbytes = (1 << 30) if device.type == "cuda" else (128 << 20)
+    src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).uniform_()
+    dst = torch.empty_like(src)
+    seconds = time_fn(lambda: dst.copy_(src), device, iters=iters)
+    return 2 * nbytes / seconds
 
 
 def measure_costs(model_config: DeciLMConfig, attention: list[AttentionConfig], ffn: list[FFNConfig],
                   cfg: CostConfig, device: torch.device, log=print) -> dict:
-    """Costs of every distinct subblock shape, the fixed parts, and the device record."""
+    """Costs of every distinct subblock shape, the fixed parts, and the device record.
+
+    Per scenario and part: prefill_s, decode_s (the mean decode step of the generation, integrated
+    over the fills it passes through), generate_s = prefill + M x decode, and read_bytes (bytes a
+    mean decode step must read: weights + KV at the mean fill). The step times per timed fill
+    are kept under table["decode_by_fill"]."""
     dtype = getattr(torch, cfg.dtype)
     nbytes = DTYPE_BYTES[cfg.dtype]
     table: dict = {"attention": {}, "ffn": {}, "fixed": {}}
+    by_fill: dict = {"attention": {}, "ffn": {}, "fixed": {}}
     noop_ffn, noop_att = FFNConfig("no_op"), AttentionConfig("no_op")
     fixed = {"params_bytes": fixed_params(model_config) * nbytes, "kv_bytes_per_token": 0}
+    # a decode step reads the LM head, the final norm and B embedding rows
+    head_bytes = (model_config.vocab_size + 1) * model_config.hidden_size * nbytes
     for s in cfg.scenarios:
-        fixed.update(scenario_costs(time_fixed(model_config, s, dtype, device, cfg.iters), s))
+        times = time_fixed(model_config, s, dtype, device, cfg.iters, cfg.decode_fills)
+        fixed.update(scenario_costs(times, s, head_bytes + s.batch_size * model_config.hidden_size * nbytes))
+        by_fill["fixed"][s.name] = times["decode_by_fill"]
     table["fixed"] = fixed
     for kind, configs in (("attention", attention), ("ffn", ffn)):
         for c in dict.fromkeys(configs):
             block = BlockConfig(c, noop_ffn) if kind == "attention" else BlockConfig(noop_att, c)
             params = attention_params(model_config, block) if kind == "attention" else ffn_params(model_config, block)
-            entry = {"params_bytes": params * nbytes,
-                     "kv_bytes_per_token": 2 * c.num_kv_heads * model_config.head_dim * nbytes
-                     if kind == "attention" and c.kind == "gqa" else 0}
+            kv_per_token = 2 * c.num_kv_heads * model_config.head_dim * nbytes \
+                if kind == "attention" and c.kind == "gqa" else 0
+            entry = {"params_bytes": params * nbytes, "kv_bytes_per_token": kv_per_token}
+            fills = by_fill[kind].setdefault(subblock_key(c), {})
             for s in cfg.scenarios:
+                read = params * nbytes + kv_per_token * s.batch_size * mean_context(s)
                 if c.kind == "no_op":
-                    entry.update(scenario_costs({"prefill": 0.0, "decode": 0.0}, s))
+                    entry.update(scenario_costs({"prefill": 0.0, "decode": 0.0}, s, 0.0))
                 else:
                     copies = stack_size(cfg, model_config, block, device)
-                    entry.update(scenario_costs(time_layer(model_config, block, s, dtype, device, cfg.iters,
-                                                           copies), s))
+                    times = time_layer(model_config, block, s, dtype, device, cfg.iters, copies, cfg.decode_fills)
+                    entry.update(scenario_costs(times, s, read))
+                    fills[s.name] = times["decode_by_fill"]
             table[kind][subblock_key(c)] = entry
             log(f"  {kind:<9} {subblock_key(c):<12} " + "  ".join(
                 f"{s.name}: prefill {entry[f'prefill_s/{s.name}'] * 1e3:.3f} ms, decode "
                 f"{entry[f'decode_s/{s.name}'] * 1e6:.1f} us" for s in cfg.scenarios))
+    table["decode_by_fill"] = by_fill
     table["device"] = device_record(device, cfg)
+    table["device"]["copy_bandwidth_Bps"] = copy_bandwidth(device)
+    return table
+
+
+def load_recorded_table(path: str, attention: list[AttentionConfig], ffn: list[FFNConfig],
+                        scenarios: list[Scenario]) -> dict:
+    """A recorded cost table, reduced to `scenarios`, after checking it prices every subblock of
+    the library in every scenario with the same batch and token counts."""
+    import json
+    from pathlib import Path
+
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise ValueError(f"costs.recorded = {path!r} cannot be read as a cost table ({err}); give the path of "
+                         f"an earlier run's costs/costs.json or remove costs.recorded") from err
+    recorded = {s["name"]: s for s in data.get("device", {}).get("scenarios", [])}
+    problems = []
+    for s in scenarios:
+        if s.name not in recorded:
+            problems.append(f"scenario {s.name} (recorded: {sorted(recorded)})")
+        elif any(recorded[s.name][k] != getattr(s, k) for k in ("batch_size", "prompt_tokens", "generate_tokens")):
+            problems.append(f"scenario {s.name} with other sizes ({recorded[s.name]})")
+    for kind, configs in (("attention", attention), ("ffn", ffn)):
+        for c in dict.fromkeys(configs):
+            if subblock_key(c) not in data.get(kind, {}):
+                problems.append(f"{kind} {subblock_key(c)}")
+    if problems:
+        raise ValueError(f"costs.recorded = {path!r} has no costs for: {'; '.join(problems)}; record a table for "
+                         f"this library and these scenarios (`puzzlenas costs` on the target device) or remove "
+                         f"costs.recorded to measure here")
+    names = {s.name for s in scenarios}
+
+    def keep(entry: dict) -> dict:
+        return {k: v for k, v in entry.items() if "/" not in k or k.split("/", 1)[1] in names}
+
+    table = {kind: {key: keep(e) for key, e in data[kind].items()} for kind in ("attention", "ffn")}
+    table["fixed"] = keep(data["fixed"])
+    table["device"] = {**data["device"], "scenarios": [recorded[s.name] for s in scenarios], "recorded_from": str(path)}
+    for extra in ("calibration", "uncalibrated", "decode_by_fill"):
+        if extra in data:
+            table[extra] = data[extra]
     return table
 
 
@@ -211,7 +303,9 @@ def device_record(device: torch.device, cfg: CostConfig) -> dict:
 
     record = {"device": str(device), "dtype": cfg.dtype, "torch": torch.__version__,
               "transformers": transformers.__version__, "python": platform.python_version(),
-              "timing": "CUDA graphs + CUDA events, medians" if device.type == "cuda" else "wall clock, medians",
+              "timing": "fast path (compiled blocks, split-KV attention), CUDA graphs + CUDA events, medians"
+              if device.type == "cuda" else "fast path (eager), wall clock, medians",
+              "decode": f"mean step over the generation: {cfg.decode_fills} fills, trapezoid",
               "stack_layers": cfg.stack_layers, "scenarios": [vars(s) for s in cfg.scenarios]}
     if device.type == "cuda":
         record["name"] = torch.cuda.get_device_name(device)
@@ -255,8 +349,9 @@ def check_against_whole_models(model_config: DeciLMConfig, table: dict, children
             model = DeciLMForCausalLM(config).to(dtype).eval()
         predicted = predicted_costs(table, blocks)
         for s in cfg.scenarios:
-            measured = measure_generation(model, s.batch_size, s.prompt_tokens, s.generate_tokens, iters=cfg.iters)
-            row = {"model": name, "scenario": s.name,
+            measured = measure_generation(model, s.batch_size, s.prompt_tokens, s.generate_tokens, iters=cfg.iters,
+                                          fill_levels=cfg.decode_fills)
+            row = {"model": name, "scenario": s.name, "read_bytes": predicted.get(f"read_bytes/{s.name}"),
                    "prefill_s": measured["prefill_s"], "prefill_s_predicted": predicted[f"prefill_s/{s.name}"],
                    "decode_s": measured["decode_step_s"], "decode_s_predicted": predicted[f"decode_s/{s.name}"],
                    "generate_s": measured["generate_s"], "generate_s_predicted": predicted[f"generate_s/{s.name}"]}
@@ -325,3 +420,46 @@ def calibrated_check(table: dict, check: list[dict], children: dict[str, list[Bl
             row[f"{k}_calibrated_error"] = row[f"{k}_calibrated"] / r[k] - 1
         rows.append(row)
     return rows
+
+
+def costs_table(table: dict, check: list[dict]) -> str:
+    """The text table of `puzzlenas costs`: per scenario and subblock, parameters, KV bytes per
+    token, prefill and mean decode-step times, and the bandwidth each decode step achieved (bytes
+    it must read / time) as a share of the device's copy bandwidth; then the whole-model check."""
+    dev = table["device"]
+    copy_bw = dev.get("copy_bandwidth_Bps")
+    lines = [f"costs on {dev.get('name')} ({dev['dtype']}, {dev['timing']}), torch {dev['torch']}"]
+    if copy_bw:
+        lines.append(f"copy bandwidth {copy_bw / 1e9:.1f} GB/s (read + write of a device copy); "
+                     f"'GB/s' = bytes a mean decode step must read (weights + KV at the mean fill) / its time")
+
+    def bandwidth(read: float | None, seconds: float) -> str:
+        if read is None or seconds <= 0 or not read:
+            return f"{'':>8} {'':>6}"
+        bw = read / seconds
+        return f"{bw / 1e9:>8.1f} {bw / copy_bw:>6.0%}" if copy_bw else f"{bw / 1e9:>8.1f} {'':>6}"
+
+    for s in dev["scenarios"]:
+        n = s["name"]
+        lines.append(f"scenario {n}: batch {s['batch_size']}, prompt {s['prompt_tokens']}, "
+                     f"generate {s['generate_tokens']}")
+        lines.append(f"  {'subblock':<20} {'params MiB':>10} {'KV B/tok':>9} {'prefill ms':>11} {'decode us':>10} "
+                     f"{'GB/s':>8} {'of copy':>6}")
+        rows = [(kind[:4] + " " + key, e) for kind in ("attention", "ffn") for key, e in table[kind].items()]
+        for label, e in rows + [("fixed (embed, head)", table["fixed"])]:
+            lines.append(f"  {label:<20} {e['params_bytes'] / 2**20:>10.2f} {e['kv_bytes_per_token']:>9} "
+                         f"{e[f'prefill_s/{n}'] * 1e3:>11.3f} {e[f'decode_s/{n}'] * 1e6:>10.1f} "
+                         + bandwidth(e.get(f"read_bytes/{n}"), e[f"decode_s/{n}"]))
+    lines.append("check: whole model measured end to end vs the sum of its blocks")
+    for r in check:
+        lines.append(f"  {r['model']:<10} {r['scenario']}: decode step {r['decode_s'] * 1e3:.3f} ms measured, "
+                     f"{r['decode_s_predicted'] * 1e3:.3f} predicted ({r['decode_s_error']:+.1%}); prefill "
+                     f"{r['prefill_s_error']:+.1%}; generation {r['generate_s_error']:+.1%}"
+                     + (f"; calibrated: decode {r['decode_s_calibrated_error']:+.1%}, prefill "
+                        f"{r['prefill_s_calibrated_error']:+.1%}" if "decode_s_calibrated" in r else "")
+                     + (f"; decode reads {r['read_bytes'] / 1e6:.3f} MB at"
+                        f"{bandwidth(r['read_bytes'], r['decode_s'])}" if r.get("read_bytes") else ""))
+    for key, fit in table.get("calibration", {}).items():
+        lines.append(f"  calibration {key}: measured = {fit['scale']:.3f} x block sum + "
+                     f"{fit['offset_s'] * 1e3:.3f} ms (fit on {fit['models']} models; folded into the table above)")
+    return "\n".join(lines)

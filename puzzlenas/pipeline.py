@@ -275,7 +275,8 @@ def costs_fingerprint(cfg: RunConfig) -> str:
 
 def run_costs(cfg: RunConfig, run_dir: Path) -> Path:
     """Measured prefill / decode cost of every subblock shape, memory, and the whole-model check."""
-    from .costs import calibrate, calibrated_check, check_against_whole_models, measure_costs, random_children
+    from .costs import (calibrate, calibrated_check, check_against_whole_models, costs_table, load_recorded_table,
+                        measure_costs, random_children)
     from .library import read_space
     from .model.modeling import DeciLMConfig
 
@@ -289,12 +290,15 @@ def run_costs(cfg: RunConfig, run_dir: Path) -> Path:
     space = read_space(run_dir / "library" / "space.json")
     attention = [v.config for att, _ in space for v in att]
     ffn = [v.config for _, f in space for v in f]
-    table = measure_costs(config, attention, ffn, cfg.costs, device)
+    if cfg.costs.recorded:  # priced elsewhere (or earlier): the check below reports how well it fits here
+        table = load_recorded_table(cfg.costs.recorded, attention, ffn, cfg.costs.scenarios)
+    else:
+        table = measure_costs(config, attention, ffn, cfg.costs, device)
     children = {"parent": config.blocks}
     for k, blocks in enumerate(random_children(space, cfg.costs.check_children, cfg.seed)):
         children[f"random-{k}"] = blocks
     check = check_against_whole_models(config, table, children, cfg.costs, device)
-    if cfg.costs.calibrate:
+    if cfg.costs.calibrate and not cfg.costs.recorded:
         calibrate(table, check, cfg.costs.scenarios)
         check = calibrated_check(table, check, children)
     atomic_write_json(out / "costs.json", table)
@@ -304,35 +308,6 @@ def run_costs(cfg: RunConfig, run_dir: Path) -> Path:
     print(text)
     mark_done(out, fingerprint, device=table["device"].get("name"))
     return out
-
-
-def costs_table(table: dict, check: list[dict]) -> str:
-    dev = table["device"]
-    lines = [f"costs on {dev.get('name')} ({dev['dtype']}, {dev['timing']}), torch {dev['torch']}"]
-    for s in dev["scenarios"]:
-        n = s["name"]
-        lines.append(f"scenario {n}: batch {s['batch_size']}, prompt {s['prompt_tokens']}, "
-                     f"generate {s['generate_tokens']}")
-        lines.append(f"  {'subblock':<20} {'params MiB':>10} {'KV B/tok':>9} {'prefill ms':>11} {'decode us':>10}")
-        for kind in ("attention", "ffn"):
-            for key, e in table[kind].items():
-                lines.append(f"  {kind[:4] + ' ' + key:<20} {e['params_bytes'] / 2**20:>10.2f} "
-                             f"{e['kv_bytes_per_token']:>9} {e[f'prefill_s/{n}'] * 1e3:>11.3f} "
-                             f"{e[f'decode_s/{n}'] * 1e6:>10.1f}")
-        f = table["fixed"]
-        lines.append(f"  {'fixed (embed, head)':<20} {f['params_bytes'] / 2**20:>10.2f} {0:>9} "
-                     f"{f[f'prefill_s/{n}'] * 1e3:>11.3f} {f[f'decode_s/{n}'] * 1e6:>10.1f}")
-    lines.append("check: whole model measured end to end vs the sum of its blocks")
-    for r in check:
-        lines.append(f"  {r['model']:<10} {r['scenario']}: decode step {r['decode_s'] * 1e3:.3f} ms measured, "
-                     f"{r['decode_s_predicted'] * 1e3:.3f} predicted ({r['decode_s_error']:+.1%}); prefill "
-                     f"{r['prefill_s_error']:+.1%}; generation {r['generate_s_error']:+.1%}"
-                     + (f"; calibrated: decode {r['decode_s_calibrated_error']:+.1%}, prefill "
-                        f"{r['prefill_s_calibrated_error']:+.1%}" if "decode_s_calibrated" in r else ""))
-    for key, fit in table.get("calibration", {}).items():
-        lines.append(f"  calibration {key}: measured = {fit['scale']:.3f} x block sum + "
-                     f"{fit['offset_s'] * 1e3:.3f} ms (fit on {fit['models']} models; folded into the table above)")
-    return "\n".join(lines)
 
 
 # ---- stage: search ----------------------------------------------------------------------------

@@ -131,3 +131,58 @@ def test_peak_memory_counts_only_the_measured_model():
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     assert beside["peak_memory_bytes"] == pytest.approx(alone["peak_memory_bytes"], rel=0.05, abs=2**20)
     assert alone["peak_memory_bytes"] >= weights + alone["kv_cache_bytes"]
+
+
+def test_decode_cost_is_integrated_over_the_fills_of_the_generation():
+    from puzzlenas.model.inference import decode_positions, mean_over_fills
+
+    assert decode_positions(128, 1024) == [128, 640, 1151]  # fills of the first, middle and last step
+    assert decode_positions(16, 1) == [16] and decode_positions(16, 2, 3) == [16, 17]
+    linear = {p: 1.0 + 0.01 * p for p in decode_positions(128, 1024)}
+    steps = [1.0 + 0.01 * p for p in range(128, 128 + 1024)]
+    assert mean_over_fills(linear) == pytest.approx(sum(steps) / len(steps))  # exact for a linear cost
+    assert mean_over_fills({5: 2.0}) == 2.0
+    with pytest.raises(ValueError, match="decode_fills"):
+        CostConfig(decode_fills=0).validate()
+
+
+def test_cost_table_records_bytes_read_fills_and_bandwidth():
+    from puzzlenas.costs import costs_table, mean_context
+
+    config = make_child().config
+    s = Scenario("tiny", 2, 6, 4)
+    cfg = CostConfig(scenarios=[s], dtype="float32", iters=2, check_children=0)
+    table = measure_costs(config, [b.attention for b in MIXED_BLOCKS], [b.ffn for b in MIXED_BLOCKS], cfg,
+                          torch.device("cpu"), log=lambda *a: None)
+    kv1 = table["attention"]["gqa kv=1"]
+    assert mean_context(s) == 6 + 2.5  # fills 7..10 read
+    assert kv1["read_bytes/tiny"] == kv1["params_bytes"] + kv1["kv_bytes_per_token"] * 2 * 8.5
+    assert table["attention"]["no-op"]["read_bytes/tiny"] == 0.0
+    assert set(table["decode_by_fill"]["attention"]["gqa kv=1"]["tiny"]) == {"6", "8", "9"}
+    assert table["device"]["copy_bandwidth_Bps"] > 0
+    text = costs_table(table, [])
+    assert "copy bandwidth" in text and "GB/s" in text and "of copy" in text
+
+
+def test_a_recorded_table_is_checked_against_the_library_and_scenarios(tmp_path):
+    import json
+
+    from puzzlenas.costs import load_recorded_table
+    from puzzlenas.model.blocks import AttentionConfig, FFNConfig
+    from tests.test_pipeline import RECORDED_COSTS
+
+    attention = [AttentionConfig("gqa", 2), AttentionConfig("no_op")]
+    ffn = [FFNConfig("gated", 96), FFNConfig("no_op")]
+    tiny = Scenario("tiny", 2, 16, 8)
+    table = load_recorded_table(RECORDED_COSTS, attention, ffn, [tiny])
+    assert [s["name"] for s in table["device"]["scenarios"]] == ["tiny"]
+    assert not any(k.endswith("/wide") for k in table["fixed"])  # reduced to the asked scenarios
+    predicted_costs(table, [])  # every kept key is priced
+    with pytest.raises(ValueError, match="ffn ffn 64.*remove costs.recorded"):
+        load_recorded_table(RECORDED_COSTS, attention, [FFNConfig("gated", 64)], [tiny])
+    with pytest.raises(ValueError, match="scenario tiny with other sizes"):
+        load_recorded_table(RECORDED_COSTS, attention, ffn, [Scenario("tiny", 3, 16, 8)])
+    (tmp_path / "bad.json").write_text("{")
+    with pytest.raises(ValueError, match="cannot be read"):
+        load_recorded_table(str(tmp_path / "bad.json"), attention, ffn, [tiny])
+    assert json.loads(open(RECORDED_COSTS).read())["device"]["name"]

@@ -1,6 +1,7 @@
 """The chained stages after BLD on a tiny parent: scores, costs, search."""
 
 import json
+from pathlib import Path
 
 import torch
 
@@ -13,12 +14,16 @@ from puzzlenas.mip import InfeasibleBudgetError
 from tests.conftest import tiny_run_config
 
 SCENARIO = {"name": "tiny", "batch_size": 2, "prompt_tokens": 16, "generate_tokens": 8}
+# Searches read a cost table recorded once (benchmarks/record_test_costs.py): timings of a 3-layer
+# toy on a busy machine are noise, and a search on them once found 1.3x infeasible.
+RECORDED_COSTS = str(Path(__file__).parent / "data" / "tiny_costs.json")
 
 
 def config(inputs, **search) -> dict:
     cfg = tiny_run_config(inputs, tokens=2048)
     cfg["scoring"] = {"tokens": 256, "batch_size": 4}
-    cfg["costs"] = {"dtype": "float32", "iters": 3, "check_children": 1, "scenarios": [SCENARIO]}
+    cfg["costs"] = {"dtype": "float32", "iters": 3, "check_children": 1, "scenarios": [SCENARIO],
+                    "recorded": RECORDED_COSTS}
     cfg["gkd"] = {"tokens": 2048, "batch_size": 4, "lr": 5e-5, "checkpoint_every": 3, "validation_tokens": 512}
     cfg["eval"] = {"tokens": 256, "batch_size": 4, "tasks": [], "throughput_iters": 2,
                    "chat_prompts": ["w5 w6"], "plain_prompts": ["w7 w8 w9"], "sample_tokens": 6}

@@ -1,10 +1,14 @@
-"""Static-KV-cache inference: the one path that costs, throughput and the generation
-benchmark all use, for parent and child alike.
+"""Timing of models and generations.
 
-Each GQA layer owns a preallocated (B, kv_heads, max_len, D) K and V buffer; the write
-position is a device tensor, so a prefill or a decode step has static shapes and no host
-synchronization and can be captured in a CUDA graph. Attention reads the whole buffer under
-a validity mask (keys at positions <= the query's), as static-cache engines do.
+`measure_generation` times a whole generation on the fast path (`fast.py`: fused weights,
+compiled blocks on CUDA, attention over each row's filled cache only, CUDA graphs): the
+prefill, and the decode step at a few fill levels of the scenario (prompt .. prompt +
+generated), integrated over the lengths the generation passes through (trapezoid), since a
+step costs more as the cache fills.
+
+`StaticKVCache` / `static_forward` are the previous path (attention over the whole
+preallocated buffer under a validity mask, eager kernels), kept as the baseline that
+benchmarks/fast_decode.py compares the fast path with.
 """
 
 from __future__ import annotations
@@ -160,40 +164,78 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def decode_positions(prompt_tokens: int, generate_tokens: int, levels: int = 3) -> list[int]:
+    """Cache fills (tokens already cached) at which a decode step is timed: `levels` points
+    spread evenly over the generation's steps, whose fills run prompt .. prompt + generated - 1."""
+    first, last = prompt_tokens, prompt_tokens + generate_tokens - 1
+    if levels < 2 or last == first:
+        return [first] if last == first or levels < 2 else [first, last]
+    return sorted({round(first + (last - first) * i / (levels - 1)) for i in range(levels)})
+
+
+def mean_over_fills(times: dict[int, float]) -> float:
+    """Mean step time over the fills between the first and last timed one: the trapezoid
+    integral of the piecewise-linear interpolation, divided by the span."""
+    points = sorted(times.items())
+    if len(points) == 1:
+        return points[0][1]
+    area = sum((p1 - p0) * (t0 + t1) / 2 for (p0, t0), (p1, t1) in zip(points, points[1:]))
+    return area / (points[-1][0] - points[0][0])
+
+
+def time_decode_over_fills(step: Callable[[], object], lengths: torch.Tensor, positions: list[int],
+                           device: torch.device, iters: int, use_graph: bool = True,
+                           calls_per_sample: int = 4) -> dict[int, float]:
+    """Median seconds of `step` with every row's cache filled to each position."""
+    out = {}
+    for p in positions:
+        def at_fill(p=p) -> None:
+            lengths.fill_(p)
+            step()
+
+        out[p] = time_fn(at_fill, device, iters=iters, calls_per_sample=calls_per_sample, use_graph=use_graph)
+    return out
+
+
 @torch.no_grad()
 def measure_generation(model: DeciLMForCausalLM, batch_size: int, prompt_tokens: int, generate_tokens: int,
-                       iters: int = 5, use_graph: bool = True) -> dict:
-    """End-to-end greedy generation on the static-cache path: prefill `prompt_tokens`, then
-    `generate_tokens` decode steps. Returns prefill / decode-step times (medians), tokens/s
-    and, on CUDA, peak memory: the model's weights + KV cache + work space of this run, whatever
-    else is on the device excluded."""
+                       iters: int = 5, use_graph: bool = True, fill_levels: int = 3) -> dict:
+    """A greedy generation on the fast path: prefill `prompt_tokens`, then `generate_tokens`
+    decode steps whose cost is integrated over the fills they pass through. Returns prefill
+    and mean decode-step times (medians), the step time per timed fill, tokens/s and, on CUDA,
+    peak memory: the model's weights + KV cache + work space of this run, whatever else is on
+    the device excluded (the runner's fused weight copies counted once, as an engine stores them)."""
+    from .fast import FastRunner
+
     device = model.model.embed_tokens.weight.device
     V = model.config.vocab_size
     max_len = prompt_tokens + generate_tokens
     _warm_up(model, device)
     base = _memory_baseline(device)  # before the cache: peak = this model's weights + cache + work space
-    cache = StaticKVCache(model, batch_size, max_len)
+    runner = FastRunner(model, batch_size, max_len)
     prompt = torch.randint(0, V, (batch_size, prompt_tokens), device=device)
-    token = torch.zeros(batch_size, 1, dtype=torch.long, device=device)
+    token = torch.zeros(batch_size, dtype=torch.long, device=device)
 
     def prefill() -> None:
-        cache.pos.zero_()
-        token.copy_(static_forward(model, prompt, cache).argmax(-1, keepdim=True))
+        token.copy_(runner.prefill(prompt).argmax(-1))
 
     def decode() -> None:
-        cache.pos.fill_(max_len - 1)  # the last step: attention over the full buffer
-        token.copy_(static_forward(model, token, cache).argmax(-1, keepdim=True))
+        token.copy_(runner.decode_step(token).argmax(-1))
 
     prefill_s = time_fn(prefill, device, iters=iters, use_graph=use_graph)
-    decode_s = time_fn(decode, device, iters=max(iters, 10), calls_per_sample=4, use_graph=use_graph)
+    by_fill = time_decode_over_fills(decode, runner.cache.lengths,
+                                     decode_positions(prompt_tokens, generate_tokens, fill_levels), device,
+                                     max(iters, 10), use_graph)
+    decode_s = mean_over_fills(by_fill)
     total = prefill_s + generate_tokens * decode_s
     peak = None
     if device.type == "cuda":
         # Whatever else lives on the device (an eval's resident parent, earlier models' leftovers)
         # is not this model's serving memory: count its own weights plus what this run allocated.
         own = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
-        peak = torch.cuda.max_memory_allocated(device) - base + own
+        peak = torch.cuda.max_memory_allocated(device) - base + own - runner.fused_bytes()
     return {"batch_size": batch_size, "prompt_tokens": prompt_tokens, "generate_tokens": generate_tokens,
             "prefill_s": prefill_s, "decode_step_s": decode_s, "generate_s": total,
+            "decode_step_s_by_fill": {str(p): t for p, t in by_fill.items()},
             "decode_tokens_per_s": batch_size / decode_s, "generate_tokens_per_s": batch_size * generate_tokens / total,
-            "kv_cache_bytes": cache.bytes(), "peak_memory_bytes": peak}
+            "kv_cache_bytes": runner.cache.bytes(), "peak_memory_bytes": peak}

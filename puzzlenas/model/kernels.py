@@ -24,7 +24,6 @@ import math
 import os
 
 import torch
-import torch.nn.functional as F
 
 LOG2E = 1.4426950408889634
 
@@ -65,11 +64,13 @@ def decode_attention_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_
     Hkv, L = k_cache.shape[1], k_cache.shape[2]
     if not q.is_cuda:  # the host may read the fill: attend over the longest row only
         L = int(pos.max()) + 1
+    # GQA by grouping the query heads of one KV head (no copy of K/V): (B, Hkv, G, D)
+    qg = q.view(B, Hkv, Hq // Hkv, D).float()
+    scores = qg @ k_cache[:, :, :L].float().transpose(-1, -2) * scale  # (B, Hkv, G, L)
     keys = torch.arange(L, device=q.device)
-    mask = (keys[None, :] <= pos[:, None])[:, None, None, :]  # (B, 1, 1, L)
-    y = F.scaled_dot_product_attention(q[:, :, None], k_cache[:, :, :L], v_cache[:, :, :L], attn_mask=mask,
-                                       scale=scale, enable_gqa=Hkv != Hq)  # (B, Hq, 1, D)
-    return y[:, :, 0]
+    scores = scores.masked_fill((keys[None, :] > pos[:, None])[:, None, None, :], float("-inf"))
+    y = scores.softmax(-1) @ v_cache[:, :, :L].float()  # (B, Hkv, G, D)
+    return y.reshape(B, Hq, D).to(q.dtype)
 
 
 # =============================================================================================
@@ -155,6 +156,11 @@ def _kernels():
     return split_kernel, merge_kernel
 
 
+# Launch settings of the split-KV kernel (benchmarks/fast_decode.py sweeps them on the device;
+# `programs`: how many (row, KV head, split) programs to aim for at the full buffer).
+TRITON_CONFIG = {"block_n": 32, "num_warps": 2, "programs": 1024}  # best of 27 on an H200 (RESULTS.md)
+
+
 def split_plan(batch: int, kv_heads: int, max_len: int, block_n: int = 64, programs: int = 1024) -> tuple[int, int]:
     """(splits, split length): enough programs to fill the device at the full buffer; each split
     a multiple of block_n. Splits beyond a row's fill exit at once, so low fills cost little."""
@@ -166,8 +172,13 @@ def split_plan(batch: int, kv_heads: int, max_len: int, block_n: int = 64, progr
 
 def decode_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
                             v_cache: torch.Tensor, pos: torch.Tensor, scale: float,
-                            block_n: int = 64, num_warps: int = 4, programs: int = 1024) -> torch.Tensor:
-    """Triton split-KV decode attention; same contract as `decode_attention_torch`."""
+                            block_n: int | None = None, num_warps: int | None = None,
+                            programs: int | None = None) -> torch.Tensor:
+    """Triton split-KV decode attention; same contract as `decode_attention_torch`. Launch
+    settings default to TRITON_CONFIG."""
+    block_n = block_n or TRITON_CONFIG["block_n"]
+    num_warps = num_warps or TRITON_CONFIG["num_warps"]
+    programs = programs or TRITON_CONFIG["programs"]
     B, Hq, D = q.shape
     Hkv, L = k_cache.shape[1], k_cache.shape[2]
     if Hq % Hkv or D & (D - 1) or D < 16:
