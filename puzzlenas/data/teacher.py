@@ -1,0 +1,684 @@
+"""A teacher-written corpus: text the parent samples itself, used as training data.
+
+The embedded corpus holds four genres; a child distilled on it alone fits those genres and little
+else (issue 11). The parent can write text of any genre it knows, so this module has it write a
+corpus from diverse seeds, which a stage mixes into its training rows:
+
+* ``document``: the opening words of a *training* document of the run's corpus (never a
+  validation / test one: evaluation must not see them), continued by the parent;
+* ``topic``: a header "Here is <a text kind> about <topic>." over a built-in list of topics x
+  text kinds (:data:`TOPICS`, :data:`TEXT_KINDS`), with a short cue the kind starts with;
+* ``unconditional``: the BOS token alone (EOS when the tokenizer has no BOS: the corpus separates
+  documents with EOS, so after it the parent starts a new document);
+* ``chat`` (instruction-tuned parents, i.e. the tokenizer has a chat template): a request built
+  from the same seeds, rendered with the chat template and answered by the parent.
+
+Sampling: temperature 1.0 with nucleus sampling (top_p 0.95). Degenerate samples are dropped
+(:func:`degenerate_reason`: too short, few distinct n-grams, a long repeated span), then exact and
+near duplicates (:class:`NearDuplicateIndex`: MinHash over token 5-gram shingles, candidates
+verified by their Jaccard similarity).
+
+Cache: ``<cache_dir>/teacher-<key>/shard-NNNNN.safetensors``. Shards are generated in order, each
+from prompts and seeds that depend only on (seed, shard index), and each is written atomically:
+a killed generation resumes at the first missing shard. The key covers what determines the
+shards (parent weights, tokenizer, prompt pool, sampling and filter settings, seed) but not the
+token count: asking for more tokens extends the cache, asking for fewer reads a prefix of it.
+
+Spec in ``data.sources``: ``teacher:TOKENS`` (``teacher:30M``, ``teacher:500k``,
+``teacher:2000000``) or ``teacher:Fx`` (``teacher:0.5x``: half as many tokens as the other
+sources' training split). The teacher rows join the training split only and are drawn like every
+other row, so a source's weight in the mix is its share of the training tokens.
+
+Generation goes through :func:`generate_batch`, the one function a faster engine replaces.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import random
+import re
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+
+__all__ = [
+    "TEACHER_FORMAT_VERSION", "TEXT_KINDS", "TOPICS", "CHAT_REQUESTS", "TeacherConfig", "TeacherCorpus",
+    "Prompt", "NearDuplicateIndex", "degenerate_reason", "distinct_ngram_ratio", "generate_batch",
+    "generate_teacher_corpus", "longest_repeated_span", "pack_samples", "parse_teacher_spec",
+    "prompt_pool", "resolve_teacher_tokens", "weights_fingerprint",
+]
+
+# Bump when prompts, sampling, filtering or the shard layout change: old caches are then not reused.
+TEACHER_FORMAT_VERSION = 1
+
+# --------------------------------------------------------------------------------------------
+# Seeds: topics x text kinds
+# --------------------------------------------------------------------------------------------
+TOPICS: tuple[str, ...] = (
+    # science and nature
+    "black holes", "photosynthesis", "plate tectonics", "the immune system", "climate change",
+    "honeybees", "volcanoes", "quantum computing", "the water cycle", "DNA sequencing",
+    "the Moon landing", "coral reefs",
+    # cooking and food
+    "sourdough bread", "Thai green curry", "fermenting vegetables", "a vegetarian lasagna",
+    "brewing coffee", "chocolate chip cookies", "knife skills", "a weeknight soup",
+    # law and civics
+    "a tenancy agreement", "copyright law", "small claims court", "jury duty", "data privacy rules",
+    "an employment contract", "traffic fines",
+    # sport and games
+    "marathon training", "a football match", "chess openings", "rock climbing", "the Tour de France",
+    "a tennis final", "swimming technique",
+    # medicine and health
+    "type 2 diabetes", "seasonal flu", "sleep hygiene", "physiotherapy after a knee injury",
+    "vaccines", "first aid for burns", "managing stress",
+    # programming and technology
+    "binary search", "a REST API", "unit testing", "SQL joins", "git branches", "memory leaks",
+    "a shell script that renames files", "recursion", "password hashing",
+    # travel and places
+    "a weekend in Lisbon", "backpacking in Patagonia", "a night train across Europe",
+    "visiting Kyoto in spring", "a road trip through Arizona", "packing light",
+    # finance and business
+    "index funds", "a household budget", "inflation", "starting a small bakery", "credit card interest",
+    "quarterly earnings", "negotiating a salary",
+    # history and culture
+    "the printing press", "the fall of the Berlin Wall", "ancient Egyptian pyramids",
+    "the Silk Road", "the Industrial Revolution", "jazz in the 1920s",
+    # everyday life
+    "moving to a new flat", "a noisy neighbour", "training a puppy", "growing tomatoes on a balcony",
+    "a broken washing machine", "planning a birthday party", "learning to drive",
+    "a first day at a new job", "a lost umbrella",
+)
+
+# (text kind, the words it starts with): the cue nudges a base model into the kind's format.
+TEXT_KINDS: tuple[tuple[str, str], ...] = (
+    ("a news report", ""),
+    ("a recipe", "Ingredients:\n-"),
+    ("a forum post", "Posted by"),
+    ("a dialogue between two friends", "A:"),
+    ("an email to a colleague", "Subject:"),
+    ("a product review", "Rating:"),
+    ("a how-to guide", "Step 1:"),
+    ("a short story", "Once"),
+    ("a lecture note", "Lecture notes:"),
+    ("Python code with comments", "```python\n#"),
+    ("a poem", ""),
+    ("a FAQ", "Q:"),
+    ("a letter", "Dear"),
+    ("an encyclopedia entry", ""),
+    ("a speech", "Ladies and gentlemen,"),
+    ("a diary entry", "Dear diary,"),
+    ("an interview", "Interviewer:"),
+    ("a scientific abstract", "Abstract:"),
+    ("a customer support chat", "Customer:"),
+    ("a product description", ""),
+)
+
+# Chat requests over a topic and a kind ({topic}, {kind}); document seeds use chat.requests_for.
+CHAT_REQUESTS: tuple[str, ...] = (
+    "Write {kind} about {topic}.",
+    "Explain {topic} to a beginner.",
+    "What are common mistakes people make with {topic}?",
+    "Give me three practical tips about {topic}.",
+    "Summarize the most important facts about {topic} in a short paragraph.",
+    "What is the history of {topic}?",
+    "Compare two different approaches to {topic}.",
+    "I have a question about {topic}. Where should I start?",
+)
+
+SEED_KINDS: tuple[str, ...] = ("document", "topic", "unconditional", "chat")
+_KIND_CODE = {k: i for i, k in enumerate(SEED_KINDS)}
+
+
+# --------------------------------------------------------------------------------------------
+# Config and spec
+# --------------------------------------------------------------------------------------------
+@dataclass
+class TeacherConfig:
+    """How the parent writes its corpus. Invalid values raise ``ValueError`` naming the field."""
+
+    tokens: int = 1_000_000          # kept tokens to produce (prompt + text, EOS separators excluded)
+    max_new_tokens: int = 256        # per sample
+    temperature: float = 1.0
+    top_p: float = 0.95
+    batch_size: int = 32
+    shard_samples: int = 256         # prompts per shard (the unit of resume)
+    # Share of each seed kind; "chat" counts only for parents with a chat template (else its
+    # share goes to the others in proportion).
+    document_share: float = 0.35
+    topic_share: float = 0.35
+    unconditional_share: float = 0.1
+    chat_share: float = 0.2
+    opening_words: int = 24          # words of a training document used as its seed
+    # Filters on the generated tokens (the prompt excluded).
+    min_new_tokens: int = 16
+    min_distinct_ratio: float = 0.6  # distinct 4-grams / 4-grams
+    max_repeated_span: int = 32      # tokens: longest span that occurs twice
+    near_duplicate_jaccard: float = 0.7
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        for name in ("tokens", "max_new_tokens", "batch_size", "shard_samples", "opening_words",
+                     "min_new_tokens", "max_repeated_span"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
+                raise ValueError(f"teacher.{name}={v!r} is invalid: must be an int >= 1")
+        if not 0.0 <= self.temperature <= 10.0:
+            raise ValueError(f"teacher.temperature={self.temperature!r} is invalid: must be in [0, 10] "
+                             f"(0 = greedy)")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"teacher.top_p={self.top_p!r} is invalid: must be in (0, 1]")
+        shares = [self.document_share, self.topic_share, self.unconditional_share, self.chat_share]
+        if any(s < 0 for s in shares) or sum(shares) <= 0:
+            raise ValueError(f"teacher shares {dict(zip(SEED_KINDS, shares))} are invalid: each must be "
+                             f">= 0 and at least one > 0")
+        for name in ("min_distinct_ratio", "near_duplicate_jaccard"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"teacher.{name}={getattr(self, name)!r} is invalid: must be in [0, 1]")
+
+    def shares(self, chat: bool) -> dict[str, float]:
+        """Normalized share of each seed kind (chat dropped when the parent has no chat template)."""
+        raw = {"document": self.document_share, "topic": self.topic_share,
+               "unconditional": self.unconditional_share, "chat": self.chat_share if chat else 0.0}
+        total = sum(raw.values())
+        if total <= 0:
+            raise ValueError("teacher: only chat_share > 0, but the parent's tokenizer has no chat template; "
+                             "give document_share, topic_share or unconditional_share a share")
+        return {k: v / total for k, v in raw.items()}
+
+
+_SPEC = re.compile(r"^\s*teacher\s*:\s*(?P<num>\d+(?:\.\d+)?)\s*(?P<unit>[kKmMgGbB]|x)?\s*$")
+_UNITS = {"k": 10 ** 3, "m": 10 ** 6, "g": 10 ** 9, "b": 10 ** 9}
+
+
+def parse_teacher_spec(spec: str) -> tuple[str, float]:
+    """``teacher:30M`` -> ("tokens", 30e6); ``teacher:0.5x`` -> ("relative", 0.5)."""
+    m = _SPEC.match(spec) if isinstance(spec, str) else None
+    if not m:
+        raise ValueError(f"data source {spec!r} is invalid: write 'teacher:TOKENS' (e.g. 'teacher:30M', "
+                         f"'teacher:500k', 'teacher:2000000') or 'teacher:Fx' (e.g. 'teacher:0.5x': half as "
+                         f"many tokens as the other sources' training split)")
+    num, unit = float(m["num"]), (m["unit"] or "")
+    if unit == "x":
+        if num <= 0:
+            raise ValueError(f"data source {spec!r}: the factor must be > 0")
+        return "relative", num
+    tokens = num * _UNITS.get(unit.lower(), 1)
+    if tokens < 1:
+        raise ValueError(f"data source {spec!r}: the token count must be >= 1")
+    return "tokens", tokens
+
+
+def resolve_teacher_tokens(spec: str, corpus_train_tokens: int) -> int:
+    """Tokens a teacher spec asks for, given the other sources' training tokens."""
+    kind, value = parse_teacher_spec(spec)
+    tokens = int(round(value * corpus_train_tokens if kind == "relative" else value))
+    if tokens < 1:
+        raise ValueError(f"data source {spec!r} resolves to {tokens} tokens (the other sources have "
+                         f"{corpus_train_tokens} training tokens); give an absolute count, e.g. 'teacher:1M'")
+    return tokens
+
+
+# --------------------------------------------------------------------------------------------
+# Generation (today's static-KV-cache path; the function a faster engine replaces)
+# --------------------------------------------------------------------------------------------
+def _padded_forward(model, input_ids: torch.Tensor, cache, pad: torch.Tensor) -> torch.Tensor:
+    """Prefill or decode (B, T) tokens at the cache's write slot for left-padded rows; returns the
+    last position's logits (B, V). Row b's first ``pad[b]`` slots are padding: masked out as keys,
+    and its rotary positions count from its first real token (as if it had no padding)."""
+    from ..model.modeling import ForwardContext
+
+    B, T = input_ids.shape
+    x = model.model.embed_tokens(input_ids)  # (B, T, C)
+    slots = cache.pos + torch.arange(T, device=x.device)  # (T,) cache slots written now
+    positions = (slots[None, :] - pad[:, None]).clamp(min=0)  # (B, T)
+    cos, sin = model.model.rotary_emb(positions, x.dtype)
+    k_slot = torch.arange(cache.max_len, device=x.device)  # (K,)
+    mask = (k_slot[None, None, :] <= slots[None, :, None]) & (k_slot[None, None, :] >= pad[:, None, None])
+    mask = mask | (k_slot[None, :] == slots[:, None])[None]  # a padding query sees itself: no empty rows
+    ctx = ForwardContext(cos, sin, mask[:, None], False, cache)  # mask (B, 1, T, K)
+    for layer in model.model.layers:
+        x = layer(x, ctx)
+    cache.pos.add_(T)
+    return model.lm_head(model.model.norm(x[:, -1]))  # (B, V)
+
+
+def _sample(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator) -> torch.Tensor:
+    """(B, V) logits -> (B,) tokens: greedy when temperature == 0, else nucleus sampling."""
+    if temperature <= 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_p, order = probs.sort(-1, descending=True)
+        # keep the smallest prefix whose mass reaches top_p (the top token always stays)
+        sorted_p = sorted_p.masked_fill(sorted_p.cumsum(-1) - sorted_p >= top_p, 0.0)
+        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p)
+    return torch.multinomial(probs, 1, generator=gen).squeeze(-1)
+
+
+@torch.no_grad()
+def generate_batch(model, prompt_ids: list[list[int]], max_new_tokens: int, temperature: float = 1.0,
+                   top_p: float = 0.95, eos_id: int | Sequence[int] | None = None, seed: int = 0
+                   ) -> list[list[int]]:
+    """The new tokens of each prompt: sampled (temperature > 0, nucleus ``top_p``) or greedy
+    (temperature 0); a row stops after its first token in ``eos_id`` (included in its output).
+
+    The same prompts, settings and seed give the same tokens. Prompts of different lengths are
+    left-padded into one batch on the static KV cache (one prefill, then one decode step per token
+    until every row stopped)."""
+    from ..model.inference import StaticKVCache
+
+    if not prompt_ids or any(len(p) == 0 for p in prompt_ids):
+        raise ValueError("generate_batch: every prompt needs at least one token (use the BOS token for "
+                         "an unconditional sample)")
+    device = model.model.embed_tokens.weight.device
+    stops = torch.tensor(sorted({eos_id} if isinstance(eos_id, int) else set(eos_id or ())),
+                         dtype=torch.long, device=device)
+    B, P = len(prompt_ids), max(len(p) for p in prompt_ids)
+    pad = torch.tensor([P - len(p) for p in prompt_ids], device=device)  # (B,)
+    ids = torch.zeros(B, P, dtype=torch.long, device=device)
+    for b, p in enumerate(prompt_ids):
+        ids[b, P - len(p):] = torch.tensor(p, dtype=torch.long)
+    cache = StaticKVCache(model, B, P + max_new_tokens)
+    gen = torch.Generator(device=device).manual_seed(int(seed) % (2 ** 63))
+    logits = _padded_forward(model, ids, cache, pad)  # (B, V)
+    out: list[list[int]] = [[] for _ in range(B)]
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    for step in range(max_new_tokens):
+        token = _sample(logits, temperature, top_p, gen)  # (B,)
+        for b in (~done).nonzero().flatten().tolist():
+            out[b].append(int(token[b]))
+        done |= torch.isin(token, stops)
+        if bool(done.all()) or step == max_new_tokens - 1:
+            break
+        logits = _padded_forward(model, token[:, None], cache, pad)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Filters: degenerate samples and duplicates
+# --------------------------------------------------------------------------------------------
+def distinct_ngram_ratio(tokens: Sequence, n: int) -> float:
+    """Distinct n-grams / n-grams (1.0 for a sequence shorter than n: nothing repeats)."""
+    grams = [tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1)]
+    return len(set(grams)) / len(grams) if grams else 1.0
+
+
+def longest_repeated_span(tokens: Sequence) -> int:
+    """Length of the longest span that occurs at least twice (occurrences may overlap: 'a a a a'
+    -> 3). Binary search over the length: if a span of length L repeats, so does one of L - 1."""
+    keys = list(tokens)
+
+    def repeats(length: int) -> bool:
+        seen = set()
+        for i in range(len(keys) - length + 1):
+            gram = tuple(keys[i:i + length])
+            if gram in seen:
+                return True
+            seen.add(gram)
+        return False
+
+    lo, hi = 0, max(len(keys) - 1, 0)
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if repeats(mid) else (lo, mid - 1)
+    return lo
+
+
+def degenerate_reason(tokens: Sequence[int], cfg: TeacherConfig) -> str | None:
+    """Why a generated text (its tokens, stop token excluded) is dropped, or None to keep it."""
+    if len(tokens) < cfg.min_new_tokens:
+        return "too_short"
+    if distinct_ngram_ratio(tokens, 4) < cfg.min_distinct_ratio:
+        return "repetitive"
+    if longest_repeated_span(tokens) > cfg.max_repeated_span:
+        return "repeated_span"
+    return None
+
+
+_SHINGLE = 5
+_MINHASH_BANDS, _MINHASH_ROWS = 8, 4  # 32 hashes; pairs at Jaccard 0.7 share a band with p ~ 0.9
+_MASK61 = (1 << 61) - 1
+
+
+def _shingles(tokens: Sequence[int]) -> set[int]:
+    """Hashes of the token 5-grams (the whole sequence when shorter)."""
+    n = min(_SHINGLE, max(len(tokens), 1))
+    return {hash(tuple(tokens[i:i + n])) & _MASK61 for i in range(max(len(tokens) - n + 1, 1))}
+
+
+class NearDuplicateIndex:
+    """Exact and near-duplicate detection over token sequences.
+
+    Exact: sha1 of the tokens. Near: MinHash signatures of the 5-gram shingle sets, banded for
+    locality-sensitive lookup; a candidate is a duplicate when the Jaccard similarity of the
+    shingle sets is >= ``jaccard``."""
+
+    def __init__(self, jaccard: float, seed: int = 0):
+        rng = np.random.default_rng([seed, 61])
+        k = _MINHASH_BANDS * _MINHASH_ROWS
+        self.a = [int(v) for v in rng.integers(1, _MASK61, k)]
+        self.b = [int(v) for v in rng.integers(0, _MASK61, k)]
+        self.jaccard = jaccard
+        self.exact: set[bytes] = set()
+        self.bands: dict[tuple, list[int]] = {}
+        self.sets: list[set[int]] = []
+
+    def _signature(self, sh: set[int]) -> list[int]:
+        vals = np.fromiter(sh, dtype=object)
+        return [int(min((a * vals + b) % _MASK61)) for a, b in zip(self.a, self.b)]
+
+    def add_if_new(self, tokens: Sequence[int]) -> str | None:
+        """Record ``tokens`` and return None, or return "duplicate" / "near_duplicate"."""
+        digest = hashlib.sha1(np.asarray(tokens, dtype=np.int64).tobytes()).digest()
+        if digest in self.exact:
+            return "duplicate"
+        sh = _shingles(tokens)
+        sig = self._signature(sh)
+        keys = [(i, tuple(sig[i * _MINHASH_ROWS:(i + 1) * _MINHASH_ROWS])) for i in range(_MINHASH_BANDS)]
+        for cand in {c for key in keys for c in self.bands.get(key, ())}:
+            other = self.sets[cand]
+            if len(sh & other) / len(sh | other) >= self.jaccard:
+                return "near_duplicate"
+        self.exact.add(digest)
+        for key in keys:
+            self.bands.setdefault(key, []).append(len(self.sets))
+        self.sets.append(sh)
+        return None
+
+
+# --------------------------------------------------------------------------------------------
+# Prompts
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Prompt:
+    """One seed: its kind, the token ids the parent continues, and for chat prompts nothing else
+    (the rendered template is in the ids)."""
+
+    kind: str
+    ids: tuple[int, ...]
+
+
+def _chat_ids(tokenizer, request: str) -> tuple[int, ...]:
+    text = tokenizer.apply_chat_template([{"role": "user", "content": request}], tokenize=False,
+                                         add_generation_prompt=True)
+    return tuple(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def _encode(tokenizer, text: str) -> tuple[int, ...]:
+    return tuple(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def training_openings(data_cfg, words: int) -> list[tuple[str, str, str]]:
+    """(source kind, opening words, full text) of every training document of the run's sources
+    (teacher sources skipped): the document split is the corpus' own, so validation / test
+    documents never seed the teacher."""
+    from .corpus import assign_split, expand_sources, iter_source, split_namespace
+
+    out = []
+    for spec in expand_sources(data_cfg.sources):
+        if spec.kind == "teacher":
+            continue
+        ns = split_namespace(spec)
+        for doc in iter_source(spec, data_cfg):
+            if doc.text.strip() and assign_split(ns, doc.doc_id, data_cfg.fractions) == "train":
+                out.append((spec.kind, " ".join(doc.text.split()[:words]), doc.text))
+    return out
+
+
+def prompt_pool(tokenizer, data_cfg, cfg: TeacherConfig) -> dict[str, list[Prompt]]:
+    """Every seed of each kind, in a fixed order (shards draw from these lists)."""
+    from .chat import requests_for
+
+    chat = bool(getattr(tokenizer, "chat_template", None))
+    openings = training_openings(data_cfg, cfg.opening_words) if data_cfg is not None else []
+    bos = getattr(tokenizer, "bos_token_id", None)
+    start = bos if bos is not None else tokenizer.eos_token_id
+    pool: dict[str, list[Prompt]] = {
+        "document": [Prompt("document", _encode(tokenizer, opening)) for _, opening, _ in openings],
+        "topic": [Prompt("topic", _encode(tokenizer, f"Here is {kind} about {topic}.\n\n{cue}".rstrip(" ")))
+                  for topic in TOPICS for kind, cue in TEXT_KINDS],
+        "unconditional": [Prompt("unconditional", (int(start),))],
+        "chat": [],
+    }
+    pool["document"] = [p for p in pool["document"] if p.ids]
+    if chat:
+        requests = [r.format(kind=kind, topic=topic) for topic in TOPICS for kind, _ in TEXT_KINDS[:6]
+                    for r in CHAT_REQUESTS[:1]]
+        requests += [r.format(topic=topic, kind="") for topic in TOPICS for r in CHAT_REQUESTS[1:]]
+        rng = random.Random(cfg.seed)
+        requests += [rng.choice(requests_for(src, text)) for src, _, text in openings]
+        pool["chat"] = [Prompt("chat", _chat_ids(tokenizer, r)) for r in requests]
+    return pool
+
+
+def _shard_prompts(pool: dict[str, list[Prompt]], shares: dict[str, float], cfg: TeacherConfig,
+                   shard: int) -> list[Prompt]:
+    """The prompts of one shard: kinds drawn by share, seeds drawn uniformly (seeded by shard)."""
+    rng = random.Random(f"teacher/{cfg.seed}/{shard}")
+    kinds = [k for k in SEED_KINDS if shares[k] > 0 and pool[k]]
+    if not kinds:
+        raise ValueError("teacher: no seeds to write from (no training documents, topics or chat requests)")
+    weights = [shares[k] for k in kinds]
+    return [rng.choice(pool[k]) for k in rng.choices(kinds, weights, k=cfg.shard_samples)]
+
+
+# --------------------------------------------------------------------------------------------
+# Shards, cache, the corpus
+# --------------------------------------------------------------------------------------------
+@dataclass
+class TeacherCorpus:
+    """Kept samples (prompt + generated tokens; chat samples end with the end-of-turn token), their
+    seed kinds, and statistics (per-shard counts, drop reasons, tokens/s)."""
+
+    samples: list[list[int]]
+    kinds: list[str]
+    meta: dict[str, Any]
+    path: Path
+
+    @property
+    def tokens(self) -> int:
+        return sum(len(s) for s in self.samples)
+
+
+def weights_fingerprint(model) -> str:
+    """sha1 over the model's parameter names, shapes, dtypes and bytes."""
+    h = hashlib.sha1()
+    for name, t in sorted(model.state_dict().items()):
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}{tuple(t.shape)}{t.dtype}".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def _stop_ids(model, tokenizer) -> list[int]:
+    """Tokens that end a sample: the tokenizer's EOS and the generation config's EOS ids."""
+    ids = {int(tokenizer.eos_token_id)}
+    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids |= set(gen_eos if isinstance(gen_eos, (list, tuple)) else [gen_eos] if gen_eos is not None else [])
+    return sorted(ids)
+
+
+def _cache_key(parent_fp: str, tokenizer, pool: dict[str, list[Prompt]], cfg: TeacherConfig,
+               stops: list[int]) -> dict[str, Any]:
+    from .corpus import tokenizer_fingerprint
+
+    h = hashlib.sha1()
+    for kind in SEED_KINDS:
+        for p in pool[kind]:
+            h.update(kind.encode() + np.asarray(p.ids, dtype=np.int64).tobytes() + b"\0")
+    settings = {k: v for k, v in asdict(cfg).items() if k != "tokens"}  # tokens extend, not change, shards
+    tok = tokenizer_fingerprint(tokenizer)
+    return {"format_version": TEACHER_FORMAT_VERSION, "parent": parent_fp, "prompts_sha1": h.hexdigest(),
+            "settings": settings, "stop_ids": stops,
+            "tokenizer": {k: tok[k] for k in ("vocab_size", "eos_token_id", "vocab_sha1")}}
+
+
+def _read_shard(path: Path, key: str) -> tuple[list[list[int]], list[str], list[tuple[int, int]], dict] | None:
+    """A shard's samples, kinds, generated spans and stats; None when missing, torn or of another key."""
+    from safetensors.torch import load_file
+
+    if not path.is_file():
+        return None
+    try:
+        t = load_file(str(path))
+        meta = json.loads(bytes(t["meta_json"].tolist()).decode())
+        if meta.get("key") != key:
+            return None
+        flat, lengths = t["tokens"].tolist(), t["lengths"].tolist()
+        kinds = [SEED_KINDS[c] for c in t["kinds"].tolist()]
+        spans = [tuple(s) for s in t["spans"].tolist()]
+    except Exception:  # torn or foreign file: regenerate it  # noqa: BLE001
+        return None
+    offsets = np.cumsum([0] + lengths)
+    return [flat[offsets[i]:offsets[i + 1]] for i in range(len(lengths))], kinds, spans, meta
+
+
+def _write_shard(path: Path, samples: list[list[int]], kinds: list[str], spans: list[tuple[int, int]],
+                 meta: dict) -> None:
+    from ..checkpoint import atomic_save_tensors
+
+    flat = [t for s in samples for t in s]
+    atomic_save_tensors({
+        "tokens": torch.tensor(flat, dtype=torch.int32),
+        "lengths": torch.tensor([len(s) for s in samples], dtype=torch.int32),
+        "kinds": torch.tensor([_KIND_CODE[k] for k in kinds], dtype=torch.int8),
+        # (start, end) of the generated text inside each sample: what the filters and dedup saw
+        "spans": torch.tensor(spans, dtype=torch.int32).reshape(len(samples), 2),
+        "meta_json": torch.tensor(list(json.dumps(meta).encode()), dtype=torch.uint8),
+    }, path)
+
+
+def _generate_shard(model, prompts: list[Prompt], cfg: TeacherConfig, stops: list[int], shard: int,
+                    index: NearDuplicateIndex, generate: Callable
+                    ) -> tuple[list[list[int]], list[str], list[tuple[int, int]], dict]:
+    """Generate one shard's prompts in batches, filter, deduplicate against everything kept so far."""
+    samples, kinds, spans = [], [], []
+    drops: dict[str, int] = {}
+    generated = 0
+    started = time.perf_counter()
+    for start in range(0, len(prompts), cfg.batch_size):
+        batch = prompts[start:start + cfg.batch_size]
+        outs = generate(model, [list(p.ids) for p in batch], cfg.max_new_tokens, cfg.temperature, cfg.top_p,
+                        stops, cfg.seed * 1_000_003 + shard * 1009 + start)
+        for prompt, new in zip(batch, outs):
+            generated += len(new)
+            stopped = bool(new) and new[-1] in stops
+            text = new[:-1] if stopped else new
+            reason = degenerate_reason(text, cfg) or index.add_if_new(text)
+            if reason:
+                drops[reason] = drops.get(reason, 0) + 1
+                continue
+            if prompt.kind == "chat":
+                sample = list(prompt.ids) + list(new)  # the answer keeps its end-of-turn token
+            elif prompt.kind == "unconditional":
+                sample = list(text)  # the BOS / EOS seed is a separator, not text
+            else:
+                sample = list(prompt.ids) + list(text)
+            start = 0 if prompt.kind == "unconditional" else len(prompt.ids)
+            samples.append(sample)
+            kinds.append(prompt.kind)
+            spans.append((start, start + len(text)))
+    seconds = time.perf_counter() - started
+    stats = {"shard": shard, "prompts": len(prompts), "kept": len(samples), "drops": drops,
+             "generated_tokens": generated, "kept_tokens": sum(len(s) for s in samples),
+             "seconds": round(seconds, 3), "generated_tokens_per_s": round(generated / max(seconds, 1e-9), 1)}
+    return samples, kinds, spans, stats
+
+
+def generate_teacher_corpus(model, tokenizer, cfg: TeacherConfig, cache_dir: str | Path, *, data_cfg=None,
+                            parent_fingerprint: str | None = None, log: Callable[[str], None] = print,
+                            progress: bool = True, generate: Callable | None = None) -> TeacherCorpus:
+    """At least ``cfg.tokens`` tokens of parent-written text (whole samples), from the cache when
+    it holds them, generating (and caching) the missing shards otherwise.
+
+    data_cfg: the run's :class:`~puzzlenas.data.corpus.DataConfig`, whose training documents seed
+    ``document`` prompts (None: no document seeds). parent_fingerprint: an identity of the parent
+    weights when the caller has one (else they are hashed). generate: a function with
+    :func:`generate_batch`'s signature (a faster engine)."""
+    from tqdm.auto import tqdm
+
+    cfg.validate()
+    generate = generate or generate_batch
+    chat = bool(getattr(tokenizer, "chat_template", None))
+    pool = prompt_pool(tokenizer, data_cfg, cfg)
+    shares = cfg.shares(chat)
+    stops = _stop_ids(model, tokenizer)
+    key_inputs = _cache_key(parent_fingerprint or weights_fingerprint(model), tokenizer, pool, cfg, stops)
+    key = hashlib.sha1(json.dumps(key_inputs, sort_keys=True).encode()).hexdigest()[:16]
+    folder = Path(cache_dir).expanduser() / f"teacher-{key}"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "key.json").write_text(json.dumps(key_inputs, indent=1, sort_keys=True))
+
+    index = NearDuplicateIndex(cfg.near_duplicate_jaccard, cfg.seed)
+    samples: list[list[int]] = []
+    kinds: list[str] = []
+    shard_stats: list[dict] = []
+    bar = tqdm(total=cfg.tokens, unit="tok", desc="teacher corpus", disable=not progress)
+    shard, reused = 0, 0
+    try:
+        while sum(len(s) for s in samples) < cfg.tokens:
+            path = folder / f"shard-{shard:05d}.safetensors"
+            cached = _read_shard(path, key)
+            if cached is not None:
+                got, got_kinds, spans, stats = cached
+                for s, (a, b) in zip(got, spans):  # the dedup index as generating this shard left it
+                    index.add_if_new(s[a:b])
+                reused += 1
+            else:
+                prompts = _shard_prompts(pool, shares, cfg, shard)
+                got, got_kinds, spans, stats = _generate_shard(model, prompts, cfg, stops, shard, index, generate)
+                stats["key"] = key
+                _write_shard(path, got, got_kinds, spans, stats)
+                log(f"teacher shard {shard}: kept {stats['kept']}/{stats['prompts']} samples "
+                    f"({stats['kept_tokens']:,} tokens; dropped {stats['drops'] or 'none'}), "
+                    f"{stats['generated_tokens_per_s']:,.0f} generated tokens/s")
+            samples += got
+            kinds += got_kinds
+            shard_stats.append(stats)
+            bar.update(min(sum(len(s) for s in got), max(cfg.tokens - bar.n, 0)))
+            shard += 1
+            if shard > 20 and not samples:
+                raise RuntimeError(f"teacher: {shard} shards kept no sample; the filters drop everything "
+                                   f"(see {folder}); loosen min_distinct_ratio / max_repeated_span")
+    finally:
+        bar.close()
+    total = sum(len(s) for s in samples)
+    gen_s = sum(s["seconds"] for s in shard_stats)
+    meta = {"key": key, "key_inputs": key_inputs, "tokens_requested": cfg.tokens, "tokens": total,
+            "samples": len(samples), "shards": shard, "shards_reused": reused,
+            "kinds": {k: kinds.count(k) for k in SEED_KINDS},
+            "drops": _sum_drops(shard_stats), "generate_seconds": round(gen_s, 3),
+            "generated_tokens_per_s": round(sum(s["generated_tokens"] for s in shard_stats) / max(gen_s, 1e-9), 1)}
+    log(f"teacher corpus: {total:,} tokens in {len(samples):,} samples from {shard} shards "
+        f"({reused} reused from {folder})")
+    return TeacherCorpus(samples, kinds, meta, folder)
+
+
+def _sum_drops(stats: list[dict]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for s in stats:
+        for k, v in s["drops"].items():
+            out[k] = out.get(k, 0) + v
+    return out
+
+
+def pack_samples(samples: list[list[int]], seq_len: int, eos: int) -> np.ndarray:
+    """(N, seq_len) int32 rows: samples joined with EOS (as the corpus joins documents), the last
+    partial row dropped."""
+    if not samples:
+        raise ValueError("the teacher corpus is empty: nothing to pack")
+    stream = np.concatenate([np.asarray(list(s) + [eos], dtype=np.int64) for s in samples])
+    rows = len(stream) // seq_len
+    if rows == 0:
+        raise ValueError(f"the teacher corpus holds {len(stream)} tokens, fewer than one row of {seq_len}; "
+                         f"ask for more tokens")
+    return stream[:rows * seq_len].reshape(rows, seq_len).astype(np.int32)
