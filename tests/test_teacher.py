@@ -182,7 +182,7 @@ def test_degenerate_and_duplicate_samples_are_dropped(tiny, tmp_path):
 
     def fake(model, prompts, max_new, temperature, top_p, stops, seed):
         # a varied sample, the same again, a looping one and one that stops at once; the second
-        # batch's varied sample differs from the first's in one token (a near duplicate)
+        # batch's varied sample differs from the first's in one token: it and its copy are near duplicates
         varied = [(13 * i) % 100 + 10 for i in range(40)]
         varied[20] += len(batches)
         batches.append(seed)
@@ -191,7 +191,7 @@ def test_degenerate_and_duplicate_samples_are_dropped(tiny, tmp_path):
     index = T.NearDuplicateIndex(cfg.near_duplicate_jaccard)
     prompts = [T.Prompt("topic", (3, 4))] * 8
     samples, kinds, spans, stats = T._generate_shard(model, prompts, cfg, [2], 0, index, fake)
-    assert stats["drops"] == {"duplicate": 2, "near_duplicate": 1, "repetitive": 2, "too_short": 2}
+    assert stats["drops"] == {"duplicate": 1, "near_duplicate": 2, "repetitive": 2, "too_short": 2}
     assert len(samples) == 1 and samples[0][:2] == [3, 4] and spans == [(2, 42)] and len(batches) == 2
 
 
