@@ -1,0 +1,139 @@
+"""Chat quality of an instruction-tuned parent and its children.
+
+A child distilled on plain text can keep its perplexity and still fail as a chat model: issue 11
+saw the 2x child answer "Explain why the sky is blue" with "The sky is blue. The sky is blue. ..."
+and layer-removal children answer with empty strings. So, on a fixed set of prompts
+(:data:`CHAT_PROMPTS`), each model answers greedily through the chat template and this module
+reports
+
+* ``empty_rate``: answers with no visible text (the model ended its turn at once);
+* repetition: ``distinct_1`` / ``distinct_2`` / ``distinct_3`` (distinct n-grams / n-grams of the
+  answer's tokens, averaged over answers) and ``longest_repeated_span`` (tokens of the longest span
+  that occurs twice in one answer, mean and max over answers);
+* ``kl_to_parent`` / ``top1_agreement`` on the *parent's* greedy answers: each model reads the
+  parent's transcript (prompt + answer) and is scored on the answer positions, so a child that
+  drifts from the parent's way of answering shows here even when its own answers look fine.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from ..data.teacher import distinct_ngram_ratio, generate_batch, longest_repeated_span
+
+__all__ = ["CHAT_PROMPTS", "chat_answers", "chat_quality", "kl_on_transcripts", "repetition_stats"]
+
+CHAT_PROMPTS: tuple[str, ...] = (
+    "Explain why the sky is blue.",
+    "What is the capital of France?",
+    "Write a short poem about autumn leaves.",
+    "Give me three tips for staying focused while studying.",
+    "How do I boil an egg so the yolk stays soft?",
+    "Summarize the plot of Romeo and Juliet in two sentences.",
+    "What is the difference between a virus and a bacterium?",
+    "Write a Python function that reverses a string.",
+    "My laptop is running slowly. What can I try?",
+    "Translate 'good morning, how are you?' into Spanish.",
+    "What should I pack for a weekend hiking trip?",
+    "Explain what inflation is to a ten-year-old.",
+    "Write a polite email asking my landlord to fix the heating.",
+    "What are the health benefits of regular exercise?",
+    "Tell me a fun fact about octopuses.",
+    "How does a bill become a law?",
+    "Suggest a name for a small bakery and explain why.",
+    "What is 15% of 80? Show your steps.",
+    "Describe the water cycle in simple terms.",
+    "I feel nervous before job interviews. Any advice?",
+)
+
+
+def _chat_prompt_ids(tokenizer, prompt: str) -> list[int]:
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError("chat quality needs an instruction-tuned parent: its tokenizer has no chat template")
+    text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                         add_generation_prompt=True)
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def _stop_ids(model, tokenizer) -> list[int]:
+    ids = {int(tokenizer.eos_token_id)}
+    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids |= set(gen_eos if isinstance(gen_eos, (list, tuple)) else [gen_eos] if gen_eos is not None else [])
+    return sorted(ids)
+
+
+def chat_answers(model, tokenizer, prompts: Sequence[str] = CHAT_PROMPTS, max_new_tokens: int = 128,
+                 batch_size: int = 32) -> list[tuple[list[int], list[int]]]:
+    """(prompt ids, greedy answer ids) per prompt; the answer keeps its end-of-turn token when the
+    model ended its turn within ``max_new_tokens``."""
+    stops = _stop_ids(model, tokenizer)
+    prompt_ids = [_chat_prompt_ids(tokenizer, p) for p in prompts]
+    out = []
+    for start in range(0, len(prompt_ids), batch_size):
+        chunk = prompt_ids[start:start + batch_size]
+        answers = generate_batch(model, chunk, max_new_tokens, temperature=0.0, top_p=1.0, eos_id=stops, seed=0)
+        out += list(zip(chunk, answers))
+    return out
+
+
+def repetition_stats(answers: Sequence[Sequence], empty: Sequence[bool] | None = None) -> dict[str, float]:
+    """Empty-answer rate and repetition measures over answers given as token (or word) sequences.
+
+    empty: which answers count as empty (default: those with no tokens); the caller passes it when
+    an answer of only whitespace / special tokens should count too."""
+    if not answers:
+        raise ValueError("repetition_stats: no answers")
+    empty = [len(a) == 0 for a in answers] if empty is None else list(empty)
+    spans = [longest_repeated_span(a) for a in answers]
+    stats = {"answers": len(answers), "empty_rate": sum(empty) / len(answers),
+             "mean_tokens": sum(len(a) for a in answers) / len(answers),
+             "longest_repeated_span": sum(spans) / len(spans), "longest_repeated_span_max": max(spans)}
+    for n in (1, 2, 3):
+        stats[f"distinct_{n}"] = sum(distinct_ngram_ratio(a, n) for a in answers) / len(answers)
+    return stats
+
+
+@torch.no_grad()
+def kl_on_transcripts(models: dict, parent, transcripts: Sequence[tuple[list[int], list[int]]]
+                      ) -> dict[str, dict[str, float]]:
+    """KL(parent || model) and top-1 agreement on the answer positions of each transcript (the
+    positions that predict answer tokens), averaged over those tokens."""
+    device = parent.model.embed_tokens.weight.device
+    sums = {name: {"kl": 0.0, "agree": 0.0} for name in models}
+    n = 0
+    for prompt, answer in transcripts:
+        if not answer:
+            continue
+        ids = torch.tensor([list(prompt) + list(answer)], device=device)  # (1, P + A)
+        sl = slice(len(prompt) - 1, ids.shape[1] - 1)  # positions predicting the answer tokens
+        logp = F.log_softmax(parent(input_ids=ids).logits[0, sl].float(), dim=-1)  # (A, V)
+        for name, model in models.items():
+            logq = F.log_softmax(model(input_ids=ids).logits[0, sl].float(), dim=-1)
+            sums[name]["kl"] += (logp.exp() * (logp - logq)).sum().item()
+            sums[name]["agree"] += (logq.argmax(-1) == logp.argmax(-1)).sum().item()
+        n += len(answer)
+    if n == 0:
+        raise ValueError("kl_on_transcripts: every answer is empty; nothing to score")
+    return {name: {"kl_to_parent": s["kl"] / n, "top1_agreement": s["agree"] / n, "answer_tokens": n}
+            for name, s in sums.items()}
+
+
+def chat_quality(models: dict, parent, tokenizer, prompts: Sequence[str] = CHAT_PROMPTS,
+                 max_new_tokens: int = 128, batch_size: int = 32) -> dict[str, dict]:
+    """{model name: repetition_stats + kl_to_parent / top1_agreement on the parent's answers,
+    "answers": decoded answers} for every model; ``models`` may include the parent itself."""
+    stops = set(_stop_ids(parent, tokenizer))
+    parent_transcripts = chat_answers(parent, tokenizer, prompts, max_new_tokens, batch_size)
+    kl = kl_on_transcripts(models, parent, parent_transcripts)
+    out = {}
+    for name, model in models.items():
+        pairs = parent_transcripts if model is parent else chat_answers(model, tokenizer, prompts, max_new_tokens,
+                                                                        batch_size)
+        answers = [[t for t in a if t not in stops] for _, a in pairs]
+        texts = [tokenizer.decode(a, skip_special_tokens=True) for a in answers]
+        out[name] = {**repetition_stats(answers, empty=[not t.strip() for t in texts]), **kl[name],
+                     "answers": dict(zip(prompts, texts))}
+    return out
