@@ -209,3 +209,28 @@ def test_chat_seeds_use_the_template_and_keep_the_end_of_turn(tiny, tmp_path):
         assert s[0] == tokenizer.convert_tokens_to_ids("w3") and w5 in s
     with pytest.raises(ValueError, match="chat template"):
         T.generate_teacher_corpus(model, tok, cfg, tmp_path, progress=False, log=lambda s: None)
+
+
+def test_teacher_source_joins_the_train_split_only(tiny, tiny_run_inputs, tmp_path):
+    from puzzlenas.data.corpus import build_dataset
+
+    model, tokenizer = tiny
+    corpus = f"txt:{tiny_run_inputs['corpus']}"
+    plain_cfg = DataConfig(sources=[corpus], seq_len=32, cache_dir=str(tmp_path))
+    cfg = DataConfig(sources=[corpus, "teacher:0.1x"], seq_len=32, cache_dir=str(tmp_path))
+    assert parse_source("teacher: 2k").spec == "teacher:2k"
+    with pytest.raises(ValueError, match="teacher:TOKENS"):
+        DataConfig(sources=[corpus, "teacher:lots"])
+    with pytest.raises(ValueError, match="at least one other source"):
+        build_dataset(DataConfig(sources=["teacher:1k"], cache_dir=str(tmp_path)), tokenizer, verbose=False)
+    plain = build_dataset(plain_cfg, tokenizer, verbose=False)
+    base = build_dataset(cfg, tokenizer, verbose=False)
+    assert (base.train == plain.train).all()  # the corpus itself is unchanged by the teacher spec
+    settings = _small_cfg()
+    mixed = T.add_teacher_rows(base, cfg, model, tokenizer, teacher_cfg=settings, progress=False, log=lambda s: None)
+    extra = mixed.train.shape[0] - base.train.shape[0]
+    assert extra >= (0.1 * base.num_tokens("train")) // 32 - 1 and (mixed.train[:len(base.train)] == base.train).all()
+    assert (mixed.validation == base.validation).all() and (mixed.test == base.test).all()
+    assert mixed.meta["teacher"]["tokens"] >= round(0.1 * base.num_tokens("train"))
+    assert "teacher:0.1x" in mixed.summary()
+    assert T.add_teacher_rows(plain, plain_cfg, model, tokenizer) is plain

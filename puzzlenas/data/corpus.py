@@ -139,6 +139,7 @@ SOURCE_LICENSES: dict[str, str] = {
     "jsonl": "user-provided local files: the user's responsibility.",
     "parquet": "user-provided local files: the user's responsibility.",
     "hf": "Hugging Face dataset: the license on its dataset card; the user's responsibility.",
+    "teacher": "text written by the parent model (data/teacher.py): the parent's license and terms of use apply.",
 }
 
 DEFAULT_CACHE_DIR = "~/.cache/puzzlenas/data"
@@ -293,12 +294,17 @@ def parse_source(spec: str) -> SourceSpec:
     """Parse one source spec (syntax only; paths are checked when the source is read)."""
     allowed = (f"allowed: {list(EMBEDDED_SOURCES)}, mixtures {list(MIXTURES)}, "
                f"'txt:PATH', 'jsonl:PATH', 'parquet:PATH', 'hf:NAME[/CONFIG][:SPLIT]', "
-               f"or a path ending in .txt/.jsonl/.parquet")
+               f"'teacher:TOKENS' (e.g. 'teacher:30M') or a path ending in .txt/.jsonl/.parquet")
     if not isinstance(spec, str) or not spec.strip():
         raise ValueError(f"DataConfig.sources: invalid source {spec!r}; {allowed}")
     spec = spec.strip()
     if spec in EMBEDDED_SOURCES or spec in MIXTURES:
         return SourceSpec(spec, spec, "")
+    if spec.startswith("teacher:"):  # text the parent writes: built by data/teacher.py, not read here
+        from .teacher import parse_teacher_spec
+
+        parse_teacher_spec(spec)
+        return SourceSpec(spec.replace(" ", ""), "teacher", spec.partition(":")[2].strip())
     for prefix in SOURCE_PREFIXES:
         if spec.startswith(prefix):
             kind, arg = prefix[:-1], spec[len(prefix):].strip()
@@ -670,6 +676,8 @@ def iter_source(src: str | SourceSpec, cfg: DataConfig | None = None) -> Iterato
         return iter_parquet(src.arg, cfg.text_field, cfg.id_field)
     if src.kind == "hf":
         return iter_hf(src.arg, cfg.text_field, cfg.id_field, cfg.hf_streaming)
+    if src.kind == "teacher":  # no documents to read: data/teacher.py adds its rows to the train split
+        return iter(())
     raise ValueError(f"unknown source kind {src.kind!r}")
 
 
@@ -1066,7 +1074,11 @@ def build_dataset(cfg: DataConfig, tokenizer: Any, cache_dir: str | Path | None 
     """
     cfg.validate()
     cache_dir = Path(cache_dir if cache_dir is not None else cfg.cache_dir).expanduser()
-    specs = expand_sources(cfg.sources)
+    # teacher text needs the parent: data/teacher.add_teacher_rows adds it to the train split
+    specs = [s for s in expand_sources(cfg.sources) if s.kind != "teacher"]
+    if not specs:
+        raise ValueError(f"DataConfig.sources={cfg.sources!r}: a teacher source needs at least one other "
+                         f"source (its seeds and validation / test rows come from them), e.g. 'default'")
     tok_fp = tokenizer_fingerprint(tokenizer)
     key_inputs = _cache_key_inputs(cfg, specs, tok_fp)
     key = hashlib.sha1(json.dumps(key_inputs, sort_keys=True).encode()).hexdigest()[:16]

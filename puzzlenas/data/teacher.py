@@ -51,7 +51,7 @@ __all__ = [
     "TEACHER_FORMAT_VERSION", "TEXT_KINDS", "TOPICS", "CHAT_REQUESTS", "TeacherConfig", "TeacherCorpus",
     "Prompt", "NearDuplicateIndex", "degenerate_reason", "distinct_ngram_ratio", "generate_batch",
     "generate_teacher_corpus", "longest_repeated_span", "pack_samples", "parse_teacher_spec",
-    "prompt_pool", "resolve_teacher_tokens", "weights_fingerprint",
+    "prompt_pool", "resolve_teacher_tokens", "weights_fingerprint", "add_teacher_rows", "teacher_source",
 ]
 
 # Bump when prompts, sampling, filtering or the shard layout change: old caches are then not reused.
@@ -682,3 +682,53 @@ def pack_samples(samples: list[list[int]], seq_len: int, eos: int) -> np.ndarray
         raise ValueError(f"the teacher corpus holds {len(stream)} tokens, fewer than one row of {seq_len}; "
                          f"ask for more tokens")
     return stream[:rows * seq_len].reshape(rows, seq_len).astype(np.int32)
+
+
+# --------------------------------------------------------------------------------------------
+# The data source: teacher rows in the training split
+# --------------------------------------------------------------------------------------------
+def teacher_source(data_cfg) -> str | None:
+    """The ``teacher:...`` spec of a DataConfig's sources, or None; more than one is an error."""
+    specs = [s for s in data_cfg.sources if isinstance(s, str) and s.strip().startswith("teacher:")]
+    if len(specs) > 1:
+        raise ValueError(f"DataConfig.sources has {len(specs)} teacher sources {specs}; give one, e.g. 'teacher:30M'")
+    return specs[0].replace(" ", "") if specs else None
+
+
+def add_teacher_rows(dataset, data_cfg, model, tokenizer, cache_dir: str | Path | None = None, *,
+                     teacher_cfg: TeacherConfig | None = None, parent_fingerprint: str | None = None,
+                     log: Callable[[str], None] = print, progress: bool = True, generate: Callable | None = None):
+    """``dataset`` (a PackedDataset built from the same ``data_cfg``) with the teacher's rows
+    appended to its train split when ``data_cfg.sources`` holds a ``teacher:...`` spec; returned
+    unchanged otherwise. Validation and test rows never include teacher text.
+
+    The token count comes from the spec (``teacher:0.5x`` counts the other sources' training
+    tokens); the other settings from ``teacher_cfg`` (defaults: :class:`TeacherConfig`). The
+    teacher cache lives next to the corpus cache (``cache_dir`` or ``data_cfg.cache_dir``)."""
+    from .corpus import PackedDataset
+
+    spec = teacher_source(data_cfg)
+    if spec is None:
+        return dataset
+    tokens = resolve_teacher_tokens(spec, dataset.num_tokens("train"))
+    cfg = TeacherConfig(**{**asdict(teacher_cfg or TeacherConfig()), "tokens": tokens})
+    corpus = generate_teacher_corpus(model, tokenizer, cfg, cache_dir if cache_dir is not None else data_cfg.cache_dir,
+                                     data_cfg=data_cfg, parent_fingerprint=parent_fingerprint, log=log,
+                                     progress=progress, generate=generate)
+    rows = pack_samples(corpus.samples, dataset.seq_len, int(tokenizer.eos_token_id))  # (N, seq_len)
+    train = np.concatenate([dataset.train, rows])
+    meta = json.loads(json.dumps(dataset.meta))
+    stream_tokens = corpus.tokens + len(corpus.samples)  # EOS after each sample, as the corpus counts
+    meta["source_stats"][spec] = {"train": {"docs": len(corpus.samples), "tokens": stream_tokens},
+                                  "validation": {"docs": 0, "tokens": 0}, "test": {"docs": 0, "tokens": 0}}
+    meta["sources"] = list(meta.get("sources", [])) + [spec]
+    split = meta["splits"]["train"]
+    split.update(rows=int(train.shape[0]), tokens=int(train.size), docs=split["docs"] + len(corpus.samples),
+                 stream_tokens=split["stream_tokens"] + stream_tokens)
+    meta["teacher"] = {**corpus.meta, "spec": spec, "rows": int(rows.shape[0]), "cache": str(corpus.path),
+                       "train_share": rows.shape[0] / train.shape[0]}
+    meta.setdefault("licenses", {})[spec] = ("text written by the parent model: the parent's license and terms of "
+                                            "use apply")
+    log(f"teacher rows: {rows.shape[0]:,} of {train.shape[0]:,} training rows "
+        f"({100 * rows.shape[0] / train.shape[0]:.1f}%)")
+    return PackedDataset(train, dataset.validation, dataset.test, meta, dataset.path)
