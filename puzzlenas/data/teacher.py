@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import random
 import re
 import time
@@ -51,7 +50,7 @@ __all__ = [
     "TEACHER_FORMAT_VERSION", "TEXT_KINDS", "TOPICS", "CHAT_REQUESTS", "TeacherConfig", "TeacherCorpus",
     "Prompt", "NearDuplicateIndex", "degenerate_reason", "distinct_ngram_ratio", "generate_batch",
     "generate_teacher_corpus", "longest_repeated_span", "pack_samples", "parse_teacher_spec",
-    "prompt_pool", "resolve_teacher_tokens", "weights_fingerprint", "add_teacher_rows", "teacher_source",
+    "prompt_pool", "resolve_teacher_tokens", "weights_fingerprint", "add_teacher_rows", "teacher_source", "stop_ids",
 ]
 
 # Bump when prompts, sampling, filtering or the shard layout change: old caches are then not reused.
@@ -499,7 +498,7 @@ def weights_fingerprint(model) -> str:
     return h.hexdigest()
 
 
-def _stop_ids(model, tokenizer) -> list[int]:
+def stop_ids(model, tokenizer) -> list[int]:
     """Tokens that end a sample: the tokenizer's EOS and the generation config's EOS ids."""
     ids = {int(tokenizer.eos_token_id)}
     gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
@@ -611,7 +610,7 @@ def generate_teacher_corpus(model, tokenizer, cfg: TeacherConfig, cache_dir: str
     chat = bool(getattr(tokenizer, "chat_template", None))
     pool = prompt_pool(tokenizer, data_cfg, cfg)
     shares = cfg.shares(chat)
-    stops = _stop_ids(model, tokenizer)
+    stops = stop_ids(model, tokenizer)
     key_inputs = _cache_key(parent_fingerprint or weights_fingerprint(model), tokenizer, pool, cfg, stops)
     key = hashlib.sha1(json.dumps(key_inputs, sort_keys=True).encode()).hexdigest()[:16]
     folder = Path(cache_dir).expanduser() / f"teacher-{key}"

@@ -22,7 +22,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from ..data.teacher import distinct_ngram_ratio, generate_batch, longest_repeated_span
+from ..data.teacher import distinct_ngram_ratio, generate_batch, longest_repeated_span, stop_ids
 
 __all__ = ["CHAT_PROMPTS", "chat_answers", "chat_quality", "kl_on_transcripts", "repetition_stats"]
 
@@ -58,18 +58,11 @@ def _chat_prompt_ids(tokenizer, prompt: str) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
-def _stop_ids(model, tokenizer) -> list[int]:
-    ids = {int(tokenizer.eos_token_id)}
-    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    ids |= set(gen_eos if isinstance(gen_eos, (list, tuple)) else [gen_eos] if gen_eos is not None else [])
-    return sorted(ids)
-
-
 def chat_answers(model, tokenizer, prompts: Sequence[str] = CHAT_PROMPTS, max_new_tokens: int = 128,
                  batch_size: int = 32) -> list[tuple[list[int], list[int]]]:
     """(prompt ids, greedy answer ids) per prompt; the answer keeps its end-of-turn token when the
     model ended its turn within ``max_new_tokens``."""
-    stops = _stop_ids(model, tokenizer)
+    stops = stop_ids(model, tokenizer)
     prompt_ids = [_chat_prompt_ids(tokenizer, p) for p in prompts]
     out = []
     for start in range(0, len(prompt_ids), batch_size):
@@ -125,7 +118,7 @@ def chat_quality(models: dict, parent, tokenizer, prompts: Sequence[str] = CHAT_
                  max_new_tokens: int = 128, batch_size: int = 32) -> dict[str, dict]:
     """{model name: repetition_stats + kl_to_parent / top1_agreement on the parent's answers,
     "answers": decoded answers} for every model; ``models`` may include the parent itself."""
-    stops = set(_stop_ids(parent, tokenizer))
+    stops = set(stop_ids(parent, tokenizer))
     parent_transcripts = chat_answers(parent, tokenizer, prompts, max_new_tokens, batch_size)
     kl = kl_on_transcripts(models, parent, parent_transcripts)
     out = {}
