@@ -33,6 +33,17 @@ def test_greedy_batch_matches_one_prompt_at_a_time_and_hf_generate(tiny):
         assert got == alone == ref  # left padding changes nothing
 
 
+def test_fast_path_adapter_matches_greedy_and_stops_at_eos(tiny):
+    model, _ = tiny
+    prompts = [[5, 9, 17, 33, 4], [7], [11, 12, 13]]
+    ours = T.generate_batch(model, prompts, 12, temperature=0.0, eos_id=None, seed=0)
+    assert T.fast_generate_batch(model, prompts, 12, temperature=0.0, eos_id=None, seed=0) == ours
+    stop = ours[1][3]
+    fast = T.fast_generate_batch(model, prompts, 12, temperature=0.0, eos_id=stop, seed=0)
+    assert fast == T.generate_batch(model, prompts, 12, temperature=0.0, eos_id=stop, seed=0)
+    assert fast[1] == ours[1][:ours[1].index(stop) + 1]
+
+
 def test_sampling_is_seeded_and_stops_at_eos(tiny):
     model, _ = tiny
     prompts = [[5, 9, 17], [7, 8]] * 4

@@ -51,6 +51,7 @@ __all__ = [
     "Prompt", "NearDuplicateIndex", "degenerate_reason", "distinct_ngram_ratio", "generate_batch",
     "generate_teacher_corpus", "longest_repeated_span", "pack_samples", "parse_teacher_spec",
     "prompt_pool", "resolve_teacher_tokens", "weights_fingerprint", "add_teacher_rows", "teacher_source", "stop_ids",
+    "fast_generate_batch",
 ]
 
 # Bump when prompts, sampling, filtering or the shard layout change: old caches are then not reused.
@@ -300,6 +301,20 @@ def generate_batch(model, prompt_ids: list[list[int]], max_new_tokens: int, temp
             break
         logits = _padded_forward(model, token[:, None], cache, pad)
     return out
+
+
+def fast_generate_batch(model, prompt_ids: list[list[int]], max_new_tokens: int, temperature: float = 1.0,
+                        top_p: float = 0.95, eos_id: int | Sequence[int] | None = None, seed: int = 0
+                        ) -> list[list[int]]:
+    """:func:`generate_batch` on the fast path (``puzzlenas.model.fast.generate``: fused layers, CUDA
+    graphs on a GPU); same outputs when greedy, its own random draws when sampling. Pass it as
+    ``generate=`` to :func:`generate_teacher_corpus`. The cache key names the distribution (parent,
+    prompts, sampling settings), not the engine, so shards written by either engine are reused."""
+    from ..model.fast import generate
+
+    eos = [] if eos_id is None else ([eos_id] if isinstance(eos_id, int) else list(eos_id))
+    return generate(model, prompt_ids, max_new_tokens, temperature, top_p, eos_token_id=eos,
+                    batch_size=max(len(prompt_ids), 1), seed=seed).tokens
 
 
 # --------------------------------------------------------------------------------------------
