@@ -30,6 +30,9 @@ from .train import (TrainingCheckpoint, TrainingError, adamw, autocast, autocast
                     lr_scheduler, raise_if_non_finite, settings_fingerprint)
 
 
+COMPILE_MIN_TOKENS = 16_000_000  # gkd.compile=auto compiles runs of at least this many tokens
+
+
 class GKDError(TrainingError):
     """GKD cannot go on (non-finite loss, unreadable checkpoint...)."""
 
@@ -51,8 +54,8 @@ class GKDConfig:
     lm_loss_weight: float = 0.0  # next-token cross-entropy; off by default (METHOD.md section 7)
     logits_chunk: int = 1024  # token rows of logits materialized at once (per model, fp32 reductions)
     # torch.compile the student's and the teacher's forward and the KL's per-chunk reduction:
-    # auto = on a single CUDA device (falls back to eager, saying so, if compiling fails), on =
-    # wherever (a failure is an error), off = eager.
+    # auto = on a single CUDA device for runs of >= 16M tokens (compiling takes ~2 min; falls
+    # back to eager, saying so, if it fails), on = wherever (a failure is an error), off = eager.
     compile: str = "auto"
     activation_checkpointing: bool = False
     checkpoint_every: int = 100
@@ -235,9 +238,11 @@ class GKDTrainer:
                 raise GKDError(f"gkd.compile = on but torch {torch.__version__} has no torch.compile; "
                                f"use gkd.compile=auto or off")
             return False
-        # auto: GPU only (on CPU compiling costs more than it saves on test-sized models), and
-        # not with FSDP2-sharded models.
-        return self.cfg.compile == "on" or (self.device.type == "cuda" and self.world == 1)
+        # auto: one GPU (not FSDP2-sharded models; on the CPU compiling costs more than it
+        # saves), and a run long enough to repay the compile: ~2 minutes for the bundled pair on
+        # an H200, which the 3x faster steps earn back after ~10M tokens (benchmarks/RESULTS.md).
+        long_enough = self.cfg.tokens >= COMPILE_MIN_TOKENS
+        return self.cfg.compile == "on" or (self.device.type == "cuda" and self.world == 1 and long_enough)
 
     def _set_step_functions(self, compiled: bool) -> None:
         """The teacher's stacked hidden states, the student's last hidden state and cosine term,
