@@ -70,6 +70,10 @@ class BLDConfig:
     autocast: str = "auto"  # auto (bf16 on CUDA, off on CPU) | bf16 | off
     save_dtype: str = "float32"  # float32 | bfloat16
     layers: list[int] | None = None  # train only these layers (None: all)
+    # Equal-shape decoupled jobs of different layers trained as one batched job (bld_stacked.py):
+    # 0 = auto (on a GPU for models narrower than 2048, groups sized to a quarter of its memory;
+    # on the CPU all of one shape), 1 = every job alone, N = at most N jobs per group.
+    stack_jobs: int = 0
 
     def validate(self) -> None:
         checks = {"mode": (self.mode, MODES), "init": (self.init, ("parent", "random")),
@@ -82,8 +86,8 @@ class BLDConfig:
             raise ValueError("bld.tokens must be >= 0, bld.batch_size and bld.validation_tokens >= 1")
         if not (self.lr > 0 and 0 <= self.min_lr_fraction <= 1 and 0 <= self.warmup_fraction < 1):
             raise ValueError("bld.lr must be > 0, min_lr_fraction in [0, 1], warmup_fraction in [0, 1)")
-        if len(self.betas) != 2 or self.checkpoint_every < 1 or self.jobs_per_round < 0:
-            raise ValueError("bld.betas needs two values, checkpoint_every >= 1, jobs_per_round >= 0")
+        if len(self.betas) != 2 or self.checkpoint_every < 1 or self.jobs_per_round < 0 or self.stack_jobs < 0:
+            raise ValueError("bld.betas needs two values, checkpoint_every >= 1, jobs_per_round >= 0, stack_jobs >= 0")
         if self.mode == "hybrid" and not self.coupled_pairs:
             raise ValueError("bld.mode = hybrid needs bld.coupled_pairs (the reduced space), e.g. "
                              "[[attn_kv1, ffn_768], [attn_noop, ffn_1536]]")
@@ -186,10 +190,13 @@ class JobBlock(nn.Module):
         return a + self.ffn(acts.x + a)
 
 
-def normalized_mse_terms(pred: torch.Tensor, acts: LayerActivations) -> tuple[torch.Tensor, torch.Tensor]:
-    """(sum of squared error, sum of squared target) of the layer's residual update, in fp32."""
+def normalized_mse_terms(pred: torch.Tensor, acts: LayerActivations,
+                         stacked: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum of squared error, sum of squared target) of the layer's residual update, in fp32.
+    stacked: tensors (G, ...) of G jobs (bld_stacked.py), sums per job (G,)."""
     target = (acts.y - acts.x).float()
-    return (pred.float() - target).pow(2).sum(), target.pow(2).sum()
+    dims = tuple(range(1, target.dim())) if stacked else tuple(range(target.dim()))
+    return (pred.float() - target).pow(2).sum(dims), target.pow(2).sum(dims)
 
 
 @dataclass
@@ -309,7 +316,11 @@ class BLDTrainer:
             self._finish(s)
 
     def _train(self, states: list[JobState], train_batches) -> None:
-        by_layer = _group_by_layer(states)
+        from .bld_stacked import max_group_size, stack_groups
+
+        limit = max_group_size(self.cfg.stack_jobs, self.config, self.cfg.batch_size * self.seq_len, self.device)
+        groups, alone = stack_groups(states, self.config.blocks, limit, self.config, self.cfg)
+        by_layer = _group_by_layer(alone)
         first = min(s.start_step for s in states)
         for step, batch in enumerate(train_batches):
             if step < first:
@@ -318,8 +329,12 @@ class BLDTrainer:
                 break
             active = {i: [s for s in ss if s.step <= step] for i, ss in by_layer.items()}
             active = {i: ss for i, ss in active.items() if ss}
-            if not active:
+            active_groups = [g for g in groups if g.step <= step]
+            kept_layers = {i for g in active_groups for i in g.layers}
+            if not active and not active_groups:
                 continue
+            kept: dict[int, LayerActivations] = {}
+            contexts: list[ForwardContext] = []
 
             def visit(i: int, acts: LayerActivations, ctx: ForwardContext) -> None:
                 for s in active.get(i, []):
@@ -327,19 +342,33 @@ class BLDTrainer:
                     s.metrics["last_loss"] = self.train_step(s, acts, ctx)
                     s.step = step + 1
                     s.seconds += time.perf_counter() - started
+                if i in kept_layers:
+                    kept[i] = acts
+                contexts[:] = [ctx]
 
-            visit_parent_layers(self.parent, batch.to(self.device), max(active), visit)
+            visit_parent_layers(self.parent, batch.to(self.device), max(list(active) + list(kept_layers)), visit)
+            for g in active_groups:  # every stacked group once the parent's activations exist
+                started = time.perf_counter()
+                losses = g.train_step(kept, contexts[0], self._autocast())
+                for s, loss in zip(g.states, losses):
+                    s.metrics["last_loss"], s.step = loss, step + 1
+                    s.seconds += (time.perf_counter() - started) / len(g.states)
+            kept.clear()
             checkpoint = (step + 1) % self.cfg.checkpoint_every == 0 and step + 1 < self.steps
             report = (step + 1) % max(1, self.steps // 10) == 0
             if checkpoint or report or step + 1 == self.steps:
                 self.check_finite(states)
             if checkpoint:
+                for g in groups:
+                    g.write_back(optimizer_state=True)
                 for s in states:
                     self._checkpoint(s)
             if report:
                 losses = [s.metrics["last_loss"] for s in states if "last_loss" in s.metrics]
                 self.log(f"  step {step + 1}/{self.steps}: {len(states)} jobs, mean train loss "
                          f"{sum(losses) / max(1, len(losses)):.4f}")
+        for g in groups:
+            g.write_back(optimizer_state=False)
 
     # ---- files ----------------------------------------------------------------------------
     def job_dir(self, job: Job) -> Path:

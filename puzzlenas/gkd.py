@@ -4,14 +4,18 @@ frozen parent on
     L = sum over layers l of mean_tokens (1 - cos(h_child_l, h_parent_l)) + KL(p_parent || p_child)
 
 with no LM loss by default (the paper: adding it dropped MT-Bench from 8.74 to 7.71; switchable).
-The KL runs in chunks of tokens and backpropagates chunk by chunk into the final hidden state,
-so (batch, seq, vocab) logits never exist whole. bf16 autocast and optional activation
-checkpointing on GPU; checkpoints every N steps and resume; with several ranks the child and
-the parent are sharded with FSDP2 (`fully_shard`) and the data is split by rank.
+The teacher runs once per batch under no_grad (in its own dtype, bf16 on GPU). The KL runs in
+chunks of tokens on the final hidden states, each chunk's logits reduced and turned into
+gradients at once (`_FusedHeadKL`), so (batch, seq, vocab) logits never exist whole. On one GPU
+the student's and the teacher's forward and the per-chunk reduction are torch.compile'd
+(`gkd.compile`). bf16 autocast and optional activation checkpointing on GPU; checkpoints every
+N steps and resume; with several ranks the child and the parent are sharded with FSDP2
+(`fully_shard`) and the data is split by rank.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from dataclasses import dataclass, field
@@ -20,9 +24,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from .activations import causal_context
 from .model.modeling import DeciLMForCausalLM
 from .train import (TrainingCheckpoint, TrainingError, adamw, autocast, autocast_dtype, clip_gradients,
                     lr_scheduler, raise_if_non_finite, settings_fingerprint)
+
+
+COMPILE_MIN_TOKENS = 16_000_000  # gkd.compile=auto compiles runs of at least this many tokens
 
 
 class GKDError(TrainingError):
@@ -44,7 +52,11 @@ class GKDConfig:
     cosine_weight: float = 1.0  # per-layer hidden-state cosine term
     kl_weight: float = 1.0  # KL(parent || child) on the logits
     lm_loss_weight: float = 0.0  # next-token cross-entropy; off by default (METHOD.md section 7)
-    logits_chunk: int = 1024  # token rows of logits materialized at once
+    logits_chunk: int = 1024  # token rows of logits materialized at once (per model, fp32 reductions)
+    # torch.compile the student's and the teacher's forward and the KL's per-chunk reduction:
+    # auto = on a single CUDA device for runs of >= 16M tokens (compiling takes ~2 min; falls
+    # back to eager, saying so, if it fails), on = wherever (a failure is an error), off = eager.
+    compile: str = "auto"
     activation_checkpointing: bool = False
     checkpoint_every: int = 100
     autocast: str = "auto"  # auto (bf16 on CUDA) | bf16 | off
@@ -60,6 +72,8 @@ class GKDConfig:
     def validate(self) -> None:
         if self.autocast not in ("auto", "bf16", "off"):
             raise ValueError(f"gkd.autocast = {self.autocast!r}; allowed: auto, bf16, off")
+        if self.compile not in ("auto", "on", "off"):
+            raise ValueError(f"gkd.compile = {self.compile!r}; allowed: auto, on, off")
         if self.tokens < 0 or self.batch_size < 1 or self.logits_chunk < 1 or self.checkpoint_every < 1:
             raise ValueError("gkd.tokens >= 0, batch_size, logits_chunk, checkpoint_every >= 1")
         if min(self.cosine_weight, self.kl_weight, self.lm_loss_weight) < 0 or \
@@ -73,42 +87,119 @@ class GKDConfig:
                              ">= 1; chat_temperature > 0")
 
 
-def hidden_cosine_loss(child_hidden: tuple[torch.Tensor, ...], parent_hidden: tuple[torch.Tensor, ...]) -> torch.Tensor:
-    """sum over layers of mean over tokens of 1 - cos; the embedding output (index 0) is skipped."""
+def hidden_cosine_loss(child_hidden, parent_hidden) -> torch.Tensor:
+    """sum over layers of mean over tokens of 1 - cos; the embedding output (index 0) is skipped.
+    Either argument: a sequence of (B, T, C) tensors or one stacked (L + 1, B, T, C) tensor."""
     terms = [(1 - F.cosine_similarity(c.float(), p.float(), dim=-1)).mean()
              for c, p in zip(child_hidden[1:], parent_hidden[1:])]
     return torch.stack(terms).sum()
 
 
-def chunked_kl_backward(child: DeciLMForCausalLM, parent: DeciLMForCausalLM, h_child: torch.Tensor,
-                        h_parent: torch.Tensor, targets: torch.Tensor, cfg: GKDConfig,
-                        scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """KL(parent || child) (and LM loss) on the final hidden states, chunk by chunk.
+def trunk_hidden_states(model: DeciLMForCausalLM, input_ids: torch.Tensor) -> list[torch.Tensor]:
+    """The residual stream of a full causal batch: [embedding output, after layer 1, ..., after
+    the last layer] (pre final norm), each (B, T, C). The decoder without the HF output objects
+    and KV-cache plumbing, so that torch.compile traces it whole."""
+    inner = model.model
+    x = inner.embed_tokens(input_ids)  # (B, T, C)
+    ctx = causal_context(model, input_ids, x.dtype)
+    hidden = [x]
+    for layer in inner.layers:
+        if inner.gradient_checkpointing and inner.training:
+            x = torch.utils.checkpoint.checkpoint(layer, x, ctx, use_reentrant=False)
+        else:
+            x = layer(x, ctx)
+        hidden.append(x)
+    return hidden
 
-    h_child: (B, T, C) pre-norm final hidden of the child (in the graph); h_parent: same, parent.
-    Backpropagates each chunk into a leaf copy of h_child and the head; returns (kl, lm, grad of
-    h_child) so the caller finishes the backward through the trunk with one call."""
-    B, T, C = h_child.shape
-    leaf = h_child.detach().requires_grad_(True)
-    rows_c, rows_p = leaf[:, :-1].reshape(-1, C), h_parent[:, :-1].reshape(-1, C)  # (N, C)
+
+class _FusedHeadKL(torch.autograd.Function):
+    """kl_w * KL(parent || child) + lm_w * (the child's next-token cross-entropy) on the LM head,
+    chunk by chunk.
+
+    forward(child rows (N, C) normed, child head (V, C), parent rows (N, C) normed, parent head,
+    labels (N,), kl_w, lm_w, chunk, matmul dtype, reduce_chunk) -> (loss, kl, lm), means over the
+    N rows; only `loss` is differentiable. Each chunk's logits (n, V) are made, reduced, and their
+    gradient  d loss / d z_child = (kl_w * (q - p) + lm_w * (q - onehot)) / N  (q, p the two
+    softmaxes) turned into the gradients of the rows and of the head at once, so no (N, V) tensor
+    ever exists and backward is a multiplication by the incoming gradient (as in fused
+    linear-cross-entropy kernels)."""
+
+    @staticmethod
+    def forward(ctx, rows_c, weight_c, rows_p, weight_p, labels, kl_w, lm_w, chunk, mm_dtype, reduce_chunk):
+        n = rows_c.shape[0]
+        grad_rows = torch.empty_like(rows_c)
+        grad_weight = torch.zeros(weight_c.shape, dtype=torch.float32, device=weight_c.device)
+        kl = torch.zeros((), dtype=torch.float32, device=rows_c.device)
+        lm = torch.zeros((), dtype=torch.float32, device=rows_c.device)
+        wc, wp = weight_c.to(mm_dtype), weight_p.to(mm_dtype)
+        for start in range(0, n, chunk):
+            sl = slice(start, start + chunk)
+            hc = rows_c[sl].to(mm_dtype)  # (n, C)
+            zc, zp = hc @ wc.t(), rows_p[sl].to(mm_dtype) @ wp.t()  # (n, V) each
+            kl_sum, lm_sum, grad_z = reduce_chunk(zc, zp, labels[sl], kl_w / n, lm_w / n)
+            kl += kl_sum
+            lm += lm_sum
+            grad_z = grad_z.to(mm_dtype)
+            grad_rows[sl] = (grad_z @ wc).to(rows_c.dtype)
+            grad_weight += (grad_z.t() @ hc).float()  # product in mm_dtype, fp32 sum (as autocast does)
+        kl, lm = kl / n, lm / n
+        ctx.save_for_backward(grad_rows, grad_weight)
+        ctx.weight_dtype = weight_c.dtype
+        ctx.mark_non_differentiable(kl, lm)
+        return kl_w * kl + lm_w * lm, kl, lm
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_kl, _grad_lm):
+        grad_rows, grad_weight = ctx.saved_tensors
+        return (grad_rows * grad_loss, (grad_weight * grad_loss).to(ctx.weight_dtype),
+                None, None, None, None, None, None, None, None)
+
+
+def reduce_logit_chunk(zc: torch.Tensor, zp: torch.Tensor, labels: torch.Tensor, kl_scale: float,
+                       lm_scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """For one chunk of child / parent logits (n, V): (sum over rows of KL(p || q), sum of the
+    child's cross-entropy on `labels`, the gradient of kl_scale * KL + lm_scale * CE w.r.t. zc)
+    in fp32. A pure function of tensors: torch.compile fuses it into a few passes over the logits."""
+    logq = torch.log_softmax(zc.float(), dim=-1)
+    logp = torch.log_softmax(zp.float(), dim=-1)
+    p, q = logp.exp(), logq.exp()
+    kl = (p * (logp - logq)).sum()
+    grad = kl_scale * (q - p)
+    if not lm_scale:
+        return kl, torch.zeros_like(kl), grad
+    lm = -logq.gather(1, labels[:, None]).sum()
+    grad = (grad + lm_scale * q).scatter_add(1, labels[:, None], torch.full_like(grad[:, :1], -lm_scale))
+    return kl, lm, grad
+
+
+def teacher_hidden_states(parent: DeciLMForCausalLM, input_ids: torch.Tensor) -> torch.Tensor:
+    """The parent's residual streams stacked: (L + 1, B, T, C) (call under no_grad)."""
+    return torch.stack(trunk_hidden_states(parent, input_ids))
+
+
+def student_forward(child: DeciLMForCausalLM, input_ids: torch.Tensor,
+                    parent_hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the child's pre-norm final hidden state (B, T, C), the per-layer cosine term)."""
+    hidden = trunk_hidden_states(child, input_ids)
+    return hidden[-1], hidden_cosine_loss(hidden, parent_hidden)
+
+
+def fused_head_kl(child: DeciLMForCausalLM, parent: DeciLMForCausalLM, h_child: torch.Tensor,
+                  h_parent: torch.Tensor, targets: torch.Tensor, cfg: "GKDConfig", mm_dtype: torch.dtype | None,
+                  reduce_chunk=reduce_logit_chunk) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(KL(parent || child), LM loss) on the final hidden states, means over the B * (T - 1)
+    predicted tokens; differentiable w.r.t. h_child (through the child's final norm) and the
+    child's head. h_child, h_parent: (B, T, C) pre-norm final residual streams; targets (B, T).
+    mm_dtype: the head matmuls' dtype (the autocast dtype, or None for the weights' own).
+    Returns (kl_weight * KL + lm_loss_weight * LM (differentiable), KL, LM (detached))."""
+    C = h_child.shape[-1]
+    rows_c = child.model.norm(h_child[:, :-1].reshape(-1, C))  # (N, C), in the graph
+    with torch.no_grad():
+        rows_p = parent.model.norm(h_parent[:, :-1].reshape(-1, C))
     labels = targets[:, 1:].reshape(-1)
-    n = rows_c.shape[0]
-    kl_total = torch.zeros((), device=h_child.device)
-    lm_total = torch.zeros((), device=h_child.device)
-    for start in range(0, n, cfg.logits_chunk):
-        sl = slice(start, start + cfg.logits_chunk)
-        with torch.no_grad():
-            logp = F.log_softmax(parent.lm_head(parent.model.norm(rows_p[sl])).float(), dim=-1)  # (n, V)
-        logq = F.log_softmax(child.lm_head(child.model.norm(rows_c[sl])).float(), dim=-1)
-        kl = (logp.exp() * (logp - logq)).sum() / n
-        loss = cfg.kl_weight * kl
-        if cfg.lm_loss_weight:
-            lm = F.nll_loss(logq, labels[sl], reduction="sum") / n
-            loss = loss + cfg.lm_loss_weight * lm
-            lm_total += lm.detach()
-        (loss * scale).backward()
-        kl_total += kl.detach()
-    return kl_total, lm_total, leaf.grad
+    dtype = mm_dtype or child.lm_head.weight.dtype
+    return _FusedHeadKL.apply(rows_c, child.lm_head.weight, rows_p, parent.lm_head.weight, labels,
+                                 cfg.kl_weight, cfg.lm_loss_weight, cfg.logits_chunk, dtype, reduce_chunk)
 
 
 class GKDTrainer:
@@ -134,25 +225,66 @@ class GKDTrainer:
         self.history: list[dict] = []
         if cfg.activation_checkpointing:
             child.model.gradient_checkpointing = True
+        self._compile_proven = False
+        self._set_step_functions(self._use_compile())
 
     def _autocast(self):
         return autocast(self.device, self.autocast_dtype)
 
+    # ---- the step's functions, compiled or not ---------------------------------------------
+    def _use_compile(self) -> bool:
+        if self.cfg.compile == "off" or not hasattr(torch, "compile"):
+            if self.cfg.compile == "on":
+                raise GKDError(f"gkd.compile = on but torch {torch.__version__} has no torch.compile; "
+                               f"use gkd.compile=auto or off")
+            return False
+        # auto: one GPU (not FSDP2-sharded models; on the CPU compiling costs more than it
+        # saves), and a run long enough to repay the compile: ~2 minutes for the bundled pair on
+        # an H200, which the 3x faster steps earn back after ~10M tokens (benchmarks/RESULTS.md).
+        long_enough = self.cfg.tokens >= COMPILE_MIN_TOKENS
+        return self.cfg.compile == "on" or (self.device.type == "cuda" and self.world == 1 and long_enough)
+
+    def _set_step_functions(self, compiled: bool) -> None:
+        """The teacher's stacked hidden states, the student's last hidden state and cosine term,
+        and the per-chunk logit reduction of the KL: plain functions, or torch.compile'd ones
+        (one graph per model: the decoder is traced whole, its loop over layers unrolled)."""
+        teacher = functools.partial(teacher_hidden_states, self.parent)
+        student = functools.partial(student_forward, self.child)
+        reduce = reduce_logit_chunk
+        if compiled:
+            teacher, student, reduce = (torch.compile(f, dynamic=False) for f in (teacher, student, reduce))
+        self.compiled = compiled
+        self._teacher, self._student, self._reduce = teacher, student, reduce
+
     def loss_and_backward(self, batch: torch.Tensor) -> dict[str, torch.Tensor]:
-        """One forward/backward of the GKD loss (gradients accumulate in the child)."""
+        """One forward/backward of the GKD loss (gradients accumulate in the child). The first
+        compiled step is where compiling happens: with gkd.compile=auto a failure there (no
+        compiler, an unsupported op) switches to the eager functions and redoes the step."""
+        if not self.compiled or self._compile_proven:
+            return self._loss_and_backward(batch)
+        try:
+            parts = self._loss_and_backward(batch)
+        except Exception as err:  # noqa: BLE001: any compiler failure; eager is always possible
+            why = f"{type(err).__name__}: {(str(err).splitlines() or [''])[0][:300]}"
+            if self.cfg.compile == "on":
+                raise GKDError(f"torch.compile failed for GKD ({why}); use gkd.compile=auto or off") from err
+            self.log(f"  gkd: torch.compile failed ({why}); running eagerly")
+            self.child.zero_grad(set_to_none=True)
+            self._set_step_functions(False)
+            return self._loss_and_backward(batch)
+        self._compile_proven = True
+        return parts
+
+    def _loss_and_backward(self, batch: torch.Tensor) -> dict[str, torch.Tensor]:
+        cfg = self.cfg
         with torch.no_grad(), self._autocast():
-            p_out = self.parent.model(input_ids=batch, output_hidden_states=True, use_cache=False)
+            parent_hidden = self._teacher(batch)  # (L + 1, B, T, C), the teacher once per batch
         with self._autocast():
-            c_out = self.child.model(input_ids=batch, output_hidden_states=True, use_cache=False)
-            cos = hidden_cosine_loss(c_out.hidden_states, p_out.hidden_states)
-        # last_hidden_state is normed; the chunked head needs the pre-norm final stream.
-        h_child, h_parent = c_out.hidden_states[-1], p_out.hidden_states[-1]
-        with self._autocast():
-            kl, lm, grad = chunked_kl_backward(self.child, self.parent, h_child, h_parent, batch, self.cfg)
-        trunk = self.cfg.cosine_weight * cos + (h_child * grad).sum()  # the KL's gradient through the trunk
-        trunk.backward()
-        return {"loss": (self.cfg.cosine_weight * cos + self.cfg.kl_weight * kl + self.cfg.lm_loss_weight * lm).detach(),
-                "cosine": cos.detach(), "kl": kl, "lm": lm}
+            h_child, cos = self._student(batch, parent_hidden)  # (B, T, C) pre-norm, scalar
+            head, kl, lm = fused_head_kl(self.child, self.parent, h_child, parent_hidden[-1], batch, cfg,
+                                         self.autocast_dtype, self._reduce)
+        (cfg.cosine_weight * cos + head).backward()
+        return {"loss": (cfg.cosine_weight * cos + head).detach(), "cosine": cos.detach(), "kl": kl, "lm": lm}
 
     @torch.no_grad()
     def validation_loss(self, batches: list[torch.Tensor]) -> dict[str, float]:
@@ -174,7 +306,7 @@ class GKDTrainer:
 
     def train(self, batches) -> list[dict]:
         self._maybe_resume()
-        started = time.time()
+        started, first = time.time(), self.step
         for step, batch in enumerate(batches):
             if step < self.step:
                 continue
@@ -195,8 +327,10 @@ class GKDTrainer:
                 raise_if_non_finite({"the GKD loss": values["loss"]}, self.step, "gkd", self.cfg.lr, GKDError)
                 self.history.append({"step": self.step, **values, "lr": self.scheduler.get_last_lr()[0]})
                 if self.step % every == 0:
+                    elapsed = time.time() - started
                     self.log(f"  gkd step {self.step}/{self.steps}: loss {values['loss']:.4f} (cos {values['cosine']:.4f}, "
-                             f"kl {values['kl']:.4f}) {time.time() - started:.0f} s")
+                             f"kl {values['kl']:.4f}) {elapsed:.0f} s, "
+                             f"{(self.step - first) * batch.numel() * self.world / max(elapsed, 1e-9):,.0f} tokens/s")
             if self.step % self.cfg.checkpoint_every == 0 and self.step < self.steps:
                 self._checkpoint()
         self.child.eval()

@@ -117,8 +117,13 @@ def test_kill_mid_run_resumes_without_redoing_finished_jobs(tmp_path, tiny_run_i
 
 
 def test_non_finite_loss_stops_with_a_clear_error(tmp_path, tiny_run_inputs, monkeypatch):
-    monkeypatch.setattr(bld_module, "normalized_mse_terms",
-                        lambda pred, acts: (pred.sum() * float("nan"), torch.tensor(1.0)))
+    real = bld_module.normalized_mse_terms
+
+    def nan_error(pred, acts, stacked=False):  # one job or a stacked group of them
+        err, ref = real(pred, acts, stacked)
+        return err * float("nan"), ref
+
+    monkeypatch.setattr(bld_module, "normalized_mse_terms", nan_error)
     with pytest.raises(BLDError, match="non-finite loss.*Lower bld.lr"):
         run(tmp_path, tiny_run_config(tiny_run_inputs), "nan")
 
@@ -161,7 +166,10 @@ def test_two_gloo_ranks_give_the_same_library_as_one(tmp_path, tiny_run_inputs):
     assert double.keys() == single.keys()
     for key in single:
         for name in single[key]:
-            assert torch.equal(double[key][name], single[key][name]), (key, name)
+            # Equal-shape jobs train stacked (bld_stacked.py), and the ranks' groups differ from
+            # the single rank's: batched matmuls of other batch counts round differently.
+            torch.testing.assert_close(double[key][name], single[key][name], rtol=1e-4, atol=1e-6,
+                                       msg=str((key, name)))
     done = json.loads((tmp_path / "double" / "bld" / "DONE").read_text())
     assert done["world_size"] == 2
 

@@ -1,0 +1,135 @@
+"""GKD's fast path (fused chunked KL on the head, the trunk without HF plumbing, compile
+switch) against the plain definitions of its loss."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from puzzlenas.gkd import (GKDConfig, GKDError, GKDTrainer, fused_head_kl, hidden_cosine_loss, student_forward,
+                           teacher_hidden_states, trunk_hidden_states)
+from tests.test_child import make_child
+
+
+def pair():
+    parent, child = make_child(seed=0), make_child(seed=1)
+    parent.requires_grad_(False)
+    return parent, child
+
+
+def plain_loss(child, parent, ids, cfg: GKDConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The GKD loss from its definition: HF forwards, whole (B, T, V) logits."""
+    c_out = child(ids, output_hidden_states=True)
+    with torch.no_grad():
+        p_out = parent(ids, output_hidden_states=True)
+    logq = torch.log_softmax(c_out.logits[:, :-1].float(), -1)
+    logp = torch.log_softmax(p_out.logits[:, :-1].float(), -1)
+    kl = (logp.exp() * (logp - logq)).sum(-1).mean()
+    lm = F.nll_loss(logq.flatten(0, 1), ids[:, 1:].flatten())
+    cos = hidden_cosine_loss(c_out.hidden_states, p_out.hidden_states)
+    return cfg.cosine_weight * cos + cfg.kl_weight * kl + cfg.lm_loss_weight * lm, cos, kl, lm
+
+
+def grads(model) -> dict[str, torch.Tensor]:
+    out = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    return out
+
+
+@pytest.mark.parametrize("lm_weight", [0.0, 0.5])
+def test_fused_kl_equals_the_plain_kl_and_its_gradient(lm_weight):
+    parent, child = pair()
+    ids = torch.randint(0, 128, (2, 9))
+    cfg = GKDConfig(logits_chunk=5, kl_weight=0.7, lm_loss_weight=lm_weight, cosine_weight=0.0)
+    h_child = trunk_hidden_states(child, ids)[-1]
+    with torch.no_grad():
+        h_parent = trunk_hidden_states(parent, ids)[-1]
+    loss, kl, lm = fused_head_kl(child, parent, h_child, h_parent, ids, cfg, None)
+    loss.backward()
+    fused = grads(child)
+    ref_loss, _, ref_kl, ref_lm = plain_loss(child, parent, ids, cfg)
+    ref_loss.backward()
+    plain = grads(child)
+    assert kl.item() == pytest.approx(ref_kl.item(), rel=1e-5)
+    assert lm.item() == pytest.approx(ref_lm.item() if lm_weight else 0.0, rel=1e-5)
+    assert loss.item() == pytest.approx(ref_loss.item(), rel=1e-5)
+    assert fused.keys() == plain.keys() and "lm_head.weight" in fused  # tied with the embedding
+    for name in plain:
+        torch.testing.assert_close(fused[name], plain[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_trunk_and_cosine_term_equal_the_hf_forward():
+    parent, child = pair()
+    ids = torch.randint(0, 128, (3, 7))
+    hf = child.model(ids, output_hidden_states=True).hidden_states
+    mine = trunk_hidden_states(child, ids)
+    assert len(mine) == len(hf) == child.config.num_hidden_layers + 1
+    for a, b in zip(mine, hf):
+        assert torch.equal(a, b)
+    with torch.no_grad():
+        stacked = teacher_hidden_states(parent, ids)  # (L + 1, B, T, C)
+        reference = parent.model(ids, output_hidden_states=True).hidden_states
+    assert torch.equal(stacked, torch.stack(reference))
+    h_last, cos = student_forward(child, ids, stacked)
+    assert torch.equal(h_last, hf[-1])
+    expected = sum((1 - F.cosine_similarity(c, p, dim=-1)).mean() for c, p in zip(hf[1:], reference[1:]))
+    assert cos.item() == pytest.approx(expected.item(), rel=1e-6) and cos.item() > 0.1
+
+
+def test_a_gkd_step_has_the_gradient_of_the_plain_loss(tmp_path):
+    parent, child = pair()
+    ids = torch.randint(0, 128, (2, 8))
+    cfg = GKDConfig(logits_chunk=4, lm_loss_weight=0.3, batch_size=2, tokens=16)
+    trainer = GKDTrainer(child, parent, cfg, tmp_path, 8, log=lambda *a: None)
+    assert not trainer.compiled  # compile=auto stays eager on the CPU
+    parts = trainer.loss_and_backward(ids)
+    fast = grads(child)
+    ref_loss, cos, kl, lm = plain_loss(child, parent, ids, cfg)
+    ref_loss.backward()
+    plain = grads(child)
+    for key, ref in (("loss", ref_loss), ("cosine", cos), ("kl", kl), ("lm", lm)):
+        assert parts[key].item() == pytest.approx(ref.item(), rel=1e-5), key
+    for name in plain:
+        torch.testing.assert_close(fast[name], plain[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def failing_compile(monkeypatch):
+    def compile(fn, **kwargs):
+        def compiled(*args, **kw):
+            raise RuntimeError("no C++ compiler found\nmore lines")
+        return compiled
+    monkeypatch.setattr(torch, "compile", compile)
+
+
+def test_compile_failure_falls_back_to_eager_with_auto(tmp_path, monkeypatch):
+    failing_compile(monkeypatch)
+    monkeypatch.setattr(GKDTrainer, "_use_compile", lambda self: True)  # as on a GPU
+    parent, child = pair()
+    ids = torch.randint(0, 128, (2, 8))
+    logs: list[str] = []
+    trainer = GKDTrainer(child, parent, GKDConfig(batch_size=2, tokens=16), tmp_path, 8, log=logs.append)
+    assert trainer.compiled
+    parts = trainer.loss_and_backward(ids)
+    assert not trainer.compiled
+    assert logs == ["  gkd: torch.compile failed (RuntimeError: no C++ compiler found); running eagerly"]
+    fast = grads(child)
+    plain_loss(child, parent, ids, trainer.cfg)[0].backward()
+    assert parts["loss"].item() > 0
+    for name, g in grads(child).items():  # the failed attempt left no gradient behind
+        torch.testing.assert_close(fast[name], g, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_compile_on_that_fails_is_a_gkd_error_naming_the_setting(tmp_path, monkeypatch):
+    failing_compile(monkeypatch)
+    parent, child = pair()
+    trainer = GKDTrainer(child, parent, GKDConfig(batch_size=2, tokens=16, compile="on"), tmp_path, 8)
+    with pytest.raises(GKDError, match="torch.compile failed for GKD .*gkd.compile=auto or off"):
+        trainer.loss_and_backward(torch.randint(0, 128, (2, 8)))
+
+
+def test_compile_setting_is_validated():
+    with pytest.raises(ValueError, match="gkd.compile = 'yes'; allowed: auto, on, off"):
+        GKDConfig(compile="yes").validate()
