@@ -18,10 +18,10 @@ from typing import Any
 import yaml
 
 from .bld import BLDConfig
-from .data.corpus import DataConfig
+from .data.config import DataConfig
 from .library import LibraryConfig
 from .costs import CostConfig
-from .eval.metrics import EvalConfig
+from .eval.config import EvalConfig
 from .gkd import GKDConfig
 from .peers import PeersConfig
 from .scoring import ScoringConfig

@@ -91,7 +91,8 @@ def load_data(cfg: RunConfig, run_dir: Path, verbose: bool = False):
     """The packed dataset of this run (built by the data stage, cached in run_dir/data)."""
     from transformers import AutoTokenizer
 
-    from .data.corpus import DEFAULT_CACHE_DIR, build_dataset
+    from .data.config import DEFAULT_CACHE_DIR
+    from .data.corpus import build_dataset
 
     tokenizer = AutoTokenizer.from_pretrained(run_dir / "parent")
     cache = run_dir / "data" if Path(cfg.data.cache_dir) == Path(DEFAULT_CACHE_DIR) else cfg.data.cache_dir
@@ -119,7 +120,7 @@ def run_library(cfg: RunConfig, run_dir: Path) -> Path:
     """The search space per layer and the calibration statistics that initialize it."""
     from safetensors.torch import save_file
 
-    from .data.corpus import token_batches
+    from .data.batches import token_batches
     from .library import calibration_statistics, search_space, space_table, write_space
     from .model.parent import load_parent
 
@@ -160,7 +161,7 @@ def run_bld(cfg: RunConfig, run_dir: Path) -> Path:
     from .dist import barrier, distributed_rank
     from .bld import BLDTrainer, collect_metrics, coupled_jobs, decoupled_jobs, library_table, run_jobs
     from .checkpoint import reset_if_stale
-    from .data.corpus import token_batches
+    from .data.batches import token_batches
     from .library import read_space
     from .model.parent import load_parent
 
@@ -483,7 +484,7 @@ def run_gkd(cfg: RunConfig, run_dir: Path) -> Path:
     import torch
 
     from .dist import distributed_rank
-    from .data.corpus import token_batches
+    from .data.batches import token_batches
     from .gkd import GKDTrainer, parallelize
     from .model.modeling import DeciLMForCausalLM
     from .model.parent import copy_tokenizer_files, load_parent

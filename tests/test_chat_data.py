@@ -1,4 +1,4 @@
-"""The parent's chat transcripts as GKD data (`chat_data.py`)."""
+"""The parent's chat transcripts as GKD data (`puzzlenas/data/chat.py`)."""
 
 import json
 import shutil
@@ -10,7 +10,10 @@ import yaml
 
 from puzzlenas.data.chat import (MixedBatches, chat_requests, pack_transcripts, parent_transcripts, requests_for,
                                  until_stop)
-from puzzlenas.data.corpus import DataConfig, assign_split, iter_source, parse_source, split_namespace
+from puzzlenas.data.config import DataConfig
+from puzzlenas.data.corpus import assign_split
+from puzzlenas.data.sources import iter_source
+from puzzlenas.data.specs import parse_source, split_namespace
 from tests.test_pipeline import finished_run  # noqa: F401  (the fixture)
 
 TEMPLATE = ("{% for m in messages %}w3 {{ m['content'] }} w4 {% endfor %}"

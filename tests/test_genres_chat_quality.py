@@ -16,7 +16,8 @@ TEMPLATE = ("{% for m in messages %}w3 {{ m['content'] }} w4 {% endfor %}"
 
 @functools.lru_cache(maxsize=1)
 def _training_text() -> str:
-    from puzzlenas.data.corpus import EMBEDDED_SOURCES, iter_source
+    from puzzlenas.data.sources import iter_source
+    from puzzlenas.data.specs import EMBEDDED_SOURCES
 
     return "\n".join(" ".join(doc.text.split()) for s in EMBEDDED_SOURCES for doc in iter_source(s))
 

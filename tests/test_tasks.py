@@ -10,8 +10,12 @@ import re
 import pytest
 import torch
 
-from puzzlenas.data import corpus as D
+from puzzlenas.data.config import DataConfig
+from puzzlenas.data.corpus import assign_split
+from puzzlenas.data.sources import MissingDependencyError
+from puzzlenas.data.specs import parse_source, split_namespace
 from puzzlenas.eval import tasks as T
+from puzzlenas.eval.metrics import retention
 
 VOCAB = 128
 BOS, EOS, PAD = 125, 126, 127
@@ -97,15 +101,16 @@ def test_split_sentences():
 def test_wiki_lastword_uses_only_test_split_documents():
     pytest.importorskip("gensim")
     task = T.build_task("wiki-lastword", seed=0, max_examples=40)
-    fractions = D.DataConfig().fractions
+    fractions = DataConfig().fractions
     held = {d.doc_id: d.text for d in T.held_out_documents("wikipedia")}
     assert task.split == "test" and task.kind == "last_word" and len(task) == 40
     assert set(task.metadata["documents"]) == set(held) and held
     for doc_id in held:  # the training pipeline's split, namespace "wikipedia"
-        assert D.assign_split(D.split_namespace(D.parse_source("wikipedia")), doc_id,
+        assert assign_split(split_namespace(parse_source("wikipedia")), doc_id,
                               fractions) == "test"
-    train_ids = {d.doc_id for d in T._source_documents("wikipedia")} - set(held)
-    assert all(D.assign_split("wikipedia", i, fractions) != "test" for i in train_ids)
+    train_ids = {d.doc_id for d in T.held_out_documents("wikipedia", ("train", "validation"))}
+    assert train_ids and not train_ids & set(held)
+    assert all(assign_split("wikipedia", i, fractions) != "test" for i in train_ids)
     for ex in task.examples:
         (target,) = ex.choices
         assert ex.gold == 0 and re.fullmatch(r" [A-Za-z]{3,}", target)
@@ -126,7 +131,7 @@ def test_continuation_tasks_are_well_formed(name, source, sep):
     held = {d.doc_id: d.text for d in T.held_out_documents(source)}
     assert set(task.metadata["documents"]) == set(held)
     for doc_id in held:
-        assert D.assign_split(source, doc_id, D.DataConfig().fractions) == "test"
+        assert assign_split(source, doc_id, DataConfig().fractions) == "test"
     golds = [0] * 4
     for ex in task.examples:
         assert len(ex.choices) == 4 and len(set(ex.choices)) == 4
@@ -173,7 +178,7 @@ def test_mmlu_dev_without_lm_eval_names_pip(monkeypatch):
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *a: None if name == "lm_eval" else real(name, *a))
-    with pytest.raises(D.MissingDependencyError, match="pip install lm-eval"):
+    with pytest.raises(MissingDependencyError, match="pip install lm-eval"):
         T.build_task("mmlu-dev")
 
 
@@ -191,13 +196,17 @@ def test_unknown_task_and_bad_examples():
 # --------------------------------------------------------------------------------------------
 
 
+def encode_pair(tok, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    return T.encode_pairs(tok, [(context, continuation)])[0]
+
+
 def test_encode_pair_follows_lm_eval(word_tok):
-    assert T.encode_pair(word_tok, "w5 w6", " w7 w8") == ([5, 6], [7, 8])
+    assert encode_pair(word_tok, "w5 w6", " w7 w8") == ([5, 6], [7, 8])
     # trailing whitespace of the context moves to the continuation
-    assert T.encode_pair(word_tok, "w5 w6 ", "w7") == ([5, 6], [7])
+    assert encode_pair(word_tok, "w5 w6 ", "w7") == ([5, 6], [7])
     # empty context: the BOS token (w1) is the context
-    assert T.encode_pair(word_tok, "", "w7 w8") == ([BOS], [7, 8])
-    assert T.encode_pair(word_tok, "", "<bos> w8") == ([BOS], [8])
+    assert encode_pair(word_tok, "", "w7 w8") == ([BOS], [7, 8])
+    assert encode_pair(word_tok, "", "<bos> w8") == ([BOS], [8])
     assert word_tok.encode("w100 w101 w20") == [100, 101, 20]
 
 
@@ -206,7 +215,7 @@ def test_loglikelihoods_match_hand_computation(word_tok):
     pairs = [("w5 w6 w9", " w7"), ("w3", " w4 w100 w17"), ("", "w8 w9"), ("w3 w3", " w3")]
     got = T.loglikelihoods(model, word_tok, pairs, batch_size=3)
     for (ctx, cont), (ll, greedy) in zip(pairs, got, strict=True):
-        c, x = T.encode_pair(word_tok, ctx, cont)
+        c, x = encode_pair(word_tok, ctx, cont)
         want_ll, want_greedy = hand_loglik(model.table, c, x)
         assert ll == pytest.approx(want_ll, abs=1e-5) and greedy == want_greedy
 
@@ -265,7 +274,7 @@ def test_batching_matches_one_by_one(word_tok, make_model):
     for (a, ga), (b, gb) in zip(one, many, strict=True):
         assert a == pytest.approx(b, abs=1e-4) and ga == gb
     # and one-by-one equals an unpadded forward of the sequence
-    c, x = T.encode_pair(word_tok, *pairs[1])
+    c, x = encode_pair(word_tok, *pairs[1])
     with torch.no_grad():
         lp = torch.log_softmax(model(torch.tensor([c + x])).logits[0].double(), -1)
     want = sum(float(lp[len(c) - 1 + i, t]) for i, t in enumerate(x))
@@ -295,7 +304,7 @@ def test_evaluate_tasks_on_real_task_with_tiny_model(word_tok):
     assert r["n"] == 5 and r["split"] == "test" and r["source"] == "bible"
     assert 0.0 <= r["acc"] <= 1.0 and 0.0 <= r["acc_norm"] <= 1.0 and r["chance"] == 0.25
     assert math.isfinite(r["loglik"]) and r["loglik"] < 0
-    assert "bible-continuation" in T.format_scores(res)
+    assert list(res) == ["bible-continuation"]
 
 
 def test_export_lm_eval_task(tmp_path):
@@ -315,19 +324,15 @@ def test_export_lm_eval_task(tmp_path):
     assert json.loads((tmp_path / f"{name}.jsonl").read_text().splitlines()[0])["target"] == " b"
 
 
-def test_retention():
-    parent = {"a": {"acc": 0.8, "acc_norm": 0.5, "chance": 0.25},
-              "b": {"acc": 0.4, "acc_norm": None, "chance": None},
-              "c": {"acc": 0.0, "acc_norm": 0.1}}
-    child = {"a": {"acc": 0.6, "acc_norm": 0.5}, "b": {"acc": 0.3, "acc_norm": None},
-             "c": {"acc": 0.1, "acc_norm": 0.05}}
-    r = T.retention(child, parent)
-    assert r["a"] == pytest.approx({"acc": 0.75, "acc_norm": 1.0})
-    assert r["b"] == pytest.approx({"acc": 0.75})
-    assert r["c"]["acc"] is None and r["c"]["acc_norm"] == pytest.approx(0.5)
-    assert r["mean"] == pytest.approx({"acc": 0.75, "acc_norm": 0.75})
-    adj = T.retention(child, parent, chance_adjusted=True)
-    assert adj["a"]["acc"] == pytest.approx((0.6 - 0.25) / (0.8 - 0.25))
+def test_retention_is_child_over_parent_and_their_mean():
+    """One retention for the eval stage: parent / child perplexity, child / parent accuracy per
+    task; tasks the parent scores 0 on (or lacks) are left out of the mean."""
+    parent = {"perplexity": 20.0, "tasks": {"a": {"acc": 0.8}, "b": {"acc": 0.4}, "c": {"acc": 0.0}}}
+    child = {"perplexity": 25.0, "tasks": {"a": {"acc": 0.6}, "b": {"acc": 0.5}, "c": {"acc": 0.1},
+                                           "d": {"acc": 0.3}}}
+    r = retention(child, parent)
+    assert r == pytest.approx({"perplexity": 0.8, "a.acc": 0.75, "b.acc": 1.25, "tasks_mean": 1.0})
+    assert retention({"perplexity": 20.0}, parent) == {"perplexity": 1.0}  # no tasks evaluated
 
 
 # --------------------------------------------------------------------------------------------

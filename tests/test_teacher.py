@@ -5,7 +5,10 @@ import pytest
 import torch
 
 from puzzlenas.data import teacher as T
-from puzzlenas.data.corpus import DataConfig, assign_split, iter_source, parse_source, split_namespace
+from puzzlenas.data.config import DataConfig
+from puzzlenas.data.corpus import assign_split
+from puzzlenas.data.sources import iter_source
+from puzzlenas.data.specs import parse_source, split_namespace
 
 TEMPLATE = ("{% for m in messages %}w3 {{ m['content'] }} w4 {% endfor %}"
             "{% if add_generation_prompt %}w5{% endif %}")

@@ -20,7 +20,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .corpus import DataConfig, assign_split, expand_sources, iter_source, split_namespace
+from .config import DataConfig
+from .corpus import assign_split
+from .sources import iter_source
+from .specs import expand_sources, split_namespace
 
 
 def _excerpt(text: str, words: int = 60) -> str:

@@ -37,7 +37,6 @@ from __future__ import annotations
 import hashlib
 import json
 import random
-import re
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -45,6 +44,8 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
+
+from .specs import parse_teacher_spec
 
 __all__ = [
     "TEACHER_FORMAT_VERSION", "TEXT_KINDS", "TOPICS", "CHAT_REQUESTS", "TeacherConfig", "TeacherCorpus",
@@ -193,28 +194,6 @@ class TeacherConfig:
             raise ValueError("teacher: only chat_share > 0, but the parent's tokenizer has no chat template; "
                              "give document_share, topic_share or unconditional_share a share")
         return {k: v / total for k, v in raw.items()}
-
-
-_SPEC = re.compile(r"^\s*teacher\s*:\s*(?P<num>\d+(?:\.\d+)?)\s*(?P<unit>[kKmMgGbB]|x)?\s*$")
-_UNITS = {"k": 10 ** 3, "m": 10 ** 6, "g": 10 ** 9, "b": 10 ** 9}
-
-
-def parse_teacher_spec(spec: str) -> tuple[str, float]:
-    """``teacher:30M`` -> ("tokens", 30e6); ``teacher:0.5x`` -> ("relative", 0.5)."""
-    m = _SPEC.match(spec) if isinstance(spec, str) else None
-    if not m:
-        raise ValueError(f"data source {spec!r} is invalid: write 'teacher:TOKENS' (e.g. 'teacher:30M', "
-                         f"'teacher:500k', 'teacher:2000000') or 'teacher:Fx' (e.g. 'teacher:0.5x': half as "
-                         f"many tokens as the other sources' training split)")
-    num, unit = float(m["num"]), (m["unit"] or "")
-    if unit == "x":
-        if num <= 0:
-            raise ValueError(f"data source {spec!r}: the factor must be > 0")
-        return "relative", num
-    tokens = num * _UNITS.get(unit.lower(), 1)
-    if tokens < 1:
-        raise ValueError(f"data source {spec!r}: the token count must be >= 1")
-    return "tokens", tokens
 
 
 def resolve_teacher_tokens(spec: str, corpus_train_tokens: int) -> int:
@@ -435,7 +414,9 @@ def training_openings(data_cfg, words: int) -> list[tuple[str, str, str]]:
     """(source kind, opening words, full text) of every training document of the run's sources
     (teacher sources skipped): the document split is the corpus' own, so validation / test
     documents never seed the teacher."""
-    from .corpus import assign_split, expand_sources, iter_source, split_namespace
+    from .corpus import assign_split
+    from .sources import iter_source
+    from .specs import expand_sources, split_namespace
 
     out = []
     for spec in expand_sources(data_cfg.sources):
@@ -523,7 +504,7 @@ def stop_ids(model, tokenizer) -> list[int]:
 
 def _cache_key(parent_fp: str, tokenizer, pool: dict[str, list[Prompt]], cfg: TeacherConfig,
                stops: list[int]) -> dict[str, Any]:
-    from .corpus import tokenizer_fingerprint
+    from .tokenizer import tokenizer_fingerprint
 
     h = hashlib.sha1()
     for kind in SEED_KINDS:
@@ -614,7 +595,7 @@ def generate_teacher_corpus(model, tokenizer, cfg: TeacherConfig, cache_dir: str
     """At least ``cfg.tokens`` tokens of parent-written text (whole samples), from the cache when
     it holds them, generating (and caching) the missing shards otherwise.
 
-    data_cfg: the run's :class:`~puzzlenas.data.corpus.DataConfig`, whose training documents seed
+    data_cfg: the run's :class:`~puzzlenas.data.config.DataConfig`, whose training documents seed
     ``document`` prompts (None: no document seeds). parent_fingerprint: an identity of the parent
     weights when the caller has one (else they are hashed). generate: a function with
     :func:`generate_batch`'s signature (a faster engine)."""

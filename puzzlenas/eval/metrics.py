@@ -14,40 +14,14 @@ Retention = child / parent (for perplexity: parent / child).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
-from ..model.modeling import DeciLMForCausalLM
-
-
-@dataclass
-class EvalConfig:
-    """What the eval stage measures."""
-
-    tokens: int = 65536  # test-split tokens for perplexity / KL / agreement
-    batch_size: int = 8
-    tasks: list[str] = field(default_factory=lambda: ["wiki-lastword", "news-continuation",
-                                                      "bible-continuation", "mmlu-dev"])
-    max_examples: int = 200  # per task
-    throughput: bool = True  # end-to-end generation benchmark per costs scenario
-    throughput_iters: int = 10
-    logits_chunk: int = 2048
-    # Greedy completions shown in the report: chat prompts go through the tokenizer's chat
-    # template (when it has one), plain prompts are continued as they are.
-    chat_prompts: list[str] = field(default_factory=lambda: ["What is the capital of France?",
-                                                             "Write one sentence about the ocean.",
-                                                             "Give me three tips for staying healthy."])
-    plain_prompts: list[str] = field(default_factory=lambda: ["The history of the Roman Empire",
-                                                              "Water boils at"])
-    sample_tokens: int = 48  # new tokens per completion
-
-    def validate(self) -> None:
-        if min(self.tokens, self.batch_size, self.max_examples, self.throughput_iters, self.logits_chunk) < 1:
-            raise ValueError("eval.tokens, batch_size, max_examples, throughput_iters, logits_chunk must be >= 1")
-        if self.sample_tokens < 1:
-            raise ValueError("eval.sample_tokens must be >= 1")
+if TYPE_CHECKING:
+    from ..model.modeling import DeciLMForCausalLM
+    from .config import EvalConfig
 
 
 @torch.no_grad()
@@ -109,14 +83,17 @@ def lm_metrics(models: dict[str, DeciLMForCausalLM], parent: DeciLMForCausalLM, 
 
 
 def retention(child: dict, parent: dict) -> dict[str, float]:
-    """child / parent for accuracies and agreement, parent / child for perplexity; their mean."""
+    """What a child keeps of its parent, higher is better: ``perplexity`` = parent / child,
+    ``<task>.acc`` = child / parent accuracy, ``tasks_mean`` = their mean.  Results are the eval
+    stage's (``{"perplexity": .., "tasks": {task: {"acc": ..}}}``); a task the parent lacks or
+    scores 0 on is left out."""
     out = {}
-    if "perplexity" in child:
+    if "perplexity" in child and "perplexity" in parent:
         out["perplexity"] = parent["perplexity"] / child["perplexity"]
     for task, scores in child.get("tasks", {}).items():
-        base = parent.get("tasks", {}).get(task, {})
-        if base.get("acc"):
-            out[f"{task}.acc"] = scores["acc"] / base["acc"]
+        base = parent.get("tasks", {}).get(task, {}).get("acc")
+        if base and scores.get("acc") is not None:
+            out[f"{task}.acc"] = scores["acc"] / base
     task_values = [v for k, v in out.items() if k.endswith(".acc")]
     if task_values:
         out["tasks_mean"] = sum(task_values) / len(task_values)
