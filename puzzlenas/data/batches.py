@@ -18,7 +18,6 @@ class DataRepeatWarning(UserWarning):
     """A token budget is larger than the split, so the split is repeated for several epochs."""
 
 
-
 class TokenBatches:
     """Iterable of ``(B, seq_len)`` int64 tensors that serves a token budget.
 

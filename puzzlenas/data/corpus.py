@@ -52,7 +52,6 @@ class DataCacheWarning(UserWarning):
     """A cache file was corrupted, partial or stale and is being rebuilt."""
 
 
-
 def assign_split(namespace: str, doc_id: str, fractions: dict[str, float]) -> str:
     """Deterministic split of one document: ``sha1(namespace, doc_id)`` -> u in [0, 1).
 
@@ -236,7 +235,6 @@ def _sha256_file(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 22), b""):
             h.update(chunk)
     return h.hexdigest()
-
 
 
 def _write_cache(arrays: dict[str, np.ndarray], meta: dict[str, Any], st_path: Path,

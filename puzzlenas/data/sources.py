@@ -81,10 +81,8 @@ class Document(NamedTuple):
     text: str
 
 
-
 class MissingDependencyError(ImportError):
     """An optional package needed by a data source is not installed."""
-
 
 
 # --------------------------------------------------------------------------------------------

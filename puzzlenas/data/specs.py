@@ -31,7 +31,6 @@ class SourceSpec(NamedTuple):
     arg: str
 
 
-
 def parse_source(spec: str) -> SourceSpec:
     """Parse one source spec (syntax only; paths are checked when the source is read)."""
     allowed = (f"allowed: {list(EMBEDDED_SOURCES)}, mixtures {list(MIXTURES)}, "

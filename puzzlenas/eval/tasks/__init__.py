@@ -17,7 +17,7 @@ Tasks (each built deterministically from a seed; ``max_examples`` caps the size)
 ==================== ====================================================================
 ``wiki-lastword``    held-out Wikipedia articles (gensim test data, the documents whose
                      split is "test" under the SAME document split as training,
-                     :func:`puzzlenas.data.assign_split`): predict the last word of a
+                     :func:`puzzlenas.data.corpus.assign_split`): predict the last word of a
                      sentence from up to 60 preceding words.
 ``news-continuation`` 4-way choice of the next sentence of held-out ABC news articles;
                      distractors are sentences of other held-out articles.
@@ -28,18 +28,10 @@ Tasks (each built deterministically from a seed; ``max_examples`` caps the size)
                      zero-shot in lm-eval's MMLU format with choices " A" .. " D".
 ==================== ====================================================================
 
-Tokenization follows lm-eval's causal-LM ``_encode_pair``: trailing whitespace of the
-context moves to the continuation, ``context + continuation`` and ``context`` are encoded
-and the continuation's tokens are the tokens of the whole past the context's length
-(so a merge across the boundary is attributed to the continuation, as lm-eval does).  The
-tokenizer's default special tokens are used (lm-eval's default); an empty context is
-replaced by the BOS (else EOS) token.  Sequences are truncated on the left to the model's
-maximum length.
-
-:func:`evaluate_tasks` batches all requests of a task (right padding, one forward per batch,
-longest first, identical model inputs computed once: the four one-token MMLU answers cost one
-row) and works for any causal LM called as ``model(input_ids=..., attention_mask=...)``
-returning ``.logits`` (``puzzlenas.DeciLMForCausalLM`` and Hugging Face models).
+Modules, in reading order: ``task`` (Example, Task), ``heldout`` and ``mmlu`` (the builders),
+``registry`` (``build_task`` by name), ``loglik`` (lm-eval's log-likelihood requests, batched
+for any causal LM), ``evaluate`` (``evaluate_tasks``, the eval stage's entry), ``harness``
+(the same tasks run through lm-evaluation-harness).
 """
 
 from .evaluate import evaluate_task, evaluate_tasks

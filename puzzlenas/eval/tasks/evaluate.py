@@ -15,6 +15,7 @@ from .loglik import loglikelihoods
 from .registry import DEFAULT_TASKS, build_task
 from .task import LAST_WORD, MULTIPLE_CHOICE, Task
 
+
 def _norm_length(choice: str) -> int:
     """Characters of a continuation for ``acc_norm``: lm-eval divides by ``len(choice)`` where
     the separator (its ``target_delimiter``, e.g. the leading space) is not part of the choice;

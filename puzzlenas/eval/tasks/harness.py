@@ -14,6 +14,7 @@ from ...data.sources import MissingDependencyError
 from .registry import TASK_BUILDERS, build_task
 from .task import MULTIPLE_CHOICE, Task
 
+
 def _require_lm_eval() -> Any:
     try:
         import lm_eval

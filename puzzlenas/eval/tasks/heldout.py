@@ -37,8 +37,8 @@ def held_out_documents(source: str, splits: Sequence[str] = ("test",),
     """Documents of embedded ``source`` whose split is in ``splits``, exactly as the training
     data pipeline assigns them.
 
-    The split is :func:`puzzlenas.data.assign_split` with the source's namespace
-    (``puzzlenas.data.split_namespace``: the source kind, e.g. "wikipedia") and the
+    The split is :func:`puzzlenas.data.corpus.assign_split` with the source's namespace
+    (``puzzlenas.data.specs.split_namespace``: the source kind, e.g. "wikipedia") and the
     document id; ``fractions`` default to ``DataConfig()``'s (0.9 / 0.05 / 0.05) and must
     match the run's ``data`` fractions.  Like ``build_dataset``, a document whose text
     duplicates an earlier document is dropped (the earlier one may be in training).

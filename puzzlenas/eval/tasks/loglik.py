@@ -23,6 +23,7 @@ import torch
 
 from ...data.tokenizer import is_hf_tokenizer, token_ids
 
+
 def _encode_many(tokenizer: Any, texts: list[str], add_special_tokens: bool | None
                  ) -> list[list[int]]:
     """Token ids of each text (one batched call for HF tokenizers)."""
@@ -91,8 +92,6 @@ def encode_pairs(tokenizer: Any, pairs: Sequence[tuple[str, str]],
             raise ValueError(f"continuation {ox!r} of context ...{oc[-40:]!r} has no tokens")
         out.append((list(ctx_ids), list(cont_ids)))
     return out
-
-
 
 
 def _model_device(model: Any) -> torch.device:
