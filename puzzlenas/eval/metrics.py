@@ -3,7 +3,7 @@
 - language modelling: perplexity, KL(parent || model) of the next-token distributions, and
   top-1 next-token agreement with the parent;
 - downstream tasks built from real text that installed packages ship, scored by
-  log-likelihood like lm-evaluation-harness (`tasks.py`);
+  log-likelihood like lm-evaluation-harness (`eval/tasks/`);
 - throughput: the end-to-end generation benchmark on the static-KV-cache path, the same for
   parent and child (`inference.measure_generation`), per serving scenario;
 - samples: greedy completions of a few fixed prompts (chat-templated and plain), so a reader
