@@ -119,8 +119,6 @@ def _gensim_test_file(name: str, source: str) -> Path:
     return path
 
 
-
-
 _WIKI_FILE = "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
 _WIKI_DROP_SECTIONS = frozenset({
     "references", "external links", "notes", "bibliography", "further reading", "see also",
