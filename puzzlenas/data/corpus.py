@@ -247,7 +247,7 @@ def _write_cache(arrays: dict[str, np.ndarray], meta: dict[str, Any], st_path: P
 
     st_path.parent.mkdir(parents=True, exist_ok=True)
     atomic_save_tensors({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in arrays.items()},
-                        st_path)
+                        st_path, metadata={"format_version": str(DATA_FORMAT_VERSION), "key": meta["key"]})
     meta = dict(meta, data_file={"name": st_path.name, "bytes": st_path.stat().st_size,
                                  "sha256": _sha256_file(st_path)})
     atomic_write_json(meta_path, meta)  # the meta file appears last: it marks the cache done
