@@ -6,5 +6,6 @@
 - ``tokenizer``: ids, EOS and fingerprint of any tokenizer;
 - ``corpus``: split by document, tokenize, pack, cache (``build_dataset``);
 - ``batches``: token budgets over packed rows (``token_batches``);
-- ``chat``: the parent's chat transcripts as extra GKD rows.
+- ``chat``: the parent's chat transcripts as extra GKD rows;
+- ``teacher``: text the parent writes (``teacher:`` sources), added to the train split.
 """
