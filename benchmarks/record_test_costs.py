@@ -6,7 +6,7 @@ feasible search therefore read this table (`costs.recorded`), recorded once with
 
     PYTHONPATH=$PWD python benchmarks/record_test_costs.py
 
-It runs the tiny pipeline of tests/test_pipeline.py up to the costs stage with both scenarios
+It runs the tiny pipeline of the tests (tests/conftest.py) up to the costs stage with both scenarios
 the tests use ("tiny", "wide") and keeps the measured table.
 """
 
@@ -22,8 +22,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from puzzlenas.pipeline import run_pipeline  # noqa: E402
-from tests.conftest import save_tiny_hf_parent, save_word_tokenizer, write_word_corpus  # noqa: E402
-from tests.test_pipeline import SCENARIO, config  # noqa: E402
+from tests.conftest import (SCENARIO, pipeline_config, save_tiny_hf_parent, save_word_tokenizer,  # noqa: E402
+                            write_word_corpus)
 
 
 def main() -> None:
@@ -35,7 +35,7 @@ def main() -> None:
         parent = save_tiny_hf_parent("llama", root / "parent")
         save_word_tokenizer(parent)
         inputs = {"parent": str(parent), "corpus": str(write_word_corpus(root / "corpus"))}
-        cfg = config(inputs)
+        cfg = pipeline_config(inputs)
         cfg["costs"].pop("recorded", None)
         cfg["costs"].update(iters=20, check_children=2)  # a recording: take the time to be less noisy
         cfg["costs"]["scenarios"] = [SCENARIO, {**SCENARIO, "name": "wide", "batch_size": 4}]

@@ -1,27 +1,32 @@
 """puzzlenas: Puzzle (arXiv 2411.19146) distillation-based NAS for inference-optimized LLMs.
 
-Importing the package registers the Nemotron-NAS model with transformers, so that
+The package is light to import (the command line answers `--help` without torch); the model
+classes below load on first use, and importing them registers the Nemotron-NAS model with
+transformers, so that after `from puzzlenas import DeciLMForCausalLM`
 `AutoModelForCausalLM.from_pretrained(child_dir)` loads puzzlenas children.
 """
 
-from .model.blocks import AttentionConfig, BlockConfig, BlockConfigError, FFNConfig
-from .model.modeling import DeciLMConfig, DeciLMForCausalLM, DeciLMModel
+from __future__ import annotations
+
+import importlib
 
 __version__ = "0.1.0"
 
+# public name -> the module that defines it (imported on first access)
+_LAZY = {"AttentionConfig": "model.blocks", "BlockConfig": "model.blocks", "BlockConfigError": "model.blocks",
+         "FFNConfig": "model.blocks", "DeciLMConfig": "model.modeling", "DeciLMForCausalLM": "model.modeling",
+         "DeciLMModel": "model.modeling"}
 
-def _register_with_transformers() -> None:
-    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
-
-    try:
-        AutoConfig.register(DeciLMConfig.model_type, DeciLMConfig)
-        AutoModel.register(DeciLMConfig, DeciLMModel)
-        AutoModelForCausalLM.register(DeciLMConfig, DeciLMForCausalLM)
-    except ValueError:  # already registered (module re-imported)
-        pass
+__all__ = [*_LAZY, "__version__"]
 
 
-_register_with_transformers()
+def __getattr__(name: str):
+    if name not in _LAZY:
+        raise AttributeError(f"module 'puzzlenas' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    globals()[name] = value
+    return value
 
-__all__ = ["AttentionConfig", "BlockConfig", "BlockConfigError", "FFNConfig", "DeciLMConfig",
-           "DeciLMForCausalLM", "DeciLMModel", "__version__"]
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

@@ -39,61 +39,11 @@ from .library import (AttentionUnit, FFNUnit, LibraryConfig, Variant, build_unit
 from .model.modeling import DeciLMForCausalLM, ForwardContext
 from .train import (TrainingCheckpoint, TrainingError, adamw, autocast, autocast_dtype, clip_gradients,
                     lr_scheduler, raise_if_non_finite, settings_fingerprint)
-
-MODES = ("decoupled", "coupled", "hybrid")
+from .sections import BLDConfig  # noqa: F401  (re-exported)
 
 
 class BLDError(TrainingError):
     """A BLD run that cannot go on (non-finite loss, corrupted checkpoint...)."""
-
-
-@dataclass
-class BLDConfig:
-    """How the library's variants are trained."""
-
-    mode: str = "decoupled"  # decoupled | coupled | hybrid
-    # Reduced space for coupled / hybrid: [[attention_variant, ffn_variant], ...] for every layer.
-    # Empty with mode=coupled: every pair of the space.
-    coupled_pairs: list[list[str]] = field(default_factory=list)
-    tokens: int = 1_000_000  # training tokens seen by each job
-    batch_size: int = 8  # sequences per step
-    lr: float = 1e-4
-    min_lr_fraction: float = 0.1  # cosine decay ends at lr * this
-    warmup_fraction: float = 0.05
-    weight_decay: float = 0.1
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
-    grad_clip: float = 1.0
-    validation_tokens: int = 32768
-    checkpoint_every: int = 100  # steps between job checkpoints
-    jobs_per_round: int = 0  # 0: all jobs of a rank share each parent forward
-    init: str = "parent"  # parent | random (ablation: same shapes, random weights)
-    autocast: str = "auto"  # auto (bf16 on CUDA, off on CPU) | bf16 | off
-    save_dtype: str = "float32"  # float32 | bfloat16
-    layers: list[int] | None = None  # train only these layers (None: all)
-    # Equal-shape decoupled jobs of different layers trained as one batched job (bld_stacked.py):
-    # 0 = auto (on a GPU for models narrower than 2048, groups sized to a quarter of its memory;
-    # on the CPU all of one shape), 1 = every job alone, N = at most N jobs per group.
-    stack_jobs: int = 0
-
-    def validate(self) -> None:
-        checks = {"mode": (self.mode, MODES), "init": (self.init, ("parent", "random")),
-                  "autocast": (self.autocast, ("auto", "bf16", "off")),
-                  "save_dtype": (self.save_dtype, ("float32", "bfloat16"))}
-        for key, (value, allowed) in checks.items():
-            if value not in allowed:
-                raise ValueError(f"bld.{key} = {value!r}; allowed: {', '.join(allowed)}")
-        if self.tokens < 0 or self.batch_size < 1 or self.validation_tokens < 1:
-            raise ValueError("bld.tokens must be >= 0, bld.batch_size and bld.validation_tokens >= 1")
-        if not (self.lr > 0 and 0 <= self.min_lr_fraction <= 1 and 0 <= self.warmup_fraction < 1):
-            raise ValueError("bld.lr must be > 0, min_lr_fraction in [0, 1], warmup_fraction in [0, 1)")
-        if len(self.betas) != 2 or self.checkpoint_every < 1 or self.jobs_per_round < 0 or self.stack_jobs < 0:
-            raise ValueError("bld.betas needs two values, checkpoint_every >= 1, jobs_per_round >= 0, stack_jobs >= 0")
-        if self.mode == "hybrid" and not self.coupled_pairs:
-            raise ValueError("bld.mode = hybrid needs bld.coupled_pairs (the reduced space), e.g. "
-                             "[[attn_kv1, ffn_768], [attn_noop, ffn_1536]]")
-        for pair in self.coupled_pairs:
-            if len(pair) != 2:
-                raise ValueError(f"bld.coupled_pairs entry {pair}: give [attention_variant, ffn_variant]")
 
 
 # =============================================================================================

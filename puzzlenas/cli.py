@@ -1,4 +1,6 @@
-"""`puzzlenas` command line: convert, info, export, generate, run."""
+"""`puzzlenas` command line: one subcommand per stage (generated from the stage list), `run` for
+the whole pipeline, `config` for the resolved config, and convert / info / export / generate for models.
+Everything heavy is imported inside the command that needs it, so `--help` answers at once."""
 
 from __future__ import annotations
 
@@ -50,44 +52,55 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_library(args: argparse.Namespace) -> int:
-    from .bld import collect_metrics, library_table
+def resolve_run(target: str, run_dir: Path | None) -> tuple[Path, Path | None]:
+    """RUN_OR_CONFIG: a run directory (its own config.yaml) or a YAML config (its run directory:
+    --run-dir, else runs/<name>). Returns (config path, run directory or None for the default)."""
+    path = Path(target)
+    if path.is_dir():
+        if not (path / "config.yaml").is_file():
+            raise FileNotFoundError(f"{path / 'config.yaml'} not found: {path} is not a run directory (start one "
+                                    f"with `puzzlenas run [CONFIG] --run-dir {path}`)")
+        return path / "config.yaml", run_dir or path
+    if path.is_file():
+        return path, run_dir
+    raise FileNotFoundError(f"{path} is neither a run directory nor a config file")
 
-    run_dir = Path(args.run)
-    if not (run_dir / "library" / "space.txt").is_file():
-        raise FileNotFoundError(f"{run_dir} has no library yet: run `puzzlenas run CONFIG --until library` first")
-    print((run_dir / "library" / "space.txt").read_text(), end="")
-    rows = collect_metrics(run_dir / "bld") if (run_dir / "bld").is_dir() else []
-    if rows:
-        print(library_table(rows, per_layer=args.per_layer))
-    else:
-        print("no BLD results yet: run `puzzlenas run CONFIG --until bld`")
-    return 0
 
-
-def _stage_command(stage: str, table_file: str):
-    """`puzzlenas STAGE RUN`: run the stage (and any unfinished one before it) with the run's own
-    config.yaml, then print its table."""
+def stage_command(stage: str):
+    """`puzzlenas STAGE RUN_OR_CONFIG`: run the stage (and any unfinished one before it), then
+    print its table."""
 
     def command(args: argparse.Namespace) -> int:
         from .pipeline import run_pipeline
 
-        run_dir = Path(args.run)
-        config = run_dir / "config.yaml"
-        if not config.is_file():
-            raise FileNotFoundError(f"{config} not found: {run_dir} is not a run directory (start one with "
-                                    f"`puzzlenas run [CONFIG] --run-dir {run_dir}`)")
-        run_pipeline(config, run_dir=run_dir, until=stage, overrides=args.set)
-        if getattr(args, "per_layer", False) and stage == "scores":
-            import json
+        config, run_dir = resolve_run(args.target, args.run_dir)
+        run_dir = run_pipeline(config, run_dir=run_dir, until=stage, overrides=args.set,
+                               force=[stage] if args.force else [])
+        if stage in ("library", "bld"):
+            from .bld import collect_metrics, library_table
+            from .stages.base import RunDir
 
+            bld_dir = RunDir(run_dir).bld
+            rows = collect_metrics(bld_dir) if bld_dir.is_dir() else []
+            if rows and (args.per_layer or stage == "library"):
+                print(library_table(rows, per_layer=args.per_layer))
+        if stage == "scores" and args.per_layer:
             from .scoring import scores_table
+            from .stages.scores import read_scores
 
-            rows = [json.loads(line) for line in (run_dir / "scores" / "scores.jsonl").read_text().splitlines()]
-            print(scores_table(rows, args.metric, per_layer=True))
+            print(scores_table(read_scores(run_dir), args.metric, per_layer=True))
         return 0
 
     return command
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .export import add_export_parser
+
+    parser = argparse.ArgumentParser(prog="puzzlenas")
+    add_export_parser(parser.add_subparsers(dest="command", required=True))
+    exported = parser.parse_args(["export", *args.arguments])
+    return exported.func(exported)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -97,10 +110,20 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_config(args: argparse.Namespace) -> int:
+    from .config import dump_yaml, load_run_config
+
+    print(dump_yaml(load_run_config(args.config, args.set)), end="")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="puzzlenas", description=(
         "Puzzle NAS: turn a parent LLM into a faster heterogeneous child (Nemotron-NAS format). "
         "PARENT / MODEL may be a local checkpoint directory, a hub id, or 'smollm2-135m' (bundled)."))
+    from . import __version__
+
+    parser.add_argument("--version", action="version", version=f"puzzlenas {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("convert", help="convert a parent into a Nemotron-NAS checkpoint with all-parent blocks",
@@ -117,9 +140,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="dtype of the KV cache and weights for the byte counts (default bfloat16)")
     p.set_defaults(func=cmd_info)
 
-    from .export import add_export_parser
-
-    add_export_parser(sub)
+    # export's own parser imports torch: built when the command runs, so `--help` stays light
+    p = sub.add_parser("export", add_help=False, help="write a model as a folder vLLM / TensorRT-LLM / mlx-lm / "
+                                                      "transformers load (puzzlenas export --help: its options)")
+    p.add_argument("arguments", nargs=argparse.REMAINDER)
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("generate", help="generate text from a model with its KV cache",
                        description="Generate a continuation of PROMPT (greedy unless --temperature > 0).")
@@ -132,37 +157,41 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.set_defaults(func=cmd_generate)
 
-    p = sub.add_parser("library", help="table of a run's replacement library and its BLD results",
-                       description="Print the search space of RUN and the validation normalized MSE of every "
-                                   "variant at initialization and after blockwise local distillation.")
-    p.add_argument("run", help="run directory, e.g. runs/default")
-    p.add_argument("--per-layer", action="store_true", help="one row per (layer, variant) instead of means")
-    p.set_defaults(func=cmd_library)
+    p = sub.add_parser("config", help="print the resolved run config (defaults, CONFIG, then --set)",
+                       description="Print the run config as YAML after loading CONFIG (default: the preset for "
+                                   "this machine) and applying the overrides: what `puzzlenas run` would use.")
+    p.add_argument("config", nargs="?", default=None, help="YAML run config (default: the built-in preset)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
+    p.set_defaults(func=cmd_config)
 
-    for name, stage, text in (("score", "scores", "replace-1-block KL / LM loss of every library item"),
-                              ("costs", "costs", "measured prefill / decode cost of every block shape on this device"),
-                              ("search", "search", "MIP search: one architecture per target, and the frontier"),
-                              ("peers", "peers", "ShortGPT / Minitron-width / uniform-KV architectures at the "
-                                                 "same targets (with --set peers.methods=[...])")):
-        p = sub.add_parser(name, help=text, description=f"{text[0].upper() + text[1:]}: runs the '{stage}' stage "
-                           f"of RUN (and unfinished stages before it) with RUN/config.yaml, then prints its table.")
-        p.add_argument("run", help="run directory, e.g. runs/default")
+    from .pipeline import STAGE_NAMES, stage_module
+
+    for stage in STAGE_NAMES:
+        doc = (stage_module(stage).__doc__ or stage).strip().split("\n\n")[0]
+        text = doc.split(": ", 1)[-1].replace("\n", " ")
+        p = sub.add_parser(stage, aliases=["score"] if stage == "scores" else [], help=text,
+                           description=f"{text[0].upper() + text[1:]} Runs the '{stage}' stage (and any unfinished "
+                                       f"stage before it), then prints its table.")
+        p.add_argument("target", metavar="RUN_OR_CONFIG", help="run directory (e.g. runs/default: its config.yaml) "
+                                                               "or a YAML run config")
+        p.add_argument("--run-dir", type=Path, default=None, help="run directory for a CONFIG (default runs/<name>)")
         p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
+        p.add_argument("--force", action="store_true", help=f"redo the {stage} stage even if it is done")
+        if stage in ("library", "bld", "scores"):
+            p.add_argument("--per-layer", action="store_true", help="one row per (layer, variant) instead of means")
         if stage == "scores":
-            p.add_argument("--per-layer", action="store_true", help="also print the layer x variant grid")
             p.add_argument("--metric", default="kl", choices=("kl", "lm_loss", "lm_loss_delta"))
-        p.set_defaults(func=_stage_command(stage, ""))
+        p.set_defaults(func=stage_command(stage))
 
     p = sub.add_parser("run", help="run the pipeline (default: the bundled parent)",
                        description="Run the pipeline stages of CONFIG into a run directory, resuming "
                                    "finished stages. Without CONFIG: the default job on the bundled parent.")
     p.add_argument("config", nargs="?", default=None, help="YAML run config (default: built-in default job)")
     p.add_argument("--run-dir", type=Path, default=None, help="run directory (default runs/<name>)")
-    from .pipeline import STAGES
-
-    stages = ", ".join(name for name, _ in STAGES)
+    stages = ", ".join(STAGE_NAMES)
     p.add_argument("--until", default=None, help=f"stop after this stage ({stages})")
-    p.add_argument("--force", action="append", default=[], help="rerun this stage even if done (repeatable)")
+    p.add_argument("--force", action="append", default=[], help="redo this stage and every stage after it that "
+                                                                "read it (repeatable)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field, e.g. --set parent=/path/to/llama (repeatable)")
     p.set_defaults(func=cmd_run)
@@ -173,9 +202,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         code = args.func(args)
-        from .dist import shutdown_distributed
+        if "torch" in sys.modules:  # a command that never loaded torch started no process group
+            from .dist import shutdown_distributed
 
-        shutdown_distributed()  # under torchrun; nothing otherwise
+            shutdown_distributed()  # under torchrun; nothing otherwise
         return code
     except (ValueError, FileNotFoundError) as err:
         # Our errors name the problem and the fix; a traceback would only bury that.

@@ -1,7 +1,9 @@
 """Run configuration: typed dataclasses are the schema, YAML is a dump of them.
 
 Unknown keys, wrong types and impossible values fail at load with the key's path and
-what is allowed. `--set a.b=value` overrides parse `value` as YAML.
+what is allowed. `--set a.b=value` overrides parse `value` as YAML (and `1e-3` as a float,
+which YAML 1.1 reads as a string). The sections live in torch-free modules, so reading a
+config loads no method code.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -17,15 +20,10 @@ from typing import Any
 
 import yaml
 
-from .bld import BLDConfig
 from .data.config import DataConfig
-from .library import LibraryConfig
-from .costs import CostConfig
 from .eval.config import EvalConfig
-from .gkd import GKDConfig
-from .peers import PeersConfig
-from .scoring import ScoringConfig
-from .search import SearchConfig
+from .sections import (BLDConfig, CostConfig, GKDConfig, LibraryConfig, PeersConfig, ScoringConfig, SearchConfig,
+                       check_name)
 
 
 class ConfigError(ValueError):
@@ -54,8 +52,7 @@ class RunConfig:
     def validate(self) -> None:
         if self.parent_dtype not in ("float32", "bfloat16"):
             raise ConfigError(f"parent_dtype = {self.parent_dtype!r}; allowed: float32, bfloat16")
-        if not self.name or "/" in self.name:
-            raise ConfigError(f"name = {self.name!r} must be a non-empty directory name without '/'")
+        check_name("name", self.name)  # runs/<name>/: never "..", never outside runs/
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
             raise ConfigError(f"device = {self.device!r}; allowed: auto, cpu, cuda, cuda:N")
 
@@ -84,6 +81,9 @@ def from_dict(cls: type, data: dict[str, Any], path: str = "") -> Any:
     return obj
 
 
+FLOAT_TEXT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+
+
 def _coerce(hint: Any, value: Any, path: str) -> Any:
     origin = typing.get_origin(hint)
     if dataclasses.is_dataclass(hint):
@@ -109,6 +109,8 @@ def _coerce(hint: Any, value: Any, path: str) -> Any:
         return value
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if hint is float and isinstance(value, str) and FLOAT_TEXT.fullmatch(value.strip()):
+        return float(value)  # 1e-3: YAML 1.1 reads it as a string, everyone means the number
     if hint in (int, float, str, bool) and not (isinstance(value, hint) and
                                                  not (hint is int and isinstance(value, bool))):
         raise ConfigError(f"{path} = {value!r} has type {type(value).__name__}; expected {hint.__name__}")
@@ -124,9 +126,14 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
         key, raw = item.split("=", 1)
         target = data
         parts = key.strip().split(".")
-        for part in parts[:-1]:
+        for depth, part in enumerate(parts[:-1]):
             target = target.setdefault(part, {})
-        target[parts[-1]] = yaml.safe_load(raw)
+            if not isinstance(target, dict):
+                raise ConfigError(f"override {item!r}: {'.'.join(parts[:depth + 1])} is not a section")
+        try:
+            target[parts[-1]] = yaml.safe_load(raw)
+        except yaml.YAMLError as err:
+            raise ConfigError(f"override {item!r}: the value is not valid YAML ({err.problem})") from err
     return data
 
 
@@ -140,7 +147,7 @@ def default_preset_path() -> Path:
     return PRESETS_DIR / ("gpu.yaml" if torch.cuda.is_available() else "cpu.yaml")
 
 
-def load_run_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
+def load_run_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
     """The default job (path None: the preset for this machine) or a YAML file, with overrides."""
     data: dict[str, Any] = {}
     path = default_preset_path() if path is None else path

@@ -29,7 +29,6 @@ from __future__ import annotations
 import math
 import platform
 import random
-from dataclasses import dataclass, field
 
 import torch
 
@@ -37,50 +36,7 @@ from .model.blocks import AttentionConfig, BlockConfig, FFNConfig
 from .model.info import DTYPE_BYTES, attention_params, ffn_params, fixed_params
 from .model.inference import decode_positions, mean_over_fills, measure_generation, time_decode_over_fills, time_fn
 from .model.modeling import DeciLMConfig, DeciLMDecoderLayer, DeciLMForCausalLM, ForwardContext
-
-
-@dataclass
-class Scenario:
-    """A serving scenario: b sequences, N prompt tokens, M generated tokens each."""
-
-    name: str = "b64-p128-g128"
-    batch_size: int = 64
-    prompt_tokens: int = 128
-    generate_tokens: int = 128
-
-    def validate(self) -> None:
-        if min(self.batch_size, self.prompt_tokens, self.generate_tokens) < 1:
-            raise ValueError(f"scenario {self.name}: batch_size, prompt_tokens, generate_tokens must be >= 1")
-
-
-@dataclass
-class CostConfig:
-    """Where and how costs are measured."""
-
-    scenarios: list[Scenario] = field(default_factory=lambda: [Scenario()])
-    dtype: str = "bfloat16"  # deployment dtype of weights, activations and KV cache
-    iters: int = 20  # timed repetitions (medians reported)
-    check_children: int = 2  # random children measured end to end against the sum of their blocks
-    stack_layers: int | str = "auto"  # copies of a block timed in a row (see the module docstring)
-    calibrate: bool = True  # fold the whole-model check into the table (needs check_children >= 1)
-    decode_fills: int = 3  # cache fills at which decode steps are timed, then integrated over the generation
-    # A costs.json recorded earlier (an earlier run's costs/costs.json, e.g. measured on the deployment
-    # device): used instead of measuring here; the whole-model check still runs, as a report.
-    recorded: str | None = None
-
-    def validate(self) -> None:
-        if self.dtype not in ("bfloat16", "float16", "float32"):
-            raise ValueError(f"costs.dtype = {self.dtype!r}; allowed: bfloat16, float16, float32")
-        if self.stack_layers != "auto" and not (isinstance(self.stack_layers, int) and self.stack_layers >= 1):
-            raise ValueError(f"costs.stack_layers = {self.stack_layers!r}; allowed: auto or an int >= 1")
-        if not (isinstance(self.decode_fills, int) and self.decode_fills >= 1):
-            raise ValueError(f"costs.decode_fills = {self.decode_fills!r}; allowed: an int >= 1 (3 is exact for "
-                             f"step costs linear in the fill)")
-        names = [s.name for s in self.scenarios]
-        if not names or len(set(names)) != len(names):
-            raise ValueError(f"costs.scenarios needs at least one scenario and unique names, got {names}")
-        for s in self.scenarios:
-            s.validate()
+from .sections import CostConfig, Scenario  # noqa: F401  (re-exported)
 
 
 def subblock_key(config: AttentionConfig | FFNConfig) -> str:

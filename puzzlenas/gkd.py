@@ -18,7 +18,6 @@ from __future__ import annotations
 import functools
 import math
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -28,7 +27,7 @@ from .activations import causal_context
 from .model.modeling import DeciLMForCausalLM
 from .train import (TrainingCheckpoint, TrainingError, adamw, autocast, autocast_dtype, clip_gradients,
                     lr_scheduler, raise_if_non_finite, settings_fingerprint)
-
+from .sections import GKDConfig  # noqa: F401  (re-exported)
 
 COMPILE_MIN_TOKENS = 16_000_000  # gkd.compile=auto compiles runs of at least this many tokens
 
@@ -37,54 +36,6 @@ class GKDError(TrainingError):
     """GKD cannot go on (non-finite loss, unreadable checkpoint...)."""
 
 
-@dataclass
-class GKDConfig:
-    """How each assembled child is distilled from the parent."""
-
-    tokens: int = 1_000_000  # training tokens (all ranks together)
-    batch_size: int = 8  # sequences per step (per rank)
-    lr: float = 5e-5  # the child starts close to the parent: Adam's first steps move every weight by ~lr
-    min_lr_fraction: float = 0.1
-    warmup_fraction: float = 0.05
-    weight_decay: float = 0.1
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
-    grad_clip: float = 1.0
-    cosine_weight: float = 1.0  # per-layer hidden-state cosine term
-    kl_weight: float = 1.0  # KL(parent || child) on the logits
-    lm_loss_weight: float = 0.0  # next-token cross-entropy; off by default (METHOD.md section 7)
-    logits_chunk: int = 1024  # token rows of logits materialized at once (per model, fp32 reductions)
-    # torch.compile the student's and the teacher's forward and the KL's per-chunk reduction:
-    # auto = on a single CUDA device for runs of >= 16M tokens (compiling takes ~2 min; falls
-    # back to eager, saying so, if it fails), on = wherever (a failure is an error), off = eager.
-    compile: str = "auto"
-    activation_checkpointing: bool = False
-    checkpoint_every: int = 100
-    autocast: str = "auto"  # auto (bf16 on CUDA) | bf16 | off
-    validation_tokens: int = 16384  # held-out tokens on which the GKD loss is reported before / after
-    # Share of every batch's rows taken from the parent's own chat transcripts (`chat_data.py`):
-    # user requests built from the corpus' training documents, answered by the parent (sampled).
-    chat_fraction: float = 0.0
-    chat_requests: int = 1024  # transcripts written (once per run, cached in gkd-chat/)
-    chat_max_new_tokens: int = 192
-    chat_temperature: float = 0.7
-    chat_batch_size: int = 128  # requests answered at once
-
-    def validate(self) -> None:
-        if self.autocast not in ("auto", "bf16", "off"):
-            raise ValueError(f"gkd.autocast = {self.autocast!r}; allowed: auto, bf16, off")
-        if self.compile not in ("auto", "on", "off"):
-            raise ValueError(f"gkd.compile = {self.compile!r}; allowed: auto, on, off")
-        if self.tokens < 0 or self.batch_size < 1 or self.logits_chunk < 1 or self.checkpoint_every < 1:
-            raise ValueError("gkd.tokens >= 0, batch_size, logits_chunk, checkpoint_every >= 1")
-        if min(self.cosine_weight, self.kl_weight, self.lm_loss_weight) < 0 or \
-                self.cosine_weight + self.kl_weight + self.lm_loss_weight == 0:
-            raise ValueError("gkd loss weights must be >= 0 and not all 0")
-        if not (self.lr > 0 and 0 <= self.warmup_fraction < 1 and len(self.betas) == 2):
-            raise ValueError("gkd.lr > 0, warmup_fraction in [0, 1), two betas")
-        if not 0 <= self.chat_fraction <= 1 or min(self.chat_requests, self.chat_max_new_tokens,
-                                                   self.chat_batch_size) < 1 or self.chat_temperature <= 0:
-            raise ValueError("gkd.chat_fraction in [0, 1]; chat_requests, chat_max_new_tokens, chat_batch_size "
-                             ">= 1; chat_temperature > 0")
 
 
 def hidden_cosine_loss(child_hidden, parent_hidden) -> torch.Tensor:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -22,40 +22,9 @@ from .activations import LayerActivations, visit_parent_layers
 from .model.blocks import AttentionConfig, BlockConfig, FFNConfig
 from .model.modeling import (DeciLMConfig, DeciLMDecoderLayer, DeciLMForCausalLM, ForwardContext, RMSNorm,
                        build_attention_subblock, build_ffn_subblock)
+from .sections import LINEAR_INITS, LibraryConfig  # noqa: F401  (re-exported)
 
-LINEAR_INITS = ("lstsq", "product")
 
-
-@dataclass
-class LibraryConfig:
-    """The search space (per layer) and the calibration used to initialize it."""
-
-    kv_heads: list[int] | None = None  # None: every divisor of the query heads <= the parent's KV heads
-    attention_linear: bool = True
-    attention_no_op: bool = True
-    ffn_ratios: list[float] = field(default_factory=lambda: [1.0, 0.875, 0.75, 0.5, 0.25, 0.2, 0.1])
-    ffn_sizes: list[int] = field(default_factory=list)  # explicit widths, added to the ratios
-    ffn_multiple: int = 256  # widths round to this; 256 keeps the Nemotron-NAS export exact
-    ffn_linear: bool = True
-    ffn_no_op: bool = True
-    linear_ffn_init: str = "lstsq"  # lstsq on calibration activations | product (W_down W_up)
-    # lstsq (default): least squares on calibration activations; product: the paper's W_o W_v.
-    # Measured on SmolLM2 (benchmarks/RESULTS.md): product starts at NMSE 1.65, worse than
-    # dropping the attention (0.38) and than a random init after BLD; lstsq starts at 0.12.
-    linear_attention_init: str = "lstsq"
-    calibration_tokens: int = 65536
-    calibration_batch_size: int = 8
-
-    def validate(self) -> None:
-        for name in ("linear_ffn_init", "linear_attention_init"):
-            if getattr(self, name) not in LINEAR_INITS:
-                raise ValueError(f"library.{name} = {getattr(self, name)!r}; allowed: {', '.join(LINEAR_INITS)}")
-        if any(not 0 < r <= 1 for r in self.ffn_ratios):
-            raise ValueError(f"library.ffn_ratios = {self.ffn_ratios}: each must be in (0, 1]")
-        if self.ffn_multiple < 1 or any(s < 1 for s in self.ffn_sizes):
-            raise ValueError("library.ffn_multiple and library.ffn_sizes must be positive")
-        if self.calibration_tokens < 1 or self.calibration_batch_size < 1:
-            raise ValueError("library.calibration_tokens and calibration_batch_size must be positive")
 
 
 @dataclass(frozen=True)

@@ -262,11 +262,6 @@ def _excess(comp: _Compiled, idx: Sequence[int], constraint_ids: Sequence[int] |
     return out
 
 
-def is_feasible(problem: SearchProblem, choice_index: Sequence[int]) -> bool:
-    """Whether an architecture meets every budget (exact sums, tolerance FEASIBILITY_RTOL)."""
-    return evaluate_architectures(problem, [choice_index], "check")[0][1]
-
-
 def evaluate_architectures(problem: SearchProblem, architectures: Sequence[Sequence[int]],
                            method: str) -> list[tuple[Solution, bool]]:
     """Given architectures (choice index per layer): each one's Solution, with exact objective and
@@ -665,34 +660,3 @@ def _brute_force_infeasible(comp: _Compiled, lhs: np.ndarray) -> InfeasibleBudge
         alone[name] = float(lhs[k].min())
         given[name] = float(lhs[k][others].min()) if others.any() else None
     return _explain(comp, alone, given, "brute force: no architecture meets the budgets")
-
-
-# ----------------------------------------------------------------------------------------------
-# Reporting
-
-
-def solution_table(problem: SearchProblem, solution: Solution) -> str:
-    """Per layer: the chosen block, its score and its contribution to each budget; then the fixed
-    part, the totals, the budgets and the slack."""
-    comp = _compile(problem)
-    _check_index(comp, solution.choice_index, "solution.choice_index")
-    var = comp.offsets[:-1] + np.asarray(solution.choice_index)
-    exact = _evaluate(comp, solution.choice_index, solution.method, solution.solve_seconds)
-    heads = ["layer", "choice", "score"] + [c.name + (f" ({c.unit})" if c.unit else "") for c in problem.constraints]
-    num = lambda v: f"{v:.6g}"  # noqa: E731
-    rows = [[str(i), problem.layers[i][j].name, num(comp.scores[var[i]])] + [num(comp.cost[k, var[i]])
-            for k in range(len(comp.upper))] for i, j in enumerate(solution.choice_index)]
-    rule = None
-    rows.append(rule)
-    rows.append(["fixed", "", ""] + [num(c.fixed) for c in problem.constraints])
-    rows.append(["total", "", num(exact.objective)] + [num(exact.constraint_values[c.name])
-                                                        for c in problem.constraints])
-    rows.append(["budget", "", ""] + [f"<= {num(c.upper)}" for c in problem.constraints])
-    rows.append(["slack", "", ""] + [num(c.upper - exact.constraint_values[c.name]) for c in problem.constraints])
-    widths = [max(len(h), *(len(r[col]) for r in rows if r)) for col, h in enumerate(heads)]
-    fmt = lambda r: "  ".join(s.ljust(w) if col < 2 else s.rjust(w)  # noqa: E731
-                              for col, (s, w) in enumerate(zip(r, widths))).rstrip()
-    lines = [f"{solution.method} solution: objective {num(exact.objective)}, {solution.solve_seconds:.3g} s"
-             + (f" ({solution.note})" if solution.note else ""), fmt(heads), "  ".join("-" * w for w in widths)]
-    lines += ["  ".join("-" * w for w in widths) if r is None else fmt(r) for r in rows]
-    return "\n".join(lines)

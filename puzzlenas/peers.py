@@ -22,7 +22,6 @@ measured speedup and equal training tokens (`peers.equal_tokens`).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -35,30 +34,8 @@ from .library import Variant
 from .mip import SearchProblem, evaluate_architectures
 from .search import (SearchConfig, Target, layer_choices, scenario_names, scenario_of, solution_record,
                            speedup_text, target_constraints, target_variants)
+from .sections import PEER_METHODS, PeersConfig  # noqa: F401  (re-exported)
 
-PEER_METHODS = ("shortgpt", "minitron_width", "uniform_kv")
-
-
-@dataclass
-class PeersConfig:
-    """Which peers to build at every search target (none by default: each costs one GKD per target)."""
-
-    methods: list[str] = field(default_factory=list)  # any of shortgpt, minitron_width, uniform_kv
-    tokens: int = 32768  # held-out (validation) tokens for ShortGPT's Block Influence
-    batch_size: int = 8
-    # Equal training tokens: Puzzle's blocks and the uniform peers' saw bld.tokens in BLD before
-    # GKD; ShortGPT has no block to distill locally, so its GKD gets gkd.tokens + bld.tokens.
-    # False: every child gets gkd.tokens (equal GKD tokens only).
-    equal_tokens: bool = True
-
-    def validate(self) -> None:
-        bad = [m for m in self.methods if m not in PEER_METHODS]
-        if bad:
-            raise ValueError(f"peers.methods has unknown {bad}; allowed: {', '.join(PEER_METHODS)}")
-        if len(set(self.methods)) != len(self.methods):
-            raise ValueError(f"peers.methods lists a method twice: {self.methods}")
-        if self.tokens < 1 or self.batch_size < 1:
-            raise ValueError("peers.tokens and peers.batch_size must be >= 1")
 
 
 @torch.no_grad()

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -25,25 +24,8 @@ from .activations import LayerActivations, causal_context
 from .bld import Job, JobBlock, assign_jobs, load_job_block
 from .checkpoint import atomic_write_json
 from .model.modeling import DeciLMForCausalLM, ForwardContext
+from .sections import ScoringConfig  # noqa: F401  (re-exported)
 
-METRICS = ("kl", "lm_loss")
-
-
-@dataclass
-class ScoringConfig:
-    """How library items are scored."""
-
-    tokens: int = 65536  # held-out tokens each item is scored on (validation split)
-    batch_size: int = 8
-    items_per_pass: int = 8  # items of one layer stacked along the batch
-    objective: str = "kl"  # what the search minimizes: kl | lm_loss
-    logits_chunk: int = 2048  # rows of (tokens, vocab) logits materialized at a time
-
-    def validate(self) -> None:
-        if self.objective not in METRICS:
-            raise ValueError(f"scoring.objective = {self.objective!r}; allowed: {', '.join(METRICS)}")
-        if min(self.tokens, self.batch_size, self.items_per_pass, self.logits_chunk) < 1:
-            raise ValueError("scoring.tokens, batch_size, items_per_pass and logits_chunk must be >= 1")
 
 
 @torch.no_grad()

@@ -12,7 +12,7 @@ budget. Every solution is saved as Nemotron-NAS `block_configs` with its predict
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from .model.blocks import BlockConfig
 from .costs import predicted_costs, subblock_key
@@ -20,90 +20,9 @@ from .model.info import DTYPE_BYTES
 from .library import Variant
 from .mip import (Choice, Constraint, InfeasibleBudgetError, SearchProblem, Solution, solve_diverse,
                      solve_greedy, solve_mip, solve_random, sweep)
-
-METRICS = ("decode", "prefill", "generate")
-METHODS = ("mip", "greedy", "random")
+from .sections import METHODS, METRICS, SearchConfig, Target  # noqa: F401  (re-exported)
 
 
-@dataclass
-class Target:
-    """One child to find: budgets that must all hold (unset = no budget)."""
-
-    name: str = "decode-2x"
-    # costs scenario name (default: the first), or a list of names: the budgets then hold in each
-    # (e.g. 2x decode at batch 1 and at batch 64)
-    scenario: str | list[str] | None = None
-    # With a scenario list: "all" = the budgets hold in each scenario; "best" = solved in each
-    # scenario alone and the lowest summed score kept (the paper's search per batch size: e.g. a
-    # throughput and memory budget, with scenarios at batch 64 / 128 / 256).
-    scenario_mode: str = "all"
-    metric: str = "decode"  # decode (one step) | prefill | generate (prefill + M decode steps)
-    speedup: float | None = None  # the parent's time / the child's time, on that metric
-    throughput: float | None = None  # tokens/s on that metric (decode: b per step time)
-    latency_s: float | None = None  # the metric's time in seconds
-    memory_gib: float | None = None  # parameters + KV cache of b x (N + M) tokens
-    params: float | None = None  # parameter count
-    solutions: int = 1  # diverse solutions (each differs from the earlier ones in >= (1-alpha) L layers)
-    # Diverse MIP solutions assembled and scored by their realized KL(parent || child) on held-out
-    # tokens; the best becomes the target's one child. Summed replace-1-block scores are a proxy:
-    # near-equal sums can hide very different realized damage (benchmarks/RESULTS.md).
-    candidates: int = 1
-
-    def validate(self) -> None:
-        if self.metric not in METRICS:
-            raise ValueError(f"search target {self.name}: metric = {self.metric!r}; allowed: {', '.join(METRICS)}")
-        for key in ("speedup", "throughput", "latency_s", "memory_gib", "params"):
-            value = getattr(self, key)
-            if value is not None and not value > 0:
-                raise ValueError(f"search target {self.name}: {key} = {value} must be > 0")
-        if isinstance(self.scenario, list) and (not self.scenario or len(set(self.scenario)) != len(self.scenario)):
-            raise ValueError(f"search target {self.name}: scenario list {self.scenario} must be non-empty and "
-                             f"name each scenario once")
-        if self.scenario_mode not in ("all", "best"):
-            raise ValueError(f"search target {self.name}: scenario_mode = {self.scenario_mode!r}; allowed: all, best")
-        if self.solutions < 1 or self.candidates < 1:
-            raise ValueError(f"search target {self.name}: solutions and candidates must be >= 1")
-        if self.solutions > 1 and self.candidates > 1:
-            raise ValueError(f"search target {self.name}: give solutions (several children) or candidates (one "
-                             f"child, the best of several by realized KL), not both")
-
-
-@dataclass
-class SearchConfig:
-    """What the search looks for."""
-
-    targets: list[Target] = field(default_factory=lambda: [Target("decode-1.5x", speedup=1.5),
-                                                           Target("decode-2x", speedup=2.0)])
-    alpha: float = 0.8  # diversity between a target's solutions
-    method: str = "mip"  # mip | greedy | random (the paper's ablations)
-    frontier: list[float] = field(default_factory=lambda: [1.25, 1.5, 1.75, 2.0, 2.5, 3.0])  # speedups swept
-    time_limit_s: float = 60.0
-    # Time budgets (speedup, throughput, latency) are tightened by this fraction, because they
-    # are met on *predicted* costs and a child must meet them when *measured*: the block sum
-    # predicted speedups to within -2.2%..+1% on the H100 (benchmarks/RESULTS.md).
-    # Memory and parameter budgets are exact and get none.
-    time_margin: float = 0.03
-    select_tokens: int = 32768  # held-out (validation) tokens on which targets' candidates are compared
-    select_batch_size: int = 8
-
-    def validate(self) -> None:
-        if self.method not in METHODS:
-            raise ValueError(f"search.method = {self.method!r}; allowed: {', '.join(METHODS)}")
-        if not 0 < self.alpha <= 1:
-            raise ValueError(f"search.alpha = {self.alpha}: must be in (0, 1]")
-        if self.select_tokens < 1 or self.select_batch_size < 1:
-            raise ValueError("search.select_tokens and search.select_batch_size must be >= 1")
-        if not 0 <= self.time_margin < 0.5:
-            raise ValueError(f"search.time_margin = {self.time_margin}: must be in [0, 0.5)")
-        names = [t.name for t in self.targets]
-        if len(set(names)) != len(names):
-            raise ValueError(f"search.targets names must be unique, got {names}")
-        for t in self.targets:
-            t.validate()
-
-
-# =============================================================================================
-# Building the problem
 # =============================================================================================
 @dataclass(frozen=True)
 class PairChoice:

@@ -93,3 +93,37 @@ def tiny_run_config(inputs: dict, **bld) -> dict:
         "bld": {"tokens": 4096, "batch_size": 4, "validation_tokens": 512, "checkpoint_every": 8,
                 "lr": 1e-3, "warmup_fraction": 0.1, **bld},
     }
+
+
+SCENARIO = {"name": "tiny", "batch_size": 2, "prompt_tokens": 16, "generate_tokens": 8}
+# Searches read a cost table recorded once (benchmarks/record_test_costs.py): timings of a 3-layer
+# toy on a busy machine are noise, and a search on them once found 1.3x infeasible.
+RECORDED_COSTS = str(Path(__file__).parent / "data" / "tiny_costs.json")
+
+
+def pipeline_config(inputs, **search) -> dict:
+    """The tiny run through every stage: two targets (one with two diverse solutions), GKD, eval."""
+    cfg = tiny_run_config(inputs, tokens=2048)
+    cfg["scoring"] = {"tokens": 256, "batch_size": 4}
+    cfg["costs"] = {"dtype": "float32", "iters": 3, "check_children": 1, "scenarios": [SCENARIO],
+                    "recorded": RECORDED_COSTS}
+    cfg["gkd"] = {"tokens": 2048, "batch_size": 4, "lr": 5e-5, "checkpoint_every": 3, "validation_tokens": 512}
+    cfg["eval"] = {"tokens": 256, "batch_size": 4, "tasks": [], "throughput_iters": 2,
+                   "chat_prompts": ["w5 w6"], "plain_prompts": ["w7 w8 w9"], "sample_tokens": 6}
+    cfg["search"] = {"targets": [{"name": "fast", "metric": "decode", "speedup": 1.3},
+                                 {"name": "small", "params": 60000, "solutions": 2}],
+                     "frontier": [1.1, 1.3, 1.0e6], **search}
+    return cfg
+
+
+@pytest.fixture(scope="session")
+def finished_run(tmp_path_factory, tiny_run_inputs):
+    """The tiny run, finished (shared by every test module: copy it before changing anything)."""
+    import yaml
+
+    from puzzlenas.pipeline import run_pipeline
+
+    root = tmp_path_factory.mktemp("search")
+    path = root / "cfg.yaml"
+    path.write_text(yaml.safe_dump(pipeline_config(tiny_run_inputs)))
+    return run_pipeline(path, run_dir=root / "run")

@@ -14,7 +14,6 @@ from puzzlenas.data.config import DataConfig
 from puzzlenas.data.corpus import assign_split
 from puzzlenas.data.sources import iter_source
 from puzzlenas.data.specs import parse_source, split_namespace
-from tests.test_pipeline import finished_run  # noqa: F401  (the fixture)
 
 TEMPLATE = ("{% for m in messages %}w3 {{ m['content'] }} w4 {% endfor %}"
             "{% if add_generation_prompt %}w5{% endif %}")
@@ -85,7 +84,7 @@ def test_mixed_batches_replace_a_share_of_rows():
     assert sorted(seen[:5]) == [0, 1, 2, 3, 4]  # cycles through every chat row before repeating
 
 
-def test_gkd_with_chat_transcripts_runs_and_caches_them(finished_run, tmp_path):  # noqa: F811
+def test_gkd_with_chat_transcripts_runs_and_caches_them(finished_run, tmp_path):
     from transformers import AutoTokenizer
 
     from puzzlenas.pipeline import run_pipeline
@@ -95,6 +94,12 @@ def test_gkd_with_chat_transcripts_runs_and_caches_them(finished_run, tmp_path):
     tokenizer = AutoTokenizer.from_pretrained(run / "parent")
     tokenizer.chat_template = TEMPLATE
     tokenizer.save_pretrained(run / "parent")
+    # as if the parent had come with the template: its marker lists the files as they are now
+    # (an artifact edited behind its marker's back is redone, and the template would be lost)
+    from puzzlenas.stages.base import artifact_files
+
+    done = json.loads((run / "parent" / "DONE").read_text())
+    (run / "parent" / "DONE").write_text(json.dumps({**done, "files": artifact_files(run / "parent")}))
     cfg = yaml.safe_load((run / "config.yaml").read_text())
     cfg["gkd"].update(chat_fraction=0.5, chat_requests=16, chat_max_new_tokens=12, chat_batch_size=8)
     path = tmp_path / "chat.yaml"

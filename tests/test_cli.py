@@ -1,4 +1,4 @@
-"""The command line: help everywhere, convert / info / generate / run on a tiny parent."""
+"""The command line: help everywhere, convert / info / generate / config / run, one command per stage."""
 
 import json
 import subprocess
@@ -7,8 +7,9 @@ import sys
 import pytest
 
 from puzzlenas.cli import main
+from puzzlenas.pipeline import STAGE_NAMES
 
-COMMANDS = ["convert", "info", "generate", "library", "score", "costs", "search", "run"]
+COMMANDS = ["convert", "info", "generate", "config", "run", "score", *STAGE_NAMES]
 
 
 @pytest.mark.parametrize("command", [None, *COMMANDS])
@@ -72,3 +73,56 @@ def test_run_config_errors(tmp_path, capsys):
     assert "unknown config key(s) ['parnet_dtype']" in capsys.readouterr().err
     assert main(["run", "--set", "parent_dtype=int8", "--run-dir", str(tmp_path / "r")]) == 2
     assert "allowed: float32, bfloat16" in capsys.readouterr().err
+
+
+def test_stage_commands_print_their_own_table_only(finished_run, capsys):
+    tables = {"scores": "replace-1-block kl", "costs": "check: whole model", "search": "frontier",
+              "library": "search space: 3 layers", "parent": "params  KV B/token"}
+    for stage, needle in tables.items():
+        assert main([stage, str(finished_run)]) == 0
+        out = capsys.readouterr().out
+        assert needle in out, stage
+        assert all(other not in out for name, other in tables.items() if name != stage), stage
+        assert f"[{stage}] done already" in out
+    assert main(["score", str(finished_run), "--per-layer"]) == 0
+    assert "kl by layer" in capsys.readouterr().out
+    assert main(["search", str(finished_run.parent / "nowhere")]) == 2
+    assert "neither a run directory nor a config file" in capsys.readouterr().err
+
+
+def test_version_and_the_resolved_config(tmp_path, capsys):
+    import yaml
+
+    with pytest.raises(SystemExit):
+        main(["--version"])
+    assert capsys.readouterr().out.startswith("puzzlenas 0.")
+    path = tmp_path / "cfg.yaml"
+    path.write_text("name: mine\nbld: {lr: 2.0e-4}\n")
+    assert main(["config", str(path), "--set", "gkd.lr=1e-3", "--set", "search.alpha=0.5"]) == 0
+    cfg = yaml.safe_load(capsys.readouterr().out)
+    assert cfg["name"] == "mine" and cfg["bld"]["lr"] == 2e-4 and cfg["gkd"]["lr"] == 1e-3
+    assert cfg["search"]["alpha"] == 0.5 and cfg["search"]["targets"][0]["name"] == "decode-1.5x"
+    assert main(["config", str(path), "--set", "gkd.lr=[1"]) == 2
+    assert "gkd.lr=[1" in capsys.readouterr().err
+
+
+def _modules_after(code: str) -> set[str]:
+    out = subprocess.run([sys.executable, "-c", code + "\nimport sys; print(' '.join(sys.modules))"],
+                         capture_output=True, text=True, check=True)
+    return set(out.stdout.split())
+
+
+def test_help_loads_no_method_code():
+    """`puzzlenas --help` answers without torch, transformers or numpy (torch alone takes ~1.7 s here)."""
+    loaded = _modules_after("from puzzlenas.cli import build_parser; build_parser()")
+    assert not {m.split(".")[0] for m in loaded} & {"torch", "transformers", "numpy", "scipy", "safetensors"}
+    assert {f"puzzlenas.stages.{name}" for name in STAGE_NAMES} <= loaded  # the parser is built from them
+
+
+def test_the_package_is_light_and_its_model_names_load_on_use():
+    loaded = _modules_after("import puzzlenas")
+    assert "torch" not in loaded
+    loaded = _modules_after("from puzzlenas import DeciLMForCausalLM\n"
+                            "from transformers import AutoConfig\n"
+                            "assert AutoConfig.for_model('nemotron-nas').model_type == 'nemotron-nas'")
+    assert "puzzlenas.model.modeling" in loaded

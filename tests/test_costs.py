@@ -1,5 +1,7 @@
 """Static-cache inference path and the cost model built on it."""
 
+import json
+
 import pytest
 import torch
 
@@ -169,7 +171,7 @@ def test_a_recorded_table_is_checked_against_the_library_and_scenarios(tmp_path)
 
     from puzzlenas.costs import load_recorded_table
     from puzzlenas.model.blocks import AttentionConfig, FFNConfig
-    from tests.test_pipeline import RECORDED_COSTS
+    from tests.conftest import RECORDED_COSTS
 
     attention = [AttentionConfig("gqa", 2), AttentionConfig("no_op")]
     ffn = [FFNConfig("gated", 96), FFNConfig("no_op")]
@@ -186,3 +188,11 @@ def test_a_recorded_table_is_checked_against_the_library_and_scenarios(tmp_path)
     with pytest.raises(ValueError, match="cannot be read"):
         load_recorded_table(str(tmp_path / "bad.json"), attention, ffn, [tiny])
     assert json.loads(open(RECORDED_COSTS).read())["device"]["name"]
+
+
+def test_costs_and_the_whole_model_check(finished_run):
+    table = json.loads((finished_run / "costs" / "costs.json").read_text())
+    assert table["device"]["scenarios"][0]["name"] == "tiny"
+    assert table["attention"]["no-op"]["decode_s/tiny"] == 0.0
+    check = json.loads((finished_run / "costs" / "check.json").read_text())
+    assert {r["model"] for r in check} == {"parent", "random-0"}

@@ -3,6 +3,7 @@ switch) against the plain definitions of its loss."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -133,3 +134,15 @@ def test_compile_on_that_fails_is_a_gkd_error_naming_the_setting(tmp_path, monke
 def test_compile_setting_is_validated():
     with pytest.raises(ValueError, match="gkd.compile = 'yes'; allowed: auto, on, off"):
         GKDConfig(compile="yes").validate()
+
+
+def test_gkd_lowers_its_loss_and_the_report_exists(finished_run):
+    history = json.loads((finished_run / "gkd-fast" / "history.json").read_text())
+    assert history["validation_after"]["loss"] < history["validation_before"]["loss"]
+    assert [h["step"] for h in history["steps"]] == list(range(1, 17))  # 16 steps, each logged
+    results = json.loads((finished_run / "eval" / "results.json").read_text())
+    assert {"parent", "child-fast", "gkd-fast"} <= set(results)
+    assert results["parent"]["kl_to_parent"] < 1e-9 and results["parent"]["top1_agreement"] == 1.0
+    assert "decode_step_s" in results["gkd-fast"]["speedup"]["tiny"]
+    for name in ("README.md", "frontier.png", "layers.png"):
+        assert (finished_run / "report" / name).is_file()

@@ -11,7 +11,6 @@ from puzzlenas.config import ConfigError, load_run_config
 from puzzlenas.costs import predicted_costs
 from puzzlenas.model.modeling import DeciLMConfig
 from puzzlenas.pipeline import run_pipeline
-from tests.test_pipeline import finished_run  # noqa: F401  (the module-scoped tiny run)
 
 ALL = ["shortgpt", "minitron_width", "uniform_kv"]
 
@@ -25,7 +24,7 @@ def _hard_link_copy(src, dst):
 
 
 @pytest.fixture(scope="module")
-def peers_run(finished_run, tmp_path_factory):  # noqa: F811
+def peers_run(finished_run, tmp_path_factory):
     """The finished tiny run, copied (hard links), then rerun with every peer asked for."""
     run = tmp_path_factory.mktemp("peers") / "run"
     _hard_link_copy(finished_run, run)
@@ -207,13 +206,13 @@ def test_peers_with_a_parameter_budget_name_the_budget_they_miss():
 
 
 def test_the_peers_depend_on_the_budgets_not_on_how_puzzle_picks(tmp_path):
-    from puzzlenas.pipeline import peers_fingerprint
+    from puzzlenas.stages.peers import STAGE as peers_stage
 
     def fp(**target):
         path = tmp_path / "cfg.yaml"
         path.write_text(yaml.safe_dump({"peers": {"methods": ["shortgpt"]},
                                         "search": {"targets": [{"name": "t", "speedup": 2.0, **target}]}}))
-        return peers_fingerprint(load_run_config(path))
+        return peers_stage.fingerprint(load_run_config(path))
 
     assert fp() == fp(candidates=4) == fp(solutions=2)
     assert fp() != fp(memory_gib=10.0)
@@ -295,7 +294,7 @@ def test_scenario_mode_best_solves_each_scenario_alone_and_keeps_the_lowest_scor
 def test_a_corrupted_peers_file_names_the_stage_to_rerun(peers_run):
     run, _ = peers_run
     from puzzlenas.config import load_run_config as load
-    from puzzlenas.pipeline import solutions
+    from puzzlenas.stages.common import solutions
 
     cfg = load(run / "config.yaml", [f"peers.methods={ALL}"])
     path = run / "peers" / "solutions.jsonl"

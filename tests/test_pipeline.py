@@ -1,231 +1,19 @@
-"""The chained stages after BLD on a tiny parent: scores, costs, search."""
+"""The pipeline: resume after a kill, hard-linked copies, the run log, fingerprints and invalidation."""
 
 import json
-from pathlib import Path
-
-import torch
 
 import pytest
 import yaml
 
-from puzzlenas.cli import main
 from puzzlenas.pipeline import run_pipeline
-from puzzlenas.mip import InfeasibleBudgetError
-from tests.conftest import tiny_run_config
-
-SCENARIO = {"name": "tiny", "batch_size": 2, "prompt_tokens": 16, "generate_tokens": 8}
-# Searches read a cost table recorded once (benchmarks/record_test_costs.py): timings of a 3-layer
-# toy on a busy machine are noise, and a search on them once found 1.3x infeasible.
-RECORDED_COSTS = str(Path(__file__).parent / "data" / "tiny_costs.json")
-
-
-def config(inputs, **search) -> dict:
-    cfg = tiny_run_config(inputs, tokens=2048)
-    cfg["scoring"] = {"tokens": 256, "batch_size": 4}
-    cfg["costs"] = {"dtype": "float32", "iters": 3, "check_children": 1, "scenarios": [SCENARIO],
-                    "recorded": RECORDED_COSTS}
-    cfg["gkd"] = {"tokens": 2048, "batch_size": 4, "lr": 5e-5, "checkpoint_every": 3, "validation_tokens": 512}
-    cfg["eval"] = {"tokens": 256, "batch_size": 4, "tasks": [], "throughput_iters": 2,
-                   "chat_prompts": ["w5 w6"], "plain_prompts": ["w7 w8 w9"], "sample_tokens": 6}
-    cfg["search"] = {"targets": [{"name": "fast", "metric": "decode", "speedup": 1.3},
-                                 {"name": "small", "params": 60000, "solutions": 2}],
-                     "frontier": [1.1, 1.3, 1.0e6], **search}
-    return cfg
-
-
-@pytest.fixture(scope="module")
-def finished_run(tmp_path_factory, tiny_run_inputs):
-    root = tmp_path_factory.mktemp("search")
-    path = root / "cfg.yaml"
-    path.write_text(yaml.safe_dump(config(tiny_run_inputs)))
-    return run_pipeline(path, run_dir=root / "run")
-
-
-def test_scores_rank_no_op_below_the_parent(finished_run):
-    rows = [json.loads(line) for line in (finished_run / "scores" / "scores.jsonl").read_text().splitlines()]
-    by = {(r["layer"], r["name"]): r for r in rows}
-    for layer in range(3):
-        assert by[(layer, "attn_kv2")]["kl"] == 0.0 and by[(layer, "ffn_96")]["kl"] == 0.0
-        assert by[(layer, "attn_noop")]["kl"] > 0 and by[(layer, "ffn_noop")]["kl"] > 0
-        assert by[(layer, "attn_noop")]["kl"] > by[(layer, "attn_kv1")]["kl"]
-
-
-def test_costs_and_the_whole_model_check(finished_run):
-    table = json.loads((finished_run / "costs" / "costs.json").read_text())
-    assert table["device"]["scenarios"][0]["name"] == "tiny"
-    assert table["attention"]["no-op"]["decode_s/tiny"] == 0.0
-    check = json.loads((finished_run / "costs" / "check.json").read_text())
-    assert {r["model"] for r in check} == {"parent", "random-0"}
-
-
-def test_solutions_meet_their_budgets(finished_run):
-    records = [json.loads(line) for line in (finished_run / "search" / "solutions.jsonl").read_text().splitlines()]
-    fast = next(r for r in records if r["target"] == "fast")
-    assert fast["predicted_speedup"]["decode_s/tiny"] >= 1.3 * 1.03 - 1e-9  # search.time_margin 3% by default
-    assert len(fast["block_configs"]) == 3 and "n_heads_in_group" in fast["block_configs"][0]["attention"]
-    small = [r for r in records if r["target"] == "small"]
-    assert len(small) == 2  # two diverse solutions
-    assert all(r["constraint_values"]["parameters"] <= 60000 for r in small)
-    assert sum(a != b for a, b in zip(small[0]["names"], small[1]["names"])) >= 1  # >= 20% of 3 layers
-    front = json.loads((finished_run / "search" / "frontier.json").read_text())
-    assert front[0]["objective"] <= front[1]["objective"] and front[2]["objective"] is None  # beyond the fixed part
-
-
-def test_impossible_budget_says_the_best_achievable(tmp_path, tiny_run_inputs, finished_run, capsys):
-    cfg = config(tiny_run_inputs, targets=[{"name": "impossible", "speedup": 1.0e6}])
-    path = tmp_path / "cfg.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    import shutil
-
-    shutil.copytree(finished_run, tmp_path / "run")
-    with pytest.raises(InfeasibleBudgetError) as err:
-        run_pipeline(path, run_dir=tmp_path / "run")
-    assert "impossible" in str(err.value) and err.value.best_alone
-    assert main(["run", str(path), "--run-dir", str(tmp_path / "run")]) == 2
-    message = capsys.readouterr().err
-    assert "best achievable decode speedup in this library" in message and "asked 1e+06x" in message
-    assert "aiming 3% above" in message
-
-
-def test_time_margin_tightens_time_budgets_only():
-    from puzzlenas.model.blocks import AttentionConfig, BlockConfig, FFNConfig
-    from puzzlenas.search import Target
-
-    entry = {"params_bytes": 10.0, "kv_bytes_per_token": 2.0, "decode_s/s": 1.0}
-    table = {"fixed": {**entry, "decode_s/s": 0.5}, "attention": {"gqa kv=1": entry}, "ffn": {"ffn 8": entry},
-             "device": {"scenarios": [{"name": "s", "batch_size": 4, "prompt_tokens": 2, "generate_tokens": 2}]}}
-    blocks = [BlockConfig(AttentionConfig("gqa", 1), FFNConfig("gated", 8))] * 2
-    target = Target("t", speedup=2.0, throughput=100.0, latency_s=3.0, memory_gib=1.0, params=100)
-    from puzzlenas.search import target_constraints
-
-    exact = target_constraints(target, table, blocks, "float32")
-    tight = target_constraints(target, table, blocks, "float32", time_margin=0.05)
-    assert exact[0].upper == pytest.approx(4.5 / 2.0)  # parent: 0.5 + 2 x (1 + 1) seconds
-    for a, b in zip(exact, tight):
-        time_budget = a.unit == "s"
-        assert b.upper == pytest.approx(a.upper / 1.05 if time_budget else a.upper)
-
-
-def test_stage_commands_print_their_tables(finished_run, capsys):
-    for command, needle in (("score", "replace-1-block kl"), ("costs", "check: whole model"),
-                            ("search", "frontier")):
-        assert main([command, str(finished_run)]) == 0
-        assert needle in capsys.readouterr().out
-    assert main(["score", str(finished_run), "--per-layer"]) == 0
-    assert "kl by layer" in capsys.readouterr().out
-    assert main(["search", str(finished_run.parent / "nowhere")]) == 2
-
-
-def test_scoring_resumes_after_a_kill(finished_run, tmp_path):
-    import torch
-
-    from puzzlenas.bld import finished_jobs
-    from puzzlenas.library import read_space
-    from puzzlenas.model.parent import load_parent
-    from puzzlenas.scoring import ScoringConfig, score_items
-
-    parent = load_parent(finished_run / "parent")
-    items = [j for j in finished_jobs(finished_run / "bld", read_space(finished_run / "library" / "space.json"))
-             if j.layer == 1]
-    batches = [torch.randint(3, 128, (2, 16), generator=torch.Generator().manual_seed(k)) for k in range(3)]
-    cfg = ScoringConfig(items_per_pass=3)
-    fresh = score_items(parent, finished_run / "bld", items, batches, cfg, tmp_path / "a.json", log=lambda *a: None)
-
-    def die_after_first(message: str) -> None:
-        if "batch 2/" in message:
-            raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        score_items(parent, finished_run / "bld", items, batches, cfg, tmp_path / "b.json", log=die_after_first)
-    assert json.loads((tmp_path / "b.json").read_text())["batches_done"] == 2
-    resumed = score_items(parent, finished_run / "bld", items, batches, cfg, tmp_path / "b.json",
-                          log=lambda *a: None)
-    for key, row in fresh.items():
-        assert resumed[key]["kl"] == pytest.approx(row["kl"], rel=1e-9)
-        assert resumed[key]["lm_loss"] == pytest.approx(row["lm_loss"], rel=1e-9)
-
-
-def test_coupled_library_items_become_the_layer_choices():
-    from puzzlenas.search import layer_choices
-
-    def v(name, sub, kind, size, parent=False):
-        return {"name": name, "subblock": sub, "kind": kind, "size": size, "is_parent": parent}
-
-    pa, pf = v("attn_kv2", "attention", "gqa", 2, True), v("ffn_96", "ffn", "gated", 96, True)
-    a1, f1 = v("attn_kv1", "attention", "gqa", 1), v("ffn_48", "ffn", "gated", 48)
-    rows = [{"layer": 0, "name": "attn_kv2", "kind": "attention", "variants": [pa], "kl": 0.0},
-            {"layer": 0, "name": "ffn_96", "kind": "ffn", "variants": [pf], "kl": 0.0},
-            {"layer": 0, "name": "attn_kv1+ffn_48", "kind": "coupled", "variants": [a1, f1], "kl": 0.3}]
-    entry = {"params_bytes": 1.0, "kv_bytes_per_token": 0.0, "decode_s/s": 1.0}
-    table = {"attention": {"gqa kv=2": entry, "gqa kv=1": entry}, "ffn": {"ffn 96": entry, "ffn 48": entry}}
-    layers, meaning = layer_choices(rows, table, 1, "kl", 4)
-    assert sorted(c.name for c in layers[0]) == ["attn_kv1+ffn_48", "attn_kv2+ffn_96"]
-    assert next(c for c in layers[0] if c.name == "attn_kv1+ffn_48").score == 0.3
-    assert meaning[0]["attn_kv1+ffn_48"].block.ffn.intermediate_size == 48
-
-
-def test_assembled_child_holds_the_library_weights(finished_run):
-    from safetensors.torch import load_file
-    from transformers import AutoModelForCausalLM
-
-    import puzzlenas  # noqa: F401
-    from puzzlenas.model.parent import load_parent
-
-    record = json.loads((finished_run / "child-fast" / "solution.json").read_text())
-    child = AutoModelForCausalLM.from_pretrained(finished_run / "child-fast")
-    parent = load_parent(finished_run / "parent")
-    state = child.state_dict()
-    for i, name in enumerate(record["names"]):
-        attention, ffn = name.split("+")
-        for sub, variant, key in (("attention", attention, "input_layernorm.weight"),
-                                  ("ffn", ffn, "post_attention_layernorm.weight")):
-            ours = state.get(f"model.layers.{i}.{key}")
-            if variant.endswith("noop"):
-                assert ours is None
-            elif variant in ("attn_kv2", "ffn_96"):  # the parent's own block
-                assert torch.equal(ours, parent.state_dict()[f"model.layers.{i}.{key}"])
-            else:
-                trained = load_file(str(finished_run / "bld" / f"layers/{i:03d}/{variant}/weights.safetensors"))
-                assert torch.equal(ours, trained[f"{sub}.{key}"])
-    assert (finished_run / "child-fast" / "tokenizer.json").is_file()
-
-
-def test_gkd_lowers_its_loss_and_the_report_exists(finished_run):
-    history = json.loads((finished_run / "gkd-fast" / "history.json").read_text())
-    assert history["validation_after"]["loss"] < history["validation_before"]["loss"]
-    assert [h["step"] for h in history["steps"]] == list(range(1, 17))  # 16 steps, each logged
-    results = json.loads((finished_run / "eval" / "results.json").read_text())
-    assert {"parent", "child-fast", "gkd-fast"} <= set(results)
-    assert results["parent"]["kl_to_parent"] < 1e-9 and results["parent"]["top1_agreement"] == 1.0
-    assert "decode_step_s" in results["gkd-fast"]["speedup"]["tiny"]
-    for name in ("README.md", "frontier.png", "layers.png"):
-        assert (finished_run / "report" / name).is_file()
-
-
-def test_eval_samples_are_the_models_greedy_completions(finished_run):
-    from transformers import AutoTokenizer
-
-    from puzzlenas.eval.metrics import complete
-    from puzzlenas.model.modeling import DeciLMForCausalLM
-
-    results = json.loads((finished_run / "eval" / "results.json").read_text())
-    tokenizer = AutoTokenizer.from_pretrained(finished_run / "parent")
-    child = DeciLMForCausalLM.from_pretrained(finished_run / "gkd-fast").eval()
-    samples = results["gkd-fast"]["samples"]
-    assert [(s["prompt"], s["chat"]) for s in samples] == [("w5 w6", True), ("w7 w8 w9", False)]
-    assert samples[1]["completion"] == complete(child, tokenizer, "w7 w8 w9", False, 6)
-    assert 1 <= len(samples[1]["completion"].split()) <= 6  # a word per generated token (EOS ends early)
-    report = (finished_run / "report" / "README.md").read_text()
-    assert "## Greedy completions" in report
-    for name in results:
-        assert f"| {name} | {' '.join(results[name]['samples'][1]['completion'].split())} |" in report
+from tests.conftest import pipeline_config
 
 
 def test_killed_run_resumes_without_redoing_finished_stages(tmp_path, tiny_run_inputs, monkeypatch, capsys):
     from puzzlenas import gkd as gkd_module
 
     path = tmp_path / "cfg.yaml"
-    path.write_text(yaml.safe_dump(config(tiny_run_inputs)))
+    path.write_text(yaml.safe_dump(pipeline_config(tiny_run_inputs)))
     real = gkd_module.GKDTrainer.loss_and_backward
     calls = {"n": 0}
 
@@ -273,113 +61,6 @@ def test_rerunning_a_hard_linked_copy_never_edits_the_original(finished_run, tmp
         assert path.read_bytes() == data, path
 
 
-def test_killed_eval_resumes_with_the_models_it_finished(finished_run, tmp_path, monkeypatch):
-    import shutil
-
-    from puzzlenas.eval import metrics as evaluate
-
-    run = tmp_path / "run"
-    shutil.copytree(finished_run, run)
-    shutil.rmtree(run / "eval")
-    real, seen = evaluate.sample_completions, []
-
-    def dies_on_the_third(model, tokenizer, cfg):
-        seen.append(model.config.block_configs)
-        if len(seen) == 3:
-            raise KeyboardInterrupt
-        return real(model, tokenizer, cfg)
-
-    monkeypatch.setattr(evaluate, "sample_completions", dies_on_the_third)
-    with pytest.raises(KeyboardInterrupt):
-        run_pipeline(run / "config.yaml", run_dir=run)
-    assert sorted(p.stem for p in (run / "eval" / "models").glob("*.json")) == ["child-fast", "parent"]
-    seen.clear()
-    monkeypatch.setattr(evaluate, "sample_completions", lambda m, t, c: seen.append(1) or real(m, t, c))
-    run_pipeline(run / "config.yaml", run_dir=run)
-    assert len(seen) == 1 + 5  # the parent again (speedups are measured against it), then the 5 left
-    results = json.loads((run / "eval" / "results.json").read_text())
-    assert list(results) == ["parent", "child-fast", "gkd-fast", "child-small", "gkd-small", "child-small-1",
-                             "gkd-small-1"]
-
-
-def test_candidates_are_assembled_and_the_lowest_realized_kl_is_kept(finished_run, tmp_path):
-    import shutil
-
-    from puzzlenas.assemble import assemble_child, pairs_from_record
-    from puzzlenas.eval.metrics import lm_metrics
-    from puzzlenas.library import read_space
-    from puzzlenas.model.parent import load_parent
-    from puzzlenas.pipeline import load_data, validation_batches
-    from puzzlenas.config import load_run_config
-
-    run = tmp_path / "run"
-    shutil.copytree(finished_run, run)
-    targets = "[{name: fast, metric: decode, speedup: 1.3, candidates: 3}, {name: small, params: 60000}]"
-    run_pipeline(run / "config.yaml", run_dir=run, until="assemble",
-                 overrides=[f"search.targets={targets}", "search.select_tokens=256"])
-    records = [json.loads(line) for line in (run / "search" / "solutions.jsonl").read_text().splitlines()]
-    assert [r["name"] for r in records] == ["fast", "small"]
-    candidates = [json.loads(line) for line in (run / "search" / "candidates.jsonl").read_text().splitlines()]
-    assert [c["name"] for c in candidates] == [f"fast~{k}" for k in range(len(candidates))]
-    assert len(candidates) >= 2  # three asked; diversity may stop earlier on 3 layers
-    fast = records[0]
-    assert fast["realized_kl"] == min(c["realized_kl"] for c in candidates)
-    assert [s["realized_kl"] for s in fast["selected_from"]] == [c["realized_kl"] for c in candidates]
-    assert fast["names"] == min(candidates, key=lambda c: c["realized_kl"])["names"]
-    assert json.loads((run / "child-fast" / "solution.json").read_text())["names"] == fast["names"]
-    # the realized KL is the assembled candidate's KL on the first select_tokens of the validation split
-    cfg = load_run_config(run / "config.yaml")
-    parent = load_parent(run / "parent")
-    batches = validation_batches(load_data(cfg, run), 256, cfg.search.select_batch_size)
-    worst = max(candidates, key=lambda c: c["realized_kl"])
-    child = assemble_child(parent, run / "bld", pairs_from_record(worst, read_space(run / "library" / "space.json")))
-    kl = lm_metrics({"c": child.eval()}, parent, batches, 2048)["c"]["kl_to_parent"]
-    assert kl == pytest.approx(worst["realized_kl"], rel=1e-5)
-
-
-def test_solutions_and_candidates_together_are_refused(tmp_path):
-    from puzzlenas.config import ConfigError, load_run_config
-
-    path = tmp_path / "cfg.yaml"
-    path.write_text(yaml.safe_dump({"search": {"targets": [{"name": "t", "speedup": 2.0, "solutions": 2,
-                                                            "candidates": 3}]}}))
-    with pytest.raises(ConfigError, match="solutions .*candidates.*not both"):
-        load_run_config(path)
-
-
-def test_a_target_solved_per_scenario_runs_to_the_report(finished_run, tmp_path):
-    import shutil
-
-    run = tmp_path / "run"
-    shutil.copytree(finished_run, run)
-    scenarios = [SCENARIO, {**SCENARIO, "name": "wide", "batch_size": 4}]
-    target = {"name": "fast", "metric": "decode", "speedup": 1.3, "scenario": ["tiny", "wide"],
-              "scenario_mode": "best"}
-    run_pipeline(run / "config.yaml", run_dir=run, overrides=[f"costs.scenarios={json.dumps(scenarios)}",
-                                                             f"search.targets={json.dumps([target])}"])
-    (record,) = [json.loads(line) for line in (run / "search" / "solutions.jsonl").read_text().splitlines()]
-    assert record["scenario"] in ("tiny", "wide") and [t["scenario"] for t in record["scenarios_tried"]] == \
-        ["tiny", "wide"]
-    assert record["objective"] == min(t["objective"] for t in record["scenarios_tried"] if t["objective"] is not None)
-    assert record["predicted_speedup"][f"decode_s/{record['scenario']}"] >= 1.3 * 1.03 - 1e-9
-    results = json.loads((run / "eval" / "results.json").read_text())
-    assert set(results["gkd-fast"]["speedup"]) == {"tiny", "wide"}  # measured in every scenario
-    assert f"kept {record['scenario']}" in (run / "report" / "README.md").read_text()
-
-
-def test_kept_eval_results_are_redone_when_eval_settings_change_and_kept_otherwise(finished_run, tmp_path):
-    import shutil
-
-    run = tmp_path / "run"
-    shutil.copytree(finished_run, run)
-    before = {p.name: p.stat().st_mtime_ns for p in (run / "eval" / "models").glob("*.json")}
-    run_pipeline(run / "config.yaml", run_dir=run, overrides=["eval.sample_tokens=5"])
-    after = {p.name: p.stat().st_mtime_ns for p in (run / "eval" / "models").glob("*.json")}
-    assert all(after[n] != before[n] for n in before)  # eval settings changed: every model again
-    run_pipeline(run / "config.yaml", run_dir=run, overrides=["eval.sample_tokens=5"])
-    assert {p.name: p.stat().st_mtime_ns for p in (run / "eval" / "models").glob("*.json")} == after
-
-
 def test_every_run_appends_what_it_printed_to_run_log(finished_run, tmp_path, capsys):
     import shutil
 
@@ -395,3 +76,135 @@ def test_every_run_appends_what_it_printed_to_run_log(finished_run, tmp_path, ca
         run_pipeline(run / "config.yaml", run_dir=run, overrides=["search.targets=[{name: x, speedup: 1000000.0}]"])
     log = (run / "run.log").read_text()
     assert log.count("puzzlenas run:") == 2 and "==== stopped: InfeasibleBudgetError" in log
+
+
+# ---- fingerprints: derived from each stage's declaration, equal to the hand-chained ones before ----
+LEGACY_CONFIG = """
+name: legacy
+parent: /fixture/parent
+device: cpu
+data: {sources: ["txt:/fixture/corpus"], seq_len: 32}
+library: {ffn_ratios: [1.0, 0.5], ffn_multiple: 16, calibration_tokens: 2048}
+bld: {tokens: 4096, batch_size: 4, lr: 1.0e-3}
+costs: {dtype: float32, scenarios: [{name: tiny, batch_size: 2, prompt_tokens: 16, generate_tokens: 8}]}
+search: {targets: [{name: fast, speedup: 1.3}, {name: small, params: 60000, solutions: 2}]}
+gkd: {tokens: 2048, batch_size: 4}
+eval: {tasks: []}
+"""
+# Computed by the code before stages declared their inputs (commit 3913119, pipeline.py's
+# *_fingerprint functions) on LEGACY_CONFIG; per-child ones for a Puzzle child and a peer's.
+LEGACY_FINGERPRINTS = {
+    "parent": "2f1381d02b202e3e", "data": "e1cd0425622b453a", "library": "9d5aa20af93eb923",
+    "bld": "595cb87b03a13ecc", "scores": "3952159b01792fb6", "costs": "fb802f8e8036b05e",
+    "search": "855662b5d4fb017e", "peers": "a0c24b2844a33db1", "eval": "7feaf85fbfabb76e",
+    "report": "afc081cc953b035c", "assemble/fast": "9a02bd9a49e3963e", "gkd/fast": "9d6f545129b9b6c5",
+    "assemble/shortgpt-fast": "62ebc110d67e84f7", "gkd/shortgpt-fast": "38df10f480fce227"}
+LEGACY_WITH_PEERS = {"peers": "18b52bc0cccd28cf", "eval": "54d602530933642d", "report": "87edd6ebf3234cae",
+                     "assemble/shortgpt-fast": "3e0e300417ab8de6", "gkd/shortgpt-fast": "fad1af9d17c53c2e"}
+
+
+@pytest.mark.parametrize("peers", [[], ["shortgpt"]])
+def test_derived_fingerprints_equal_the_old_hand_chained_ones(tmp_path, peers):
+    from puzzlenas.config import load_run_config
+    from puzzlenas.pipeline import STAGE_NAMES, stage_module
+
+    path = tmp_path / "cfg.yaml"
+    path.write_text(LEGACY_CONFIG)
+    cfg = load_run_config(path, [f"peers.methods={peers}"])
+    got = {}
+    for name in STAGE_NAMES:
+        stage = stage_module(name).STAGE
+        if stage.per_child:
+            for record in ({"name": "fast"}, {"name": "shortgpt-fast", "peer": "shortgpt"}):
+                got[f"{name}/{record['name']}"] = stage.fingerprint(cfg, record)
+        else:
+            got[name] = stage.fingerprint(cfg)
+    assert got == {**LEGACY_FINGERPRINTS, **(LEGACY_WITH_PEERS if peers else {})}
+
+
+def _copy(run, to):
+    import shutil
+
+    shutil.copytree(run, to)
+    return to
+
+
+def _done_stamps(run) -> dict[str, int]:
+    return {p.parent.name: p.stat().st_mtime_ns for p in run.glob("*/DONE")}
+
+
+def test_a_run_directory_made_before_the_change_resumes_without_redoing_anything(finished_run, tmp_path, capsys):
+    """The markers the code before wrote: {config_hash, finished, stage info}, no files, inputs
+    or content ids; such a run resumes on its fingerprints alone."""
+    run = _copy(finished_run, tmp_path / "old")
+    for marker in run.glob("*/DONE"):
+        done = json.loads(marker.read_text())
+        for key in ("content", "inputs", "files"):
+            del done[key]
+        marker.write_text(json.dumps(done, indent=1))
+    stamps = _done_stamps(run)
+    files = {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file() and p.name not in ("run.log", "config.yaml")}
+    capsys.readouterr()
+    run_pipeline(run / "config.yaml", run_dir=run)
+    out = capsys.readouterr().out
+    for stage in ("parent", "data", "library", "bld", "scores", "costs", "search", "assemble", "gkd", "eval"):
+        assert f"[{stage}] done already" in out, stage
+    assert "redone" not in out and _done_stamps(run) == stamps
+    assert {p: p.stat().st_mtime_ns for p in files} == files
+
+
+def test_a_forced_costs_stage_redoes_the_search_and_everything_after_it(finished_run, tmp_path, capsys):
+    """The same costs again (the run reads a recorded table), but a redone stage: what read it is redone."""
+    from puzzlenas.config import load_run_config
+    from puzzlenas.stages import gkd
+
+    run = _copy(finished_run, tmp_path / "run")
+    before = _done_stamps(run)
+    capsys.readouterr()
+    run_pipeline(run / "config.yaml", run_dir=run, until="assemble", force=["costs"])
+    out = capsys.readouterr().out
+    after = _done_stamps(run)
+    assert {n for n in before if after.get(n) != before[n]} == {"costs", "search", "child-fast", "child-small",
+                                                               "child-small-1"}
+    assert "[search] redone: costs changed since it ran" in out
+    # the children after them know they are stale without running
+    cfg = load_run_config(run / "config.yaml")
+    assert gkd.STAGE.why_not_done(cfg, run, {"name": "fast"}) == "search changed since it ran"
+
+
+def test_an_edited_scores_file_redoes_scores_and_search(finished_run, tmp_path, capsys):
+    run = _copy(finished_run, tmp_path / "run")
+    scores = run / "scores" / "scores.jsonl"
+    rows = scores.read_text().splitlines()
+    scores.write_text("\n".join(rows[:-1]) + "\n")  # a row lost
+    capsys.readouterr()
+    run_pipeline(run / "config.yaml", run_dir=run, until="search")
+    out = capsys.readouterr().out
+    assert f"[scores] redone: {scores} is missing or changed size" in out
+    assert "[search] redone: scores changed since it ran" in out
+    assert scores.read_text().splitlines() == rows
+
+
+def test_a_forced_gkd_redoes_its_children_then_eval_and_report_only_for_them(finished_run, tmp_path):
+    run = _copy(finished_run, tmp_path / "run")
+    before = _done_stamps(run)
+    models = {p.name: p.stat().st_mtime_ns for p in (run / "eval" / "models").glob("*.json")}
+    run_pipeline(run / "config.yaml", run_dir=run, force=["gkd"])
+    after = _done_stamps(run)
+    assert {n for n in before if after[n] != before[n]} == {"gkd-fast", "gkd-small", "gkd-small-1", "eval",
+                                                           "report"}
+    changed = {n for n, t in models.items() if (run / "eval" / "models" / n).stat().st_mtime_ns != t}
+    assert changed == {"parent.json", "gkd-fast.json", "gkd-small.json", "gkd-small-1.json"}  # children kept
+    results = json.loads((run / "eval" / "results.json").read_text())
+    kept = json.loads((run / "eval" / "models" / "gkd-fast.json").read_text())["result"]
+    assert results["gkd-fast"]["perplexity"] == kept["perplexity"]
+
+
+def test_forcing_assemble_rebuilds_every_child(finished_run, tmp_path, capsys):
+    run = _copy(finished_run, tmp_path / "run")
+    before = _done_stamps(run)
+    (run / "child-fast.tmp").mkdir()  # a leftover of a killed assemble goes too
+    run_pipeline(run / "config.yaml", run_dir=run, until="assemble", force=["assemble"])
+    after = _done_stamps(run)
+    assert {n for n in before if after[n] != before[n]} == {"child-fast", "child-small", "child-small-1"}
+    assert not (run / "child-fast.tmp").exists()

@@ -555,3 +555,19 @@ def _with_cache(cls: type, cache: Cache | None, **fields: Any):
 
 def _cache_of(output: Any) -> Cache | None:
     return getattr(output, _output_field(type(output)))
+
+
+def _register_with_transformers() -> None:
+    """`AutoModelForCausalLM.from_pretrained(child_dir)` loads puzzlenas children once this module
+    is imported (`from puzzlenas import DeciLMForCausalLM` does it)."""
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+    try:
+        AutoConfig.register(DeciLMConfig.model_type, DeciLMConfig)
+        AutoModel.register(DeciLMConfig, DeciLMModel)
+        AutoModelForCausalLM.register(DeciLMConfig, DeciLMForCausalLM)
+    except ValueError:  # already registered (module re-imported)
+        pass
+
+
+_register_with_transformers()

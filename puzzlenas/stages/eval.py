@@ -1,0 +1,160 @@
+"""eval: perplexity, KL, agreement, downstream tasks and throughput of the parent and every child;
+speedups against the parent measured in the same process."""
+
+from __future__ import annotations
+
+import platform
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable
+
+from . import data, peers, search
+from .base import RunDir, Stage, content_id
+from .common import load_data, read_json, solutions, validation_batches
+
+if TYPE_CHECKING:
+    from ..config import RunConfig
+
+
+def model_names(cfg: RunConfig, run_dir: Path) -> list[str]:
+    """The parent, then each child as assembled and after GKD (those that exist)."""
+    names = ["parent"] + [f"{kind}-{r['name']}" for r in solutions(run_dir, cfg) for kind in ("child", "gkd")]
+    return [n for n in names if (run_dir / n / "config.json").is_file()]
+
+
+STAGE = Stage("eval", config=("gkd", "eval", "costs"), upstream=(search.STAGE, peers.STAGE),
+              extra_inputs=lambda cfg, run_dir: {n: run_dir / n for n in model_names(cfg, run_dir)},
+              checks_own_work=True)
+
+
+def run(cfg: RunConfig, run_dir: Path) -> Path:
+    """Write eval/results.json and table.txt; each model's results are kept in eval/models/<name>.json
+    under a fingerprint of the model, the eval settings and the device, so adding or changing
+    children evaluates only those."""
+    import torch
+
+    from ..checkpoint import atomic_write_json, atomic_write_text
+    from ..config import config_hash
+    from ..dist import resolve_device
+    from ..eval.metrics import retention
+
+    paths = RunDir(run_dir)
+    out = paths.eval
+    out.mkdir(parents=True, exist_ok=True)
+    device = resolve_device(cfg.device)
+    dtype = getattr(torch, cfg.parent_dtype)
+    names = model_names(cfg, run_dir)
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.machine()
+    model_fp = {n: config_hash({"model": content_id(run_dir / n), "eval": cfg.eval, "costs": cfg.costs,
+                                "device": device_name, "parent": content_id(paths.parent),
+                                "data": data.STAGE.fingerprint(cfg)})  # the test split the metrics are on
+                for n in names}
+    results, session_parent = {}, {}
+    for n in names:
+        cached = read_json(out / "models" / f"{n}.json")
+        if cached and cached.get("fingerprint") == model_fp[n]:
+            results[n], session_parent[n] = cached["result"], cached.get("parent_throughput")
+    todo = [n for n in names if n not in results]
+    if todo:
+        kept = len(names) - len(todo)
+        todo = ["parent"] + [n for n in todo if n != "parent"]  # speedups: the parent measured in the same process
+        print(f"[eval] {len(todo)} of {len(names)} models to evaluate ({kept} kept from eval/models)")
+
+        def keep(n: str, r: dict, parent_result: dict) -> None:  # after each model: a killed eval resumes
+            results[n], session_parent[n] = r, parent_result.get("throughput")
+            atomic_write_json(out / "models" / f"{n}.json", {"fingerprint": model_fp[n], "result": r,
+                                                              "parent_throughput": session_parent[n]})
+
+        (out / "models").mkdir(exist_ok=True)
+        evaluate_models(cfg, run_dir, todo, device, dtype, keep)
+    results = {n: results[n] for n in names}
+    for n in results:
+        if n != "parent":
+            results[n]["retention"] = retention(results[n], results["parent"])
+            base = session_parent.get(n)
+            if cfg.eval.throughput and base:
+                results[n]["speedup"] = {
+                    s: {k: base[s][k] / results[n]["throughput"][s][k]
+                        for k in ("decode_step_s", "prefill_s", "generate_s")}
+                    for s in results[n]["throughput"]}
+    atomic_write_json(out / "results.json", results)
+    text = eval_table(results)
+    atomic_write_text(out / "table.txt", text + "\n")
+    print(text)
+    STAGE.mark_done(cfg, run_dir, models=len(results))
+    return out
+
+
+def evaluate_models(cfg: RunConfig, run_dir: Path, names: list[str], device, dtype,
+                    keep: Callable[[str, dict, dict], None]) -> None:
+    """Metrics, tasks, samples, sizes and throughput of each named model (names[0] is the parent);
+    keep(name, result, parent's result) after each."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from ..costs import Scenario
+    from ..eval.metrics import final_hidden, lm_metrics, sample_completions
+    from ..model.inference import measure_generation
+    from ..model.info import count_model_params, layer_costs
+    from ..model.modeling import DeciLMForCausalLM
+
+    batches = validation_batches(load_data(cfg, run_dir), cfg.eval.tokens, cfg.eval.batch_size, split="test")
+    tokenizer = AutoTokenizer.from_pretrained(RunDir(run_dir).parent)
+    throughput_dtype = getattr(torch, cfg.costs.dtype)
+    parent = DeciLMForCausalLM.from_pretrained(RunDir(run_dir).parent, dtype=dtype).to(device).eval()
+    parent_hidden = [final_hidden(parent, b.to(device)) for b in batches]  # (B, T, C) each, computed once
+    results = {}
+    for n in names:  # one child on the device at a time, next to the parent (large parents fit)
+        model = parent if n == "parent" else \
+            DeciLMForCausalLM.from_pretrained(run_dir / n, dtype=dtype).to(device).eval()
+        results[n] = lm_metrics({n: model}, parent, batches, cfg.eval.logits_chunk, parent_hidden)[n]
+        if cfg.eval.tasks:
+            from ..eval.tasks import evaluate_tasks
+
+            results[n]["tasks"] = evaluate_tasks(model, tokenizer, cfg.eval.tasks, max_examples=cfg.eval.max_examples,
+                                                 batch_size=cfg.eval.batch_size, device=device)
+        results[n]["samples"] = sample_completions(model, tokenizer, cfg.eval)
+        results[n]["params"] = count_model_params(model)
+        results[n]["kv_bytes_per_token"] = sum(c.kv_cache_bytes_per_token for c in layer_costs(model.config,
+                                                                                                cfg.costs.dtype))
+        if cfg.eval.throughput:
+            model.to(throughput_dtype)
+            results[n]["throughput"] = {}
+            for s in cfg.costs.scenarios:
+                s = s if isinstance(s, Scenario) else Scenario(**s)
+                results[n]["throughput"][s.name] = measure_generation(
+                    model, s.batch_size, s.prompt_tokens, s.generate_tokens, iters=cfg.eval.throughput_iters)
+            model.to(dtype)
+        if model is not parent:
+            del model
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        print(f"[eval] {n}: perplexity {results[n]['perplexity']:.2f}, KL {results[n]['kl_to_parent']:.4f}")
+        keep(n, results[n], results["parent"])
+
+
+def eval_table(results: dict) -> str:
+    tasks = sorted({t for r in results.values() for t in r.get("tasks", {})})
+    w = max([22, *map(len, results)])
+    head = f"{'model':<{w}} {'params':>10} {'KV B/tok':>8} {'ppl':>8} {'KL':>7} {'agree':>6} " + \
+        " ".join(f"{t[:14]:>14}" for t in tasks) + \
+        f" {'decode tok/s':>12} {'peak GiB':>8} {'decode x':>8} {'retention':>9}"
+    lines = [head]
+    for n, r in results.items():
+        speed = next(iter(r.get("speedup", {}).values()), {}).get("decode_step_s") if n != "parent" else 1.0
+        ret = r.get("retention", {}).get("tasks_mean", 1.0 if n == "parent" else None)
+        run = next(iter(r.get("throughput", {}).values()), {})  # the first scenario's generation benchmark
+        tok_s, peak = run.get("decode_tokens_per_s"), run.get("peak_memory_bytes")
+        lines.append(f"{n:<{w}} {r['params'] / 1e6:>9.1f}M {r['kv_bytes_per_token']:>8} {r['perplexity']:>8.2f} "
+                     f"{r['kl_to_parent']:>7.4f} {r['top1_agreement']:>6.3f} "
+                     + " ".join(f"{r.get('tasks', {}).get(t, {}).get('acc', float('nan')):>14.3f}" for t in tasks)
+                     + f" {(f'{tok_s:,.0f}' if tok_s else '-'):>12} {(f'{peak / 2**30:.2f}' if peak else '-'):>8}"
+                     + f" {(f'{speed:.2f}x' if speed else '-'):>8} {(f'{ret:.3f}' if ret is not None else '-'):>9}")
+    lines.append("ppl / KL / agree: test split; task columns: accuracy; decode tok/s, peak GiB (CUDA only: weights + "
+                 "KV cache + work space) and decode x (decode-step speedup over the parent): the generation "
+                 "benchmark of the first scenario; retention: mean task-accuracy ratio child / parent")
+    parent_tasks = results.get("parent", {}).get("tasks", {})
+    if parent_tasks:  # how far apart two models' accuracies must be to mean something
+        lines.append("task examples and the parent's standard error: " + ", ".join(
+            f"{t} {r['n']} (+-{r['acc_stderr']:.3f})" for t, r in sorted(parent_tasks.items())
+            if "n" in r and "acc_stderr" in r))
+    return "\n".join(lines)

@@ -1,0 +1,128 @@
+"""gkd: global distillation of every assembled child against the parent -> gkd-<name>/."""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from . import assemble, parent
+from .base import RunDir, Stage
+from .common import load_data, load_parent_for, solutions, validation_batches
+
+if TYPE_CHECKING:
+    from ..config import RunConfig
+
+STAGE = Stage("gkd", config=("gkd", "seed"), upstream=(assemble.STAGE,), per_child="gkd", table=None)
+
+
+def run(cfg: RunConfig, run_dir: Path) -> Path:
+    """Distill every child whose gkd-<name>/ is not finished; checkpoints in gkd-<name>.work/."""
+    import torch
+
+    from ..checkpoint import atomic_write_json
+    from ..data.batches import token_batches
+    from ..dist import barrier, distributed_rank
+    from ..gkd import GKDTrainer, parallelize
+    from ..model.modeling import DeciLMForCausalLM
+    from ..model.parent import copy_tokenizer_files
+    from ..train import full_model_state
+
+    paths = RunDir(run_dir)
+    records = solutions(run_dir, cfg)
+    todo = [r for r in records if STAGE.why_not_done(cfg, run_dir, r)]
+    if not todo:
+        print(f"[gkd] done already: {len(records)} children")
+        return run_dir
+    rank, world = distributed_rank()
+    teacher = load_parent_for(cfg, run_dir, frozen=True)
+    device = teacher.model.embed_tokens.weight.device
+    dataset = load_data(cfg, run_dir)
+    chat_rows = chat_rows_for(cfg, run_dir, teacher, dataset.seq_len, rank, world) if cfg.gkd.chat_fraction else None
+    for record in todo:
+        out = STAGE.folder(run_dir, record)
+        work = out.with_name(out.name + ".work")  # checkpoints live here until the child is done
+        if out.exists():
+            shutil.rmtree(out)
+        child = DeciLMForCausalLM.from_pretrained(assemble.STAGE.folder(run_dir, record),
+                                                  dtype=torch.float32).to(device)
+        if world > 1:
+            parallelize(child, teacher)
+        gkd_cfg = child_gkd_config(cfg, record)
+        batches = token_batches(dataset.train, gkd_cfg.batch_size, max(gkd_cfg.tokens, 1), seed=cfg.seed + 1,
+                                rank=rank, world_size=world)
+        if chat_rows is not None:
+            from ..data.chat import MixedBatches
+
+            batches = MixedBatches(batches, chat_rows, gkd_cfg.chat_fraction, seed=cfg.seed + 2 + rank)
+        trainer = GKDTrainer(child, teacher, gkd_cfg, work, dataset.seq_len, world_size=world)
+        print(f"[gkd] {record['name']}: {trainer.steps} steps of {cfg.gkd.batch_size}x{dataset.seq_len} tokens"
+              f"{f' x {world} ranks' if world > 1 else ''}")
+        val = validation_batches(dataset, cfg.gkd.validation_tokens, cfg.gkd.batch_size)
+        before = trainer.validation_loss(val)
+        steps = trainer.train(batches)
+        after = trainer.validation_loss(val)
+        print(f"[gkd] {record['name']}: validation loss {before['loss']:.4f} -> {after['loss']:.4f} "
+              f"(KL {before['kl']:.4f} -> {after['kl']:.4f}, cosine {before['cosine']:.4f} -> {after['cosine']:.4f})")
+        history = {"validation_before": before, "validation_after": after, "steps": steps,
+                   "tokens": trainer.steps * gkd_cfg.batch_size * dataset.seq_len * world}
+        state = full_model_state(child)  # a collective with several ranks: every rank calls it
+        if rank == 0:
+            final = DeciLMForCausalLM(child.config) if world > 1 else child
+            if world > 1:
+                final.load_state_dict(state)
+            tmp = out.with_name(out.name + ".tmp")
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            final.to(getattr(torch, cfg.parent_dtype)).save_pretrained(tmp)
+            copy_tokenizer_files(paths.parent, tmp)
+            atomic_write_json(tmp / "history.json", history)
+            STAGE.mark_done(cfg, run_dir, folder=tmp, record=record, steps=trainer.steps)
+            tmp.rename(out)
+            trainer.clear_checkpoint()
+            if work.exists():
+                shutil.rmtree(work)
+        barrier(world)
+    return run_dir
+
+
+def child_gkd_config(cfg: RunConfig, record: dict):
+    """The GKD settings of one child: the run's, except that a ShortGPT peer (no BLD-trained block)
+    also gets the BLD's tokens when peers.equal_tokens, so every child has seen as many tokens."""
+    if record.get("peer") == "shortgpt" and cfg.peers.equal_tokens:
+        return dataclasses.replace(cfg.gkd, tokens=cfg.gkd.tokens + cfg.bld.tokens)
+    return cfg.gkd
+
+
+def chat_rows_for(cfg: RunConfig, run_dir: Path, teacher, seq_len: int, rank: int, world: int):
+    """The parent's chat transcripts packed into rows (written once by rank 0, cached in gkd-chat/)."""
+    from transformers import AutoTokenizer
+
+    from ..config import config_hash
+    from ..data.chat import chat_requests, load_or_build_chat_rows, pack_transcripts, parent_transcripts
+    from ..dist import barrier
+
+    g = cfg.gkd
+    fingerprint = config_hash({"parent": parent.STAGE.fingerprint(cfg), "data": cfg.data, "seed": cfg.seed,
+                               "chat": [g.chat_requests, g.chat_max_new_tokens, g.chat_temperature]})
+    paths = RunDir(run_dir)
+    tokenizer = AutoTokenizer.from_pretrained(paths.parent)
+
+    def build():
+        started = time.time()
+        requests = chat_requests(cfg.data, g.chat_requests, cfg.seed)
+        transcripts = parent_transcripts(teacher.eval(), tokenizer, requests, g.chat_max_new_tokens,
+                                         g.chat_temperature, g.chat_batch_size, cfg.seed)
+        rows = pack_transcripts(transcripts, seq_len, tokenizer.eos_token_id)
+        print(f"[gkd] chat transcripts: {len(transcripts)} written by the parent, {rows.size:,} tokens, "
+              f"{time.time() - started:.1f} s")
+        return rows
+
+    if rank == 0:
+        rows = load_or_build_chat_rows(paths.chat_rows, fingerprint, build)
+    barrier(world)
+    if rank != 0:
+        rows = load_or_build_chat_rows(paths.chat_rows, fingerprint, build)
+    return rows

@@ -1,0 +1,68 @@
+"""The eval stage: greedy samples, a killed eval resumes, kept results follow their settings."""
+
+import json
+
+import pytest
+
+from puzzlenas.pipeline import run_pipeline
+
+
+def test_eval_samples_are_the_models_greedy_completions(finished_run):
+    from transformers import AutoTokenizer
+
+    from puzzlenas.eval.metrics import complete
+    from puzzlenas.model.modeling import DeciLMForCausalLM
+
+    results = json.loads((finished_run / "eval" / "results.json").read_text())
+    tokenizer = AutoTokenizer.from_pretrained(finished_run / "parent")
+    child = DeciLMForCausalLM.from_pretrained(finished_run / "gkd-fast").eval()
+    samples = results["gkd-fast"]["samples"]
+    assert [(s["prompt"], s["chat"]) for s in samples] == [("w5 w6", True), ("w7 w8 w9", False)]
+    assert samples[1]["completion"] == complete(child, tokenizer, "w7 w8 w9", False, 6)
+    assert 1 <= len(samples[1]["completion"].split()) <= 6  # a word per generated token (EOS ends early)
+    report = (finished_run / "report" / "README.md").read_text()
+    assert "## Greedy completions" in report
+    for name in results:
+        assert f"| {name} | {' '.join(results[name]['samples'][1]['completion'].split())} |" in report
+
+
+def test_killed_eval_resumes_with_the_models_it_finished(finished_run, tmp_path, monkeypatch):
+    import shutil
+
+    from puzzlenas.eval import metrics as evaluate
+
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    shutil.rmtree(run / "eval")
+    real, seen = evaluate.sample_completions, []
+
+    def dies_on_the_third(model, tokenizer, cfg):
+        seen.append(model.config.block_configs)
+        if len(seen) == 3:
+            raise KeyboardInterrupt
+        return real(model, tokenizer, cfg)
+
+    monkeypatch.setattr(evaluate, "sample_completions", dies_on_the_third)
+    with pytest.raises(KeyboardInterrupt):
+        run_pipeline(run / "config.yaml", run_dir=run)
+    assert sorted(p.stem for p in (run / "eval" / "models").glob("*.json")) == ["child-fast", "parent"]
+    seen.clear()
+    monkeypatch.setattr(evaluate, "sample_completions", lambda m, t, c: seen.append(1) or real(m, t, c))
+    run_pipeline(run / "config.yaml", run_dir=run)
+    assert len(seen) == 1 + 5  # the parent again (speedups are measured against it), then the 5 left
+    results = json.loads((run / "eval" / "results.json").read_text())
+    assert list(results) == ["parent", "child-fast", "gkd-fast", "child-small", "gkd-small", "child-small-1",
+                             "gkd-small-1"]
+
+
+def test_kept_eval_results_are_redone_when_eval_settings_change_and_kept_otherwise(finished_run, tmp_path):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    before = {p.name: p.stat().st_mtime_ns for p in (run / "eval" / "models").glob("*.json")}
+    run_pipeline(run / "config.yaml", run_dir=run, overrides=["eval.sample_tokens=5"])
+    after = {p.name: p.stat().st_mtime_ns for p in (run / "eval" / "models").glob("*.json")}
+    assert all(after[n] != before[n] for n in before)  # eval settings changed: every model again
+    run_pipeline(run / "config.yaml", run_dir=run, overrides=["eval.sample_tokens=5"])
+    assert {p.name: p.stat().st_mtime_ns for p in (run / "eval" / "models").glob("*.json")} == after
