@@ -94,15 +94,6 @@ def stage_command(stage: str):
     return command
 
 
-def cmd_export(args: argparse.Namespace) -> int:
-    from .export import add_export_parser
-
-    parser = argparse.ArgumentParser(prog="puzzlenas")
-    add_export_parser(parser.add_subparsers(dest="command", required=True))
-    exported = parser.parse_args(["export", *args.arguments])
-    return exported.func(exported)
-
-
 def cmd_run(args: argparse.Namespace) -> int:
     from .pipeline import run_pipeline
 
@@ -140,11 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="dtype of the KV cache and weights for the byte counts (default bfloat16)")
     p.set_defaults(func=cmd_info)
 
-    # export's own parser imports torch: built when the command runs, so `--help` stays light
-    p = sub.add_parser("export", add_help=False, help="write a model as a folder vLLM / TensorRT-LLM / mlx-lm / "
-                                                      "transformers load (puzzlenas export --help: its options)")
-    p.add_argument("arguments", nargs=argparse.REMAINDER)
-    p.set_defaults(func=cmd_export)
+    # listed here; its own parser (export.py, which imports torch) parses `puzzlenas export ...`
+    sub.add_parser("export", help="write a model as a folder vLLM / TensorRT-LLM / mlx-lm / transformers load")
 
     p = sub.add_parser("generate", help="generate text from a model with its KV cache",
                        description="Generate a continuation of PROMPT (greedy unless --temperature > 0).")
@@ -198,8 +186,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def build_export_parser() -> argparse.ArgumentParser:
+    from .export import add_export_parser
+
+    parser = argparse.ArgumentParser(prog="puzzlenas")
+    add_export_parser(parser.add_subparsers(dest="command", required=True))
+    return parser
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = (build_export_parser() if argv[:1] == ["export"] else build_parser()).parse_args(argv)
     try:
         code = args.func(args)
         if "torch" in sys.modules:  # a command that never loaded torch started no process group

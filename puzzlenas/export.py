@@ -384,50 +384,6 @@ def model_card(config: DeciLMConfig, *, runtime: str, dtype: str, base_model: st
 
 
 # =============================================================================================
-# Stage: export (the run's last stage)
-# =============================================================================================
-def serving_runtime(cfg) -> str:
-    """The run's `serving.runtime` (vllm when the config has no serving section)."""
-    return getattr(getattr(cfg, "serving", None), "runtime", None) or "vllm"
-
-
-def run_export_stage(cfg, run_dir: Path) -> Path:
-    """Every Puzzle child after GKD -> export-<name>/ for `serving.runtime`; a child the runtime
-    cannot run is skipped with the reason (in export/exports.txt). Bookkeeping lives in export/,
-    so that the export folders hold only what a runtime loads."""
-    from .checkpoint import atomic_write_text
-    from .config import config_hash
-    from .pipeline import _done_hash, mark_done, skip_if_done, solutions
-
-    runtime = serving_runtime(cfg)
-    names = [r["name"] for r in solutions(run_dir, cfg)
-             if not r.get("peer") and (run_dir / f"gkd-{r['name']}" / "config.json").is_file()]
-    fingerprint = config_hash({"runtime": runtime, "parent": cfg.parent, "eval": _done_hash(run_dir / "eval"),
-                               "models": {n: _done_hash(run_dir / f"gkd-{n}") for n in names}})
-    out = run_dir / "export"
-    if skip_if_done("export", out, fingerprint, "exports.txt"):
-        return out
-    results_path = run_dir / "eval" / "results.json"
-    results = json.loads(results_path.read_text()) if results_path.is_file() else {}
-    lines = []
-    for name in names:
-        target = run_dir / f"export-{name}"
-        try:
-            export_child(run_dir / f"gkd-{name}", target, runtime, parent=cfg.parent,
-                         evaluation=results.get(f"gkd-{name}"), overwrite=True)
-            lines.append(f"{target.name}: {runtime}: {serving_snippet(runtime, target.name)}")
-        except ExportError as err:
-            if target.exists():
-                shutil.rmtree(target)  # an export of an earlier, different child
-            lines.append(f"{target.name}: not written: {err}")
-        print(f"[export] {lines[-1]}")
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "exports.txt", "\n".join(lines) + "\n")
-    mark_done(out, fingerprint, runtime=runtime)
-    return out
-
-
-# =============================================================================================
 # Command line
 # =============================================================================================
 def cmd_export(args: argparse.Namespace) -> int:

@@ -272,7 +272,7 @@ def test_cli_export_and_info(child, tmp_path, capsys):
 
 def test_export_stage_writes_one_folder_per_child(tmp_path):
     from puzzlenas.config import load_run_config
-    from puzzlenas.export import run_export_stage
+    from puzzlenas.stages.export import run as run_export_stage
 
     run = tmp_path / "run"
     save_child(run / "gkd-fast", VLLM_CHILD)

@@ -91,16 +91,18 @@ search: {targets: [{name: fast, speedup: 1.3}, {name: small, params: 60000, solu
 gkd: {tokens: 2048, batch_size: 4}
 eval: {tasks: []}
 """
-# Computed by the code before stages declared their inputs (commit 3913119, pipeline.py's
+# Computed by the code before stages declared their inputs (commit 65ff9cb, pipeline.py's
 # *_fingerprint functions) on LEGACY_CONFIG; per-child ones for a Puzzle child and a peer's.
 LEGACY_FINGERPRINTS = {
     "parent": "2f1381d02b202e3e", "data": "e1cd0425622b453a", "library": "9d5aa20af93eb923",
-    "bld": "595cb87b03a13ecc", "scores": "3952159b01792fb6", "costs": "fb802f8e8036b05e",
-    "search": "855662b5d4fb017e", "peers": "a0c24b2844a33db1", "eval": "7feaf85fbfabb76e",
-    "report": "afc081cc953b035c", "assemble/fast": "9a02bd9a49e3963e", "gkd/fast": "9d6f545129b9b6c5",
-    "assemble/shortgpt-fast": "62ebc110d67e84f7", "gkd/shortgpt-fast": "38df10f480fce227"}
-LEGACY_WITH_PEERS = {"peers": "18b52bc0cccd28cf", "eval": "54d602530933642d", "report": "87edd6ebf3234cae",
-                     "assemble/shortgpt-fast": "3e0e300417ab8de6", "gkd/shortgpt-fast": "fad1af9d17c53c2e"}
+    "bld": "595cb87b03a13ecc", "scores": "3952159b01792fb6", "costs": "2cfbffee225547d1",
+    "search": "b4b9195b3112ef17", "peers": "ebe047b26a65257f", "eval": "65e81c68731bf83f",
+    "report": "29139ad5f5fddc1b", "assemble/fast": "6af58e45b2926b97",
+    "gkd/fast": "a91ecbee9fcc360a", "assemble/shortgpt-fast": "e8508f8928e2711f",
+    "gkd/shortgpt-fast": "f4e50e603ec772de"}
+LEGACY_WITH_PEERS = {"peers": "c658856cee1f8fa1", "eval": "eb45d2d0bc1c3930",
+                     "report": "64eb61a338a272ac", "assemble/shortgpt-fast": "53c44bd0c5868e12",
+                     "gkd/shortgpt-fast": "6a5eaf3d4efec479"}
 
 
 @pytest.mark.parametrize("peers", [[], ["shortgpt"]])
