@@ -9,7 +9,7 @@ import pytest
 from puzzlenas.cli import main
 from puzzlenas.pipeline import STAGE_NAMES
 
-COMMANDS = ["convert", "info", "generate", "config", "run", "score", *STAGE_NAMES]
+COMMANDS = ["convert", "info", "export", "generate", "config", "run", "score", *STAGE_NAMES]
 
 
 @pytest.mark.parametrize("command", [None, *COMMANDS])

@@ -302,7 +302,7 @@ def test_a_corrupted_peers_file_names_the_stage_to_rerun(peers_run):
     path.unlink()  # a hard link: replace, never edit in place
     path.write_text(good[: len(good) // 2])
     try:
-        with pytest.raises(ValueError, match="peers/solutions.jsonl is missing or corrupted.*--force peers"):
+        with pytest.raises(ValueError, match="peers/solutions.jsonl line 1 is not JSON.*--force peers"):
             solutions(run, cfg)
     finally:
         path.unlink()
