@@ -91,18 +91,18 @@ search: {targets: [{name: fast, speedup: 1.3}, {name: small, params: 60000, solu
 gkd: {tokens: 2048, batch_size: 4}
 eval: {tasks: []}
 """
-# Computed by the code before stages declared their inputs (commit 65ff9cb, pipeline.py's
+# Computed by the code before stages declared their inputs (commit 4e27826, pipeline.py's
 # *_fingerprint functions) on LEGACY_CONFIG; per-child ones for a Puzzle child and a peer's.
 LEGACY_FINGERPRINTS = {
     "parent": "2f1381d02b202e3e", "data": "e1cd0425622b453a", "library": "9d5aa20af93eb923",
-    "bld": "595cb87b03a13ecc", "scores": "3952159b01792fb6", "costs": "2cfbffee225547d1",
-    "search": "b4b9195b3112ef17", "peers": "ebe047b26a65257f", "eval": "65e81c68731bf83f",
-    "report": "29139ad5f5fddc1b", "assemble/fast": "6af58e45b2926b97",
-    "gkd/fast": "a91ecbee9fcc360a", "assemble/shortgpt-fast": "e8508f8928e2711f",
-    "gkd/shortgpt-fast": "f4e50e603ec772de"}
-LEGACY_WITH_PEERS = {"peers": "c658856cee1f8fa1", "eval": "eb45d2d0bc1c3930",
-                     "report": "64eb61a338a272ac", "assemble/shortgpt-fast": "53c44bd0c5868e12",
-                     "gkd/shortgpt-fast": "6a5eaf3d4efec479"}
+    "bld": "c43d806d2a7d87ed", "scores": "56458f49752b0661", "costs": "2cfbffee225547d1",
+    "search": "fd7b35da8674a3bb", "peers": "9e2a74a91cfcb54f", "eval": "cdcbabc04634802a",
+    "report": "d63c0a517f7f4751", "assemble/fast": "95dd3b2d32d0d3b3",
+    "gkd/fast": "043c3e1b6f776605", "assemble/shortgpt-fast": "666c3f289c343321",
+    "gkd/shortgpt-fast": "c98c5f4935faa22c"}
+LEGACY_WITH_PEERS = {"peers": "3cd1edbc86a87b71", "eval": "3925574deaa29898",
+                     "report": "6e1012901c3b8dfa", "assemble/shortgpt-fast": "a1089b0c8715e4e2",
+                     "gkd/shortgpt-fast": "eaa606fe1be9101f"}
 
 
 @pytest.mark.parametrize("peers", [[], ["shortgpt"]])
