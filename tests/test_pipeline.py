@@ -145,7 +145,8 @@ def test_a_run_directory_made_before_the_change_resumes_without_redoing_anything
             del done[key]
         marker.write_text(json.dumps(done, indent=1))
     stamps = _done_stamps(run)
-    files = {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file() and p.name not in ("run.log", "config.yaml")}
+    files = {p: p.stat().st_mtime_ns for p in run.rglob("*")
+             if p.is_file() and p.name not in ("run.log", "config.yaml")}
     capsys.readouterr()
     run_pipeline(run / "config.yaml", run_dir=run)
     out = capsys.readouterr().out

@@ -8,8 +8,8 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from . import assemble, parent
-from .base import RunDir, Stage
+from . import assemble, data, parent
+from .base import RunDir, Stage, content_id
 from .common import load_data, load_parent_for, solutions, validation_batches
 
 if TYPE_CHECKING:
@@ -46,8 +46,8 @@ def run(cfg: RunConfig, run_dir: Path) -> Path:
         work = out.with_name(out.name + ".work")  # checkpoints live here until the child is done
         if out.exists():
             shutil.rmtree(out)
-        child = DeciLMForCausalLM.from_pretrained(assemble.STAGE.folder(run_dir, record),
-                                                  dtype=torch.float32).to(device)
+        child_dir = assemble.STAGE.folder(run_dir, record)
+        child = DeciLMForCausalLM.from_pretrained(child_dir, dtype=torch.float32).to(device)
         if world > 1:
             parallelize(child, teacher)
         gkd_cfg = child_gkd_config(cfg, record)
@@ -57,7 +57,10 @@ def run(cfg: RunConfig, run_dir: Path) -> Path:
             from ..data.chat import MixedBatches
 
             batches = MixedBatches(batches, chat_rows, gkd_cfg.chat_fraction, seed=cfg.seed + 2 + rank)
-        trainer = GKDTrainer(child, teacher, gkd_cfg, work, dataset.seq_len, world_size=world)
+        # a checkpoint of another child (rebuilt since GKD was killed) or other data starts over
+        identity = f"{STAGE.fingerprint(cfg, record)}/{content_id(child_dir)}/{data.STAGE.fingerprint(cfg)}"
+        trainer = GKDTrainer(child, teacher, gkd_cfg, work, dataset.seq_len, world_size=world,
+                             fingerprint=identity)
         print(f"[gkd] {record['name']}: {trainer.steps} steps of {cfg.gkd.batch_size}x{dataset.seq_len} tokens"
               f"{f' x {world} ranks' if world > 1 else ''}")
         val = validation_batches(dataset, cfg.gkd.validation_tokens, cfg.gkd.batch_size)
