@@ -23,7 +23,7 @@ import yaml
 from .data.config import DataConfig
 from .eval.config import EvalConfig
 from .sections import (BLDConfig, CostConfig, GKDConfig, LibraryConfig, PeersConfig, ScoringConfig, SearchConfig,
-                       check_name)
+                       TeacherSection, check_name)
 
 
 class ConfigError(ValueError):
@@ -40,6 +40,7 @@ class RunConfig:
     seed: int = 0
     device: str = "auto"  # auto (cuda if available, else cpu) | cpu | cuda | cuda:N
     data: DataConfig = field(default_factory=DataConfig)
+    teacher: TeacherSection = field(default_factory=TeacherSection)  # read when data.sources has teacher:N
     library: LibraryConfig = field(default_factory=LibraryConfig)
     bld: BLDConfig = field(default_factory=BLDConfig)
     scoring: ScoringConfig = field(default_factory=ScoringConfig)

@@ -59,6 +59,58 @@ class LibraryConfig:
         if self.calibration_tokens < 1 or self.calibration_batch_size < 1:
             raise ValueError("library.calibration_tokens and calibration_batch_size must be positive")
 
+# ---- teacher ------------------------------------------------------------------------------------
+TEACHER_ENGINES = ("auto", "fast", "static")
+
+
+@dataclass
+class TeacherSection:
+    """How the parent writes its corpus (the ``teacher:TOKENS`` source of data.sources): sampling,
+    batching and the mix of seed kinds (data/teacher.py). Read only when data.sources names a teacher."""
+
+    max_new_tokens: int = 256  # tokens the parent writes per sample (its prompt comes on top)
+    temperature: float = 1.0
+    top_p: float = 0.95  # nucleus sampling
+    batch_size: int = 256  # prompts generated at once (the fast path fills a GPU from ~256)
+    shard_samples: int = 1024  # prompts per cached shard: the unit of resume
+    # Share of each seed kind: openings of training documents, topic x text-kind headers, the BOS
+    # token alone, chat requests (instruct parents only; else its share goes to the others).
+    document_share: float = 0.35
+    topic_share: float = 0.35
+    unconditional_share: float = 0.1
+    chat_share: float = 0.2
+    seed: int = 0
+    # Held-out share of the teacher's samples joined to the validation split (replace-1-block
+    # scores, candidate selection, BLD and GKD validation measure on teacher text too); never test.
+    validation_fraction: float = 0.05
+    # Share of every BLD and GKD training batch's rows drawn from the teacher's rows (the rest from
+    # the other sources); 0: the teacher rows are drawn like the others, i.e. by their token share.
+    train_share: float = 0.0
+    # auto: the fast path (model/fast.py) on CUDA and on the CPU (measured faster there too, RESULTS.md)
+    # fast / static: that engine wherever (static = the static-KV-cache path of data/teacher.py).
+    engine: str = "auto"
+
+    def validate(self) -> None:
+        for name in ("max_new_tokens", "batch_size", "shard_samples"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"teacher.{name} = {v!r}: must be an int >= 1")
+        if not 0.0 <= self.temperature <= 10.0:
+            raise ValueError(f"teacher.temperature = {self.temperature!r}: must be in [0, 10] (0 = greedy)")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"teacher.top_p = {self.top_p!r}: must be in (0, 1]")
+        shares = (self.document_share, self.topic_share, self.unconditional_share, self.chat_share)
+        if min(shares) < 0 or sum(shares) <= 0:
+            raise ValueError(f"teacher shares {shares} (document, topic, unconditional, chat): each must be >= 0 "
+                             f"and one > 0")
+        if not 0.0 <= self.validation_fraction < 1.0:
+            raise ValueError(f"teacher.validation_fraction = {self.validation_fraction!r}: must be in [0, 1)")
+        if not 0.0 <= self.train_share <= 1.0:
+            raise ValueError(f"teacher.train_share = {self.train_share!r}: must be in [0, 1]")
+        if self.engine not in TEACHER_ENGINES:
+            raise ValueError(f"teacher.engine = {self.engine!r}; allowed: {', '.join(TEACHER_ENGINES)}")
+
+
 # ---- bld and gkd: the optimizer fields they share ------------------------------------------
 MODES = ("decoupled", "coupled", "hybrid")
 AUTOCAST = ("auto", "bf16", "off")

@@ -727,3 +727,46 @@ def add_teacher_rows(dataset, data_cfg, model, tokenizer, cache_dir: str | Path 
     log(f"teacher rows: {rows.shape[0]:,} of {train.shape[0]:,} training rows "
         f"({100 * rows.shape[0] / train.shape[0]:.1f}%)")
     return PackedDataset(train, dataset.validation, dataset.test, meta, dataset.path)
+
+
+def interleave_rows(corpus: np.ndarray, teacher: np.ndarray) -> tuple[np.ndarray, list[int]]:
+    """(corpus rows and teacher rows spread evenly among them, the teacher rows' positions): a
+    stage reading the first N validation tokens sees both in the same proportion as the whole."""
+    n, m = len(corpus), len(teacher)
+    if m == 0:
+        return corpus, []
+    at = [int((k + 0.5) * (n + m) / m) for k in range(m)]  # strictly increasing: (n + m) / m >= 1
+    is_teacher = np.zeros(n + m, dtype=bool)
+    is_teacher[at] = True
+    out = np.empty((n + m, corpus.shape[1] if n else teacher.shape[1]), dtype=np.int32)
+    out[is_teacher] = teacher
+    out[~is_teacher] = corpus
+    return out, at
+
+
+def join_teacher_rows(dataset, train_rows: np.ndarray, validation_rows: np.ndarray, info: dict):
+    """``dataset`` (the corpus' PackedDataset) with the teacher stage's rows: ``train_rows`` appended
+    to the train split, ``validation_rows`` interleaved with the validation split; the test split
+    unchanged (never teacher text). ``info``: the teacher stage's meta (spec, samples, ...)."""
+    from .corpus import PackedDataset
+
+    if train_rows.ndim != 2 or train_rows.shape[1] != dataset.seq_len:
+        raise ValueError(f"teacher rows of shape {train_rows.shape} do not match data.seq_len {dataset.seq_len}; "
+                         f"rerun the teacher stage (--force teacher)")
+    spec = info["spec"]
+    train = np.concatenate([dataset.train, train_rows.astype(np.int32)])
+    validation, at = interleave_rows(dataset.validation, validation_rows.astype(np.int32))
+    meta = json.loads(json.dumps(dataset.meta))
+    meta["source_stats"][spec] = {"train": {"docs": info.get("train_samples", 0), "tokens": int(train_rows.size)},
+                                  "validation": {"docs": info.get("validation_samples", 0),
+                                                 "tokens": int(validation_rows.size)},
+                                  "test": {"docs": 0, "tokens": 0}}
+    meta["sources"] = list(meta.get("sources", [])) + [spec]
+    for split, rows, added in (("train", train, train_rows), ("validation", validation, validation_rows)):
+        s = meta["splits"][split]
+        s.update(rows=int(rows.shape[0]), tokens=int(rows.size), stream_tokens=s["stream_tokens"] + int(added.size))
+    meta["teacher"] = {"spec": spec, "train_rows": int(train_rows.shape[0]), "validation_rows_at": at,
+                       "train_share": train_rows.shape[0] / max(train.shape[0], 1), "cache": info.get("cache")}
+    meta.setdefault("licenses", {})[spec] = ("text written by the parent model: the parent's license and terms of "
+                                            "use apply")
+    return PackedDataset(train, validation, dataset.test, meta, dataset.path)

@@ -59,15 +59,17 @@ def _chat_prompt_ids(tokenizer, prompt: str) -> list[int]:
 
 
 def chat_answers(model, tokenizer, prompts: Sequence[str] = CHAT_PROMPTS, max_new_tokens: int = 128,
-                 batch_size: int = 32) -> list[tuple[list[int], list[int]]]:
+                 batch_size: int = 32, generate=None) -> list[tuple[list[int], list[int]]]:
     """(prompt ids, greedy answer ids) per prompt; the answer keeps its end-of-turn token when the
-    model ended its turn within ``max_new_tokens``."""
+    model ended its turn within ``max_new_tokens``. generate: a function with generate_batch's
+    signature (e.g. data/teacher.fast_generate_batch: the same greedy tokens, faster)."""
+    generate = generate or generate_batch
     stops = stop_ids(model, tokenizer)
     prompt_ids = [_chat_prompt_ids(tokenizer, p) for p in prompts]
     out = []
     for start in range(0, len(prompt_ids), batch_size):
         chunk = prompt_ids[start:start + batch_size]
-        answers = generate_batch(model, chunk, max_new_tokens, temperature=0.0, top_p=1.0, eos_id=stops, seed=0)
+        answers = generate(model, chunk, max_new_tokens, 0.0, 1.0, stops, 0)  # greedy
         out += list(zip(chunk, answers))
     return out
 

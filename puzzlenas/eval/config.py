@@ -5,6 +5,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+# The out-of-genre evaluation texts of eval/genres.py. "reviews" (movie reviews shipped in gensim's
+# test data: research use only, no licence stated) is left out of the default: docs/tasks.md.
+GENRE_NAMES = ("dialogue", "legal", "reviews", "readme")
+DEFAULT_GENRES = ("dialogue", "legal", "readme")
+
 
 @dataclass
 class EvalConfig:
@@ -26,9 +31,26 @@ class EvalConfig:
     plain_prompts: list[str] = field(default_factory=lambda: ["The history of the Roman Empire",
                                                               "Water boils at"])
     sample_tokens: int = 48  # new tokens per completion
+    # Out-of-genre text (eval/genres.py: genres no training source holds): perplexity, KL to the
+    # parent and top-1 agreement per genre, on the first genre_tokens of each (whole rows).
+    genres: list[str] = field(default_factory=lambda: list(DEFAULT_GENRES))
+    genre_tokens: int = 16384
+    # Chat quality (eval/chat_quality.py) of instruct parents and their children: greedy answers
+    # to the first chat_quality_prompts of its fixed prompts; empty-answer rate, repetition, KL on
+    # the parent's own answers. auto = when the parent's tokenizer has a chat template; on / off.
+    chat_quality: str = "auto"
+    chat_quality_prompts: int = 20
+    chat_quality_max_new_tokens: int = 128
 
     def validate(self) -> None:
         if min(self.tokens, self.batch_size, self.max_examples, self.throughput_iters, self.logits_chunk) < 1:
             raise ValueError("eval.tokens, batch_size, max_examples, throughput_iters, logits_chunk must be >= 1")
         if self.sample_tokens < 1:
             raise ValueError("eval.sample_tokens must be >= 1")
+        bad = [g for g in self.genres if g not in GENRE_NAMES]
+        if bad or len(set(self.genres)) != len(self.genres):
+            raise ValueError(f"eval.genres = {self.genres}: each once, from {', '.join(GENRE_NAMES)}")
+        if self.chat_quality not in ("auto", "on", "off"):
+            raise ValueError(f"eval.chat_quality = {self.chat_quality!r}; allowed: auto, on, off")
+        if min(self.genre_tokens, self.chat_quality_prompts, self.chat_quality_max_new_tokens) < 1:
+            raise ValueError("eval.genre_tokens, chat_quality_prompts, chat_quality_max_new_tokens must be >= 1")

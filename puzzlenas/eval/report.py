@@ -117,7 +117,8 @@ def layers_plot(records: list[dict], path: Path) -> None:
 
 
 def markdown(results: dict, records: list[dict], eval_table: str, config_text: str,
-             unreachable: list[dict] = (), gkd_tokens: dict[str, int] | None = None) -> str:
+             unreachable: list[dict] = (), gkd_tokens: dict[str, int] | None = None,
+             extra: list[str] = ()) -> str:
     lines = ["# puzzlenas report", "", "## Parent vs children", "", "```", eval_table, "```", "",
              "## What the search chose and predicted", ""]
     for r in (r for r in records if not r.get("peer")):
@@ -135,11 +136,71 @@ def markdown(results: dict, records: list[dict], eval_table: str, config_text: s
             first = r["selected_from"][0]
             lines[-1] += (f"; chosen among {len(r['selected_from'])} diverse candidates by realized KL "
                           f"{r['realized_kl']:.4f} (the lowest-sum candidate's: {first['realized_kl']:.4f})")
-    lines += [""] + peers_markdown(results, records, unreachable, gkd_tokens)
+    lines += [""] + peers_markdown(results, records, unreachable, gkd_tokens) + list(extra)
     lines += ["![frontier](frontier.png)", "", "![layers](layers.png)", ""] + samples_markdown(results)
     lines += ["## Config", "", "```yaml",
               config_text.rstrip(), "```"]
     return "\n".join(lines) + "\n"
+
+
+def genres_markdown(results: dict) -> list[str]:
+    """A table per out-of-genre text: perplexity (x the parent's), KL and agreement of every model."""
+    genres = list(next((r["genres"] for r in results.values() if r.get("genres")), {}))
+    if not genres:
+        return []
+    lines = ["## Out-of-genre text", "",
+             "Text of genres no training source holds (`puzzlenas/eval/genres.py`): what a child keeps of the "
+             "parent beyond the corpus it was distilled on.", ""]
+    parent = results.get("parent", {}).get("genres", {})
+    for g in genres:
+        lines += [f"**{g}**", "", "| model | perplexity | x parent | KL to parent | top-1 agreement |",
+                  "|---|---|---|---|---|"]
+        for n, r in results.items():
+            m = r.get("genres", {}).get(g)
+            if m:
+                ratio = m["perplexity"] / parent[g]["perplexity"] if g in parent else float("nan")
+                lines.append(f"| {n} | {m['perplexity']:.2f} | {ratio:.2f}x | {m['kl_to_parent']:.4f} | "
+                             f"{m['top1_agreement']:.3f} |")
+        lines.append("")
+    return lines
+
+
+def chat_markdown(results: dict) -> list[str]:
+    """Chat quality of every model (instruct parents)."""
+    rows = {n: r["chat_quality"] for n, r in results.items() if r.get("chat_quality")}
+    if not rows:
+        return []
+    lines = ["## Chat quality", "", "Greedy answers to fixed prompts through the chat template "
+             "(`puzzlenas/eval/chat_quality.py`).", "",
+             "| model | empty answers | mean tokens | distinct-2 | longest repeated span (mean / max) | "
+             "KL on the parent's answers | agreement |", "|---|---|---|---|---|---|---|"]
+    for n, c in rows.items():
+        lines.append(f"| {n} | {c['empty_rate']:.2f} | {c['mean_tokens']:.1f} | {c['distinct_2']:.3f} | "
+                     f"{c['longest_repeated_span']:.1f} / {c['longest_repeated_span_max']} | {c['kl_to_parent']:.4f} | "
+                     f"{c['top1_agreement']:.3f} |")
+    return lines + [""]
+
+
+def passes_markdown(run_dir: Path, records: list[dict]) -> list[str]:
+    """How many passes over each source every stage made (their passes.json / history.json)."""
+    found = []
+    for stage in ("bld", "scores", "search"):
+        path = run_dir / stage / "passes.json"
+        if path.is_file():
+            found += json.loads(path.read_text())
+    for r in records:
+        history = run_dir / f"gkd-{r['name']}" / "history.json"
+        if history.is_file():
+            found += json.loads(history.read_text()).get("passes", [])[:1]
+    if not found:
+        return []
+    lines = ["## Passes over each source", "", "Tokens each stage read from each source / the source's tokens "
+             "in that split = passes (training reads are drawn at random: expected counts).", "",
+             "| read | split | tokens | source | tokens read | in the split | passes |", "|---|---|---|---|---|---|---|"]
+    for p in found:
+        for src, (read, n, passes) in p["sources"].items():
+            lines.append(f"| {p['what']} | {p['split']} | {p['tokens']:,} | {src} | {read:,} | {n:,} | {passes:.3g} |")
+    return lines + [""]
 
 
 def peers_markdown(results: dict, records: list[dict], unreachable: list[dict],
@@ -218,6 +279,7 @@ def write_report(run_dir: Path, out: Path, records: list[dict], unreachable: lis
         if history.is_file():
             gkd_tokens[r["name"]] = json.loads(history.read_text()).get("tokens")
     text = markdown(results, records, (run_dir / "eval" / "table.txt").read_text().rstrip(),
-                    (run_dir / "config.yaml").read_text(), unreachable, gkd_tokens)
+                    (run_dir / "config.yaml").read_text(), unreachable, gkd_tokens,
+                    extra=genres_markdown(results) + chat_markdown(results) + passes_markdown(run_dir, records))
     atomic_write_text(out / "README.md", text)
     return out / "README.md"

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 
 from . import library
 from .base import RunDir, Stage
-from .common import load_data, load_parent_for, validation_batches
+from .common import load_data, load_parent_for, passes, train_batches, validation_batches, write_passes
 
 if TYPE_CHECKING:
     from ..config import RunConfig
@@ -22,7 +22,6 @@ def run(cfg: RunConfig, run_dir: Path) -> Path:
 
     from ..bld import BLDTrainer, collect_metrics, coupled_jobs, decoupled_jobs, library_table, run_jobs
     from ..checkpoint import atomic_write_text, reset_if_stale, write_jsonl
-    from ..data.batches import token_batches
     from ..dist import barrier, distributed_rank
     from ..library import read_space
 
@@ -41,7 +40,7 @@ def run(cfg: RunConfig, run_dir: Path) -> Path:
     bad = [i for i in layers if not 0 <= i < len(space)]
     if bad:
         raise ValueError(f"bld.layers {bad} out of range: the parent has {len(space)} layers (0..{len(space) - 1})")
-    train = token_batches(dataset.train, cfg.bld.batch_size, max(cfg.bld.tokens, 1), seed=cfg.seed)
+    train = train_batches(cfg, dataset, cfg.bld.batch_size, max(cfg.bld.tokens, 1), seed=cfg.seed)
     val = validation_batches(dataset, cfg.bld.validation_tokens, cfg.bld.batch_size)
     trainer = BLDTrainer(parent, stats, cfg.library, cfg.bld, out, dataset.seq_len, seed=cfg.seed)
     counts = variant_param_counts(parent.config, space)
@@ -58,6 +57,9 @@ def run(cfg: RunConfig, run_dir: Path) -> Path:
         table = library_table(rows)
         atomic_write_text(out / "table.txt", table + "\n")
         print(table)
+        write_passes(out, "bld", [passes(cfg, dataset, "BLD, each variant", cfg.bld.tokens),
+                                  passes(cfg, dataset, "BLD validation", cfg.bld.validation_tokens, "validation",
+                                         first=True)])
         STAGE.mark_done(cfg, run_dir, jobs=len(rows), world_size=world)
     barrier(world)
     return out

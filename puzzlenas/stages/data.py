@@ -19,6 +19,6 @@ def run(cfg: RunConfig, run_dir: Path) -> Path:
     """Build (or find in the cache) the packed dataset; its token counts go into the DONE marker."""
     out = RunDir(run_dir).data
     out.mkdir(parents=True, exist_ok=True)
-    dataset = load_data(cfg, run_dir, verbose=True)
+    dataset = load_data(cfg, run_dir, verbose=True, teacher=False)
     STAGE.mark_done(cfg, run_dir, tokens={s: dataset.num_tokens(s) for s in ("train", "validation", "test")})
     return out

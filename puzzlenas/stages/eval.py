@@ -46,7 +46,8 @@ def run(cfg: RunConfig, run_dir: Path) -> Path:
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.machine()
     model_fp = {n: config_hash({"model": content_id(run_dir / n), "eval": cfg.eval, "costs": cfg.costs,
                                 "device": device_name, "parent": content_id(paths.parent),
-                                "data": data.STAGE.fingerprint(cfg)})  # the test split the metrics are on
+                                "data": data.STAGE.fingerprint(cfg),  # the test split the metrics are on
+                                "genres": genre_texts(cfg)})
                 for n in names}
     results, session_parent = {}, {}
     for n in names:
@@ -97,11 +98,14 @@ def evaluate_models(cfg: RunConfig, run_dir: Path, names: list[str], device, dty
     from ..model.info import count_model_params, layer_costs
     from ..model.modeling import DeciLMForCausalLM
 
-    batches = validation_batches(load_data(cfg, run_dir), cfg.eval.tokens, cfg.eval.batch_size, split="test")
+    dataset = load_data(cfg, run_dir, teacher=False)  # the test split never holds teacher text
+    batches = validation_batches(dataset, cfg.eval.tokens, cfg.eval.batch_size, split="test")
     tokenizer = AutoTokenizer.from_pretrained(RunDir(run_dir).parent)
     throughput_dtype = getattr(torch, cfg.costs.dtype)
     parent = DeciLMForCausalLM.from_pretrained(RunDir(run_dir).parent, dtype=dtype).to(device).eval()
     parent_hidden = [final_hidden(parent, b.to(device)) for b in batches]  # (B, T, C) each, computed once
+    genres = GenreEval(cfg, tokenizer, parent, dataset.seq_len)
+    chat = ChatQualityEval(cfg, tokenizer, parent, device)
     results = {}
     for n in names:  # one child on the device at a time, next to the parent (large parents fit)
         model = parent if n == "parent" else \
@@ -112,6 +116,10 @@ def evaluate_models(cfg: RunConfig, run_dir: Path, names: list[str], device, dty
 
             results[n]["tasks"] = evaluate_tasks(model, tokenizer, cfg.eval.tasks, max_examples=cfg.eval.max_examples,
                                                  batch_size=cfg.eval.batch_size, device=device)
+        if cfg.eval.genres:
+            results[n]["genres"] = genres.measure(model)
+        if chat.enabled:
+            results[n]["chat_quality"] = chat.measure(model)
         results[n]["samples"] = sample_completions(model, tokenizer, cfg.eval)
         results[n]["params"] = count_model_params(model)
         results[n]["kv_bytes_per_token"] = sum(c.kv_cache_bytes_per_token for c in layer_costs(model.config,
@@ -130,6 +138,121 @@ def evaluate_models(cfg: RunConfig, run_dir: Path, names: list[str], device, dty
                 torch.cuda.empty_cache()
         print(f"[eval] {n}: perplexity {results[n]['perplexity']:.2f}, KL {results[n]['kl_to_parent']:.4f}")
         keep(n, results[n], results["parent"])
+
+
+def genre_texts(cfg: RunConfig) -> dict:
+    """What the out-of-genre texts are (their hashes and package versions): part of each model's
+    cached result's fingerprint."""
+    if not cfg.eval.genres:
+        return {}
+    from ..eval.genres import genre_fingerprint
+
+    return genre_fingerprint(cfg.eval.genres)
+
+
+class GenreEval:
+    """Out-of-genre metrics of one model at a time; the parent's hidden states computed once."""
+
+    def __init__(self, cfg: RunConfig, tokenizer, parent, seq_len: int):
+        import torch
+
+        from ..eval.genres import genre_rows
+        from ..eval.metrics import final_hidden
+
+        self.cfg, self.parent = cfg, parent
+        device = parent.model.embed_tokens.weight.device
+        self.batches, self.parent_hidden = {}, {}
+        for genre in cfg.eval.genres:
+            rows = torch.from_numpy(genre_rows(genre, tokenizer, seq_len, cfg.eval.genre_tokens).astype("int64"))
+            self.batches[genre] = list(rows.split(cfg.eval.batch_size))
+            with torch.no_grad():
+                self.parent_hidden[genre] = [final_hidden(parent, b.to(device)) for b in self.batches[genre]]
+
+    def measure(self, model) -> dict:
+        """{genre: perplexity, kl_to_parent, top1_agreement, loss, tokens}."""
+        import torch
+
+        from ..eval.metrics import lm_metrics
+
+        with torch.no_grad():
+            return {g: lm_metrics({"m": model}, self.parent, self.batches[g], self.cfg.eval.logits_chunk,
+                                  self.parent_hidden[g])["m"] for g in self.batches}
+
+
+class ChatQualityEval:
+    """Chat quality of one model at a time against the parent's greedy answers (computed once):
+    instruct parents only (eval.chat_quality: auto / on / off)."""
+
+    def __init__(self, cfg: RunConfig, tokenizer, parent, device):
+        has_template = bool(getattr(tokenizer, "chat_template", None))
+        if cfg.eval.chat_quality == "on" and not has_template:
+            raise ValueError("eval.chat_quality = on, but the parent's tokenizer has no chat template; set it to auto")
+        self.enabled = cfg.eval.chat_quality == "on" or (cfg.eval.chat_quality == "auto" and has_template)
+        if not self.enabled:
+            return
+        from ..data.teacher import fast_generate_batch, stop_ids
+        from ..eval.chat_quality import CHAT_PROMPTS, chat_answers
+
+        self.cfg, self.tokenizer, self.parent = cfg, tokenizer, parent
+        self.prompts = list(CHAT_PROMPTS[:cfg.eval.chat_quality_prompts])
+        self.generate = fast_generate_batch  # greedy: the same tokens as the static path, faster
+        self.stops = set(stop_ids(parent, tokenizer))
+        self.transcripts = chat_answers(parent, tokenizer, self.prompts, cfg.eval.chat_quality_max_new_tokens,
+                                        len(self.prompts), generate=self.generate)
+
+    def measure(self, model) -> dict:
+        """Empty-answer rate, repetition (distinct n-grams, longest repeated span), KL and top-1
+        agreement on the parent's answers, and the answers themselves."""
+        import torch
+
+        from ..eval.chat_quality import chat_answers, kl_on_transcripts, repetition_stats
+
+        with torch.no_grad():
+            pairs = self.transcripts if model is self.parent else chat_answers(
+                model, self.tokenizer, self.prompts, self.cfg.eval.chat_quality_max_new_tokens, len(self.prompts),
+                generate=self.generate)
+            kl = kl_on_transcripts({"m": model}, self.parent, self.transcripts)["m"]
+        answers = [[t for t in a if t not in self.stops] for _, a in pairs]
+        texts = [self.tokenizer.decode(a, skip_special_tokens=True) for a in answers]
+        return {**repetition_stats(answers, empty=[not t.strip() for t in texts]), **kl,
+                "answers": dict(zip(self.prompts, texts))}
+
+
+def genre_table(results: dict) -> str:
+    """Per genre: perplexity (and its ratio to the parent's), KL and agreement of every model."""
+    genres = [g for g in next((r["genres"] for r in results.values() if r.get("genres")), {})]
+    if not genres:
+        return ""
+    w = max([22, *map(len, results)])
+    lines = ["out-of-genre text (genres no training source holds): perplexity (x the parent's) / KL / agreement",
+             f"{'model':<{w}} " + " ".join(f"{g:>28}" for g in genres)]
+    parent = results.get("parent", {}).get("genres", {})
+    for n, r in results.items():
+        cells = []
+        for g in genres:
+            m = r.get("genres", {}).get(g)
+            ratio = m["perplexity"] / parent[g]["perplexity"] if m and g in parent else float("nan")
+            cells.append(f"{m['perplexity']:>8.2f} ({ratio:4.2f}x) {m['kl_to_parent']:5.3f} {m['top1_agreement']:5.3f}"
+                         if m else f"{'-':>28}")
+        lines.append(f"{n:<{w}} " + " ".join(f"{c:>28}" for c in cells))
+    return "\n".join(lines)
+
+
+def chat_table(results: dict) -> str:
+    """Chat quality of every model: empty answers, repetition, KL on the parent's answers."""
+    if not any(r.get("chat_quality") for r in results.values()):
+        return ""
+    w = max([22, *map(len, results)])
+    lines = ["chat quality (greedy answers to fixed prompts through the chat template)",
+             f"{'model':<{w}} {'empty':>6} {'tokens':>7} {'distinct-2':>10} {'rep. span':>9} {'max span':>8} "
+             f"{'KL on parent answers':>20} {'agree':>6}"]
+    for n, r in results.items():
+        c = r.get("chat_quality")
+        if c:
+            lines.append(f"{n:<{w}} {c['empty_rate']:>6.2f} {c['mean_tokens']:>7.1f} {c['distinct_2']:>10.3f} "
+                         f"{c['longest_repeated_span']:>9.1f} {c['longest_repeated_span_max']:>8} "
+                         f"{c['kl_to_parent']:>20.4f} {c['top1_agreement']:>6.3f}")
+    return "\n".join(lines)
 
 
 def eval_table(results: dict) -> str:
@@ -157,4 +280,5 @@ def eval_table(results: dict) -> str:
         lines.append("task examples and the parent's standard error: " + ", ".join(
             f"{t} {r['n']} (+-{r['acc_stderr']:.3f})" for t, r in sorted(parent_tasks.items())
             if "n" in r and "acc_stderr" in r))
-    return "\n".join(lines)
+    extra = [t for t in (genre_table(results), chat_table(results)) if t]
+    return "\n\n".join(["\n".join(lines), *extra])

@@ -9,8 +9,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from . import assemble, data, parent
+from . import teacher as teacher_stage
 from .base import RunDir, Stage, content_id
-from .common import load_data, load_parent_for, solutions, validation_batches
+from .common import load_data, load_parent_for, passes, passes_lines, solutions, train_batches, validation_batches
 
 if TYPE_CHECKING:
     from ..config import RunConfig
@@ -23,7 +24,6 @@ def run(cfg: RunConfig, run_dir: Path) -> Path:
     import torch
 
     from ..checkpoint import atomic_write_json
-    from ..data.batches import token_batches
     from ..dist import barrier, distributed_rank
     from ..gkd import GKDTrainer, parallelize
     from ..model.modeling import DeciLMForCausalLM
@@ -51,14 +51,16 @@ def run(cfg: RunConfig, run_dir: Path) -> Path:
         if world > 1:
             parallelize(child, teacher)
         gkd_cfg = child_gkd_config(cfg, record)
-        batches = token_batches(dataset.train, gkd_cfg.batch_size, max(gkd_cfg.tokens, 1), seed=cfg.seed + 1,
-                                rank=rank, world_size=world)
+        batches = train_batches(cfg, dataset, gkd_cfg.batch_size, max(gkd_cfg.tokens, 1), seed=cfg.seed + 1,
+                                rank=rank, world=world)
         if chat_rows is not None:
             from ..data.chat import MixedBatches
 
             batches = MixedBatches(batches, chat_rows, gkd_cfg.chat_fraction, seed=cfg.seed + 2 + rank)
         # a checkpoint of another child (rebuilt since GKD was killed) or other data starts over
         identity = f"{STAGE.fingerprint(cfg, record)}/{content_id(child_dir)}/{data.STAGE.fingerprint(cfg)}"
+        if teacher_stage.STAGE.active(cfg):  # the teacher's rows are part of the data
+            identity += f"/{teacher_stage.STAGE.fingerprint(cfg)}"
         trainer = GKDTrainer(child, teacher, gkd_cfg, work, dataset.seq_len, world_size=world,
                              fingerprint=identity)
         print(f"[gkd] {record['name']}: {trainer.steps} steps of {cfg.gkd.batch_size}x{dataset.seq_len} tokens"
@@ -69,8 +71,15 @@ def run(cfg: RunConfig, run_dir: Path) -> Path:
         after = trainer.validation_loss(val)
         print(f"[gkd] {record['name']}: validation loss {before['loss']:.4f} -> {after['loss']:.4f} "
               f"(KL {before['kl']:.4f} -> {after['kl']:.4f}, cosine {before['cosine']:.4f} -> {after['cosine']:.4f})")
-        history = {"validation_before": before, "validation_after": after, "steps": steps,
-                   "tokens": trainer.steps * gkd_cfg.batch_size * dataset.seq_len * world}
+        tokens = trainer.steps * gkd_cfg.batch_size * dataset.seq_len * world
+        read = [passes(cfg, dataset, f"GKD {record['name']}" + (f" ({1 - gkd_cfg.chat_fraction:.0%} of its rows; the "
+                                                                 f"rest chat transcripts)" if chat_rows is not None else ""),
+                       round(tokens * (1 - gkd_cfg.chat_fraction)) if chat_rows is not None else tokens),
+                passes(cfg, dataset, "GKD validation", gkd_cfg.validation_tokens, "validation", first=True)]
+        if rank == 0:
+            print("\n".join(f"[gkd] {line}" for line in passes_lines(read).splitlines()))
+        history = {"validation_before": before, "validation_after": after, "steps": steps, "tokens": tokens,
+                   "passes": read}
         state = full_model_state(child)  # a collective with several ranks: every rank calls it
         if rank == 0:
             final = DeciLMForCausalLM(child.config) if world > 1 else child

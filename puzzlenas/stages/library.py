@@ -6,14 +6,15 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from . import data
+from . import data, teacher
 from .base import RunDir, Stage
 from .common import load_data, load_parent_for
 
 if TYPE_CHECKING:
     from ..config import RunConfig
 
-STAGE = Stage("library", config=("library", "seed"), upstream=(data.STAGE,), table="space.txt")
+STAGE = Stage("library", config=("library", "seed"), upstream=(data.STAGE, teacher.STAGE),
+              table="space.txt")
 
 
 def run(cfg: RunConfig, run_dir: Path) -> Path:

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 from . import bld
 from .base import RunDir, Stage
 from ..checkpoint import read_jsonl
-from .common import load_data, load_parent_for, validation_batches
+from .common import load_data, load_parent_for, passes, validation_batches, write_passes
 
 if TYPE_CHECKING:
     from ..config import RunConfig
@@ -36,7 +36,8 @@ def run(cfg: RunConfig, run_dir: Path) -> Path:
     if not items:
         raise ValueError(f"{paths.bld} holds no finished library items: run the bld stage first")
     mine = split_items(items, len(space), rank, world)
-    batches = validation_batches(load_data(cfg, run_dir), cfg.scoring.tokens, cfg.scoring.batch_size)
+    dataset = load_data(cfg, run_dir)
+    batches = validation_batches(dataset, cfg.scoring.tokens, cfg.scoring.batch_size)
     print(f"[scores] rank {rank}/{world}: {len(mine)} of {len(items)} items on {len(batches)} batches")
     results = score_items(parent, paths.bld, mine, batches, cfg.scoring, out / f"progress-rank{rank}.json")
     write_jsonl(out / f"part-rank{rank}.jsonl", list(results.values()))
@@ -48,6 +49,8 @@ def run(cfg: RunConfig, run_dir: Path) -> Path:
         table = scores_table(rows, "kl") + "\n\n" + scores_table(rows, "lm_loss_delta")
         atomic_write_text(out / "table.txt", table + "\n\n" + scores_table(rows, "kl", per_layer=True) + "\n")
         print(table)
+        write_passes(out, "scores", [passes(cfg, dataset, "replace-1-block scores, each item", cfg.scoring.tokens,
+                                            "validation", first=True)])
         STAGE.mark_done(cfg, run_dir, items=len(rows), world_size=world)
     barrier(world)
     return out

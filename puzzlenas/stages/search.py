@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 
 from . import costs, scores
 from .base import RunDir, Stage
-from .common import load_data, load_parent_for, validation_batches
+from .common import load_data, load_parent_for, passes, validation_batches, write_passes
 
 if TYPE_CHECKING:
     from ..config import RunConfig
@@ -52,7 +52,10 @@ def select_by_realized_kl(cfg: RunConfig, run_dir: Path, records: list[dict]) ->
     from ..selection import select_candidates
 
     parent = load_parent_for(cfg, run_dir)
-    batches = validation_batches(load_data(cfg, run_dir), cfg.search.select_tokens, cfg.search.select_batch_size)
+    dataset = load_data(cfg, run_dir)
+    batches = validation_batches(dataset, cfg.search.select_tokens, cfg.search.select_batch_size)
+    write_passes(RunDir(run_dir).solutions.parent, "search", [passes(
+        cfg, dataset, "candidate selection, each candidate", cfg.search.select_tokens, "validation", first=True)])
     space = read_space(RunDir(run_dir).space)
     return select_candidates(records, parent.eval(), RunDir(run_dir).bld, space, batches, cfg.eval.logits_chunk)
 

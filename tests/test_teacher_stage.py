@@ -1,0 +1,134 @@
+"""The teacher stage (the parent's own corpus in the pipeline), out-of-genre and chat-quality eval,
+passes over each source, and the GPU preset's options end to end on a tiny parent."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import yaml
+
+from puzzlenas.pipeline import run_pipeline
+from tests.conftest import pipeline_config
+
+CHAT_TEMPLATE = ("{% for m in messages %}w3 {{ m['content'] }} w4 {% endfor %}"
+                 "{% if add_generation_prompt %}w5{% endif %}")
+
+
+def teacher_config(inputs, cache, **extra) -> dict:
+    cfg = pipeline_config(inputs)
+    cfg["data"]["sources"] = cfg["data"]["sources"] + ["teacher:3k"]
+    cfg["data"]["cache_dir"] = str(cache)
+    cfg["teacher"] = {"max_new_tokens": 24, "batch_size": 16, "shard_samples": 32, "validation_fraction": 0.2}
+    cfg.update(extra)
+    return cfg
+
+
+def write(tmp_path, cfg, name="cfg.yaml"):
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def test_teacher_stage_caches_by_fingerprint_and_resumes_a_killed_generation(tmp_path, tiny_run_inputs, capsys):
+    cache = tmp_path / "cache"
+    path = write(tmp_path, teacher_config(tiny_run_inputs, cache))
+    run_pipeline(path, run_dir=tmp_path / "a", until="teacher")
+    meta = json.loads((tmp_path / "a" / "teacher" / "meta.json").read_text())
+    assert meta["shards"] >= 2 and meta["shards_reused"] == 0 and meta["validation_rows"] >= 1
+    shards = sorted((cache.glob("teacher-*/shard-*.safetensors")))
+    assert len(shards) == meta["shards"]
+    rows = (tmp_path / "a" / "teacher" / "rows.safetensors").read_bytes()
+
+    # a second run (another run directory) reads every shard from the cache folder
+    run_pipeline(path, run_dir=tmp_path / "b", until="teacher")
+    again = json.loads((tmp_path / "b" / "teacher" / "meta.json").read_text())
+    assert again["shards_reused"] == again["shards"] == meta["shards"]
+    assert (tmp_path / "b" / "teacher" / "rows.safetensors").read_bytes() == rows
+
+    # a generation killed after its first shard: the next run generates only the missing ones
+    for shard in shards[1:]:
+        shard.unlink()
+    capsys.readouterr()
+    run_pipeline(path, run_dir=tmp_path / "c", until="teacher")
+    resumed = json.loads((tmp_path / "c" / "teacher" / "meta.json").read_text())
+    assert resumed["shards_reused"] == 1 and resumed["shards"] == meta["shards"]
+    assert "teacher shard 0:" not in capsys.readouterr().out  # shard 0 was not generated again
+    assert resumed["tokens"] == meta["tokens"]  # the same seeds per shard: the same corpus size
+
+    # the run directory's stage is done: a rerun skips it
+    run_pipeline(path, run_dir=tmp_path / "c", until="teacher")
+    assert "[teacher] done already" in capsys.readouterr().out
+
+
+def test_teacher_rows_join_train_and_validation_never_test(tmp_path, tiny_run_inputs):
+    from puzzlenas.config import load_run_config
+    from puzzlenas.stages.common import load_data, prefix_source_tokens
+
+    path = write(tmp_path, teacher_config(tiny_run_inputs, tmp_path / "cache"))
+    run_dir = run_pipeline(path, run_dir=tmp_path / "run", until="teacher")
+    cfg = load_run_config(path)
+    corpus = load_data(cfg, run_dir, teacher=False)
+    joined = load_data(cfg, run_dir)
+    meta = json.loads((run_dir / "teacher" / "meta.json").read_text())
+    assert (joined.test == corpus.test).all()  # the test split is the corpus' alone
+    assert len(joined.train) == len(corpus.train) + meta["train_rows"]
+    assert len(joined.validation) == len(corpus.validation) + meta["validation_rows"]
+    teacher_rows = {r.tobytes() for r in joined.train[len(corpus.train):]}
+    teacher_rows |= {r.tobytes() for r in joined.validation[joined.meta["teacher"]["validation_rows_at"]]}
+    assert not teacher_rows & {r.tobytes() for r in joined.test}
+    assert not teacher_rows & {r.tobytes() for r in corpus.validation}
+    # held-out teacher rows are spread over the validation split: the first rows hold some
+    at = joined.meta["teacher"]["validation_rows_at"]
+    assert at[0] < len(joined.validation) // 2
+    spec = joined.meta["teacher"]["spec"]
+    first = prefix_source_tokens(joined, "validation", (at[0] + 1) * joined.seq_len)
+    assert first[spec] == joined.seq_len and sum(first.values()) == (at[0] + 1) * joined.seq_len
+    # train_share: every training batch holds that share of teacher rows
+    from puzzlenas.stages.common import train_batches
+
+    cfg.teacher.train_share = 0.5
+    for batch in train_batches(cfg, joined, 4, 4 * 32 * 3, seed=0):
+        assert sum(r.numpy().astype(np.int32).tobytes() in teacher_rows for r in batch) == 2
+
+
+def test_gpu_preset_options_end_to_end(tmp_path, tiny_run_inputs):
+    """What the GPU preset turns on, on a tiny instruct parent: a teacher source with chat rows and a
+    training share, ShortGPT peers at equal tokens, out-of-genre genres, chat quality, GKD with
+    the fused chunked KL; results.json holds genre metrics and chat quality for every model."""
+    from transformers import AutoTokenizer
+
+    parent = tmp_path / "instruct"
+    shutil.copytree(tiny_run_inputs["parent"], parent)
+    tok = AutoTokenizer.from_pretrained(parent)
+    tok.chat_template = CHAT_TEMPLATE
+    tok.save_pretrained(parent)
+    inputs = {**tiny_run_inputs, "parent": str(parent)}
+    cfg = teacher_config(inputs, tmp_path / "cache", peers={"methods": ["shortgpt"], "tokens": 256})
+    cfg["teacher"].update(train_share=0.5, chat_share=0.3)
+    cfg["gkd"].update(logits_chunk=64)
+    cfg["eval"].update(genres=["dialogue", "legal", "readme"], genre_tokens=128, chat_quality="on",
+                       chat_quality_prompts=3, chat_quality_max_new_tokens=8)
+    run_dir = run_pipeline(write(tmp_path, cfg), run_dir=tmp_path / "run")
+
+    teacher = json.loads((run_dir / "teacher" / "meta.json").read_text())
+    assert teacher["kinds"]["chat"] > 0 and teacher["chat_template"]
+    results = json.loads((run_dir / "eval" / "results.json").read_text())
+    assert any(n.startswith("gkd-shortgpt") for n in results)
+    for name, r in results.items():
+        assert set(r["genres"]) == {"dialogue", "legal", "readme"}, name
+        for m in r["genres"].values():
+            assert m["perplexity"] > 0 and m["tokens"] > 0
+        assert 0 <= r["chat_quality"]["empty_rate"] <= 1 and r["chat_quality"]["answers"]
+    assert results["parent"]["genres"]["legal"]["kl_to_parent"] == pytest.approx(0, abs=1e-5)
+    assert results["parent"]["chat_quality"]["kl_to_parent"] == pytest.approx(0, abs=1e-5)
+    # passes over each source: the teacher's rows are read by BLD, scores and GKD
+    spec = teacher["spec"]
+    bld = json.loads((run_dir / "bld" / "passes.json").read_text())
+    assert bld[0]["sources"][spec][0] == pytest.approx(0.5 * cfg["bld"]["tokens"], rel=0.01)
+    scores = json.loads((run_dir / "scores" / "passes.json").read_text())
+    assert sum(v[0] for v in scores[0]["sources"].values()) >= cfg["scoring"]["tokens"]
+    report = (run_dir / "report" / "README.md").read_text()
+    for heading in ("## Out-of-genre text", "## Chat quality", "## Passes over each source"):
+        assert heading in report
+    assert "out-of-genre text" in (run_dir / "eval" / "table.txt").read_text()
