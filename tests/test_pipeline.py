@@ -93,15 +93,18 @@ eval: {tasks: []}
 """
 # Computed by the code before stages declared their inputs (commit 4e27826, pipeline.py's
 # *_fingerprint functions) on LEGACY_CONFIG; per-child ones for a Puzzle child and a peer's.
+# Except eval and report, changed on purpose by the distill branch: eval measures out-of-genre
+# text and chat quality now (eval.genres, eval.chat_quality), so an old run's eval is redone; the
+# teacher stage is new (its fingerprint is not part of the others' while data.sources has none).
 LEGACY_FINGERPRINTS = {
     "parent": "2f1381d02b202e3e", "data": "e1cd0425622b453a", "library": "9d5aa20af93eb923",
     "bld": "c43d806d2a7d87ed", "scores": "56458f49752b0661", "costs": "2cfbffee225547d1",
-    "search": "fd7b35da8674a3bb", "peers": "9e2a74a91cfcb54f", "eval": "cdcbabc04634802a",
-    "report": "d63c0a517f7f4751", "assemble/fast": "95dd3b2d32d0d3b3",
+    "search": "fd7b35da8674a3bb", "peers": "9e2a74a91cfcb54f", "eval": "702d6a660c15dfd4",
+    "report": "43fb5e2514d403ef", "teacher": "ccd3da4450c66065", "assemble/fast": "95dd3b2d32d0d3b3",
     "gkd/fast": "043c3e1b6f776605", "assemble/shortgpt-fast": "666c3f289c343321",
     "gkd/shortgpt-fast": "c98c5f4935faa22c"}
-LEGACY_WITH_PEERS = {"peers": "3cd1edbc86a87b71", "eval": "3925574deaa29898",
-                     "report": "6e1012901c3b8dfa", "assemble/shortgpt-fast": "a1089b0c8715e4e2",
+LEGACY_WITH_PEERS = {"peers": "3cd1edbc86a87b71", "eval": "f14c7002f2fc848c",
+                     "report": "d90fad6649fabdde", "assemble/shortgpt-fast": "a1089b0c8715e4e2",
                      "gkd/shortgpt-fast": "eaa606fe1be9101f"}
 
 

@@ -92,10 +92,34 @@ def test_teacher_rows_join_train_and_validation_never_test(tmp_path, tiny_run_in
         assert sum(r.numpy().astype(np.int32).tobytes() in teacher_rows for r in batch) == 2
 
 
+def gpu_preset_at_tiny_scale(inputs, cache) -> dict:
+    """presets/gpu.yaml with the tiny parent and token budgets: every option it turns on (the
+    teacher source and section, ShortGPT peers at equal tokens, GKD at batch 64 on the fused
+    path, out-of-genre genres, chat quality) kept as the preset sets it."""
+    from importlib.resources import files
+
+    preset = yaml.safe_load(files("puzzlenas.presets").joinpath("gpu.yaml").read_text())
+    tiny = pipeline_config(inputs)
+    cfg = {**preset, "parent": inputs["parent"], "device": "cpu", "parent_dtype": "float32"}
+    assert [s for s in preset["data"]["sources"] if s.startswith("teacher:")], "the GPU preset has a teacher source"
+    cfg["data"] = {**tiny["data"], "cache_dir": str(cache),
+                   "sources": tiny["data"]["sources"] + ["teacher:3k"]}
+    cfg["teacher"] = {**preset["teacher"], "max_new_tokens": 24, "batch_size": 16, "shard_samples": 32,
+                      "validation_fraction": 0.2}
+    for section in ("library", "scoring", "costs", "search"):
+        cfg[section] = tiny[section]
+    cfg["bld"] = {**preset["bld"], **tiny["bld"]}
+    cfg["peers"] = {**preset["peers"], "tokens": 256}
+    cfg["gkd"] = {**preset["gkd"], "tokens": 2048, "checkpoint_every": 4, "validation_tokens": 512,
+                  "batch_size": 16}
+    cfg["eval"] = {**preset["eval"], **tiny["eval"], "genres": preset["eval"]["genres"], "genre_tokens": 128,
+                   "chat_quality_prompts": 3, "chat_quality_max_new_tokens": 8}
+    return cfg
+
+
 def test_gpu_preset_options_end_to_end(tmp_path, tiny_run_inputs):
-    """What the GPU preset turns on, on a tiny instruct parent: a teacher source with chat rows and a
-    training share, ShortGPT peers at equal tokens, out-of-genre genres, chat quality, GKD with
-    the fused chunked KL; results.json holds genre metrics and chat quality for every model."""
+    """The GPU preset's options on a tiny instruct parent, end to end: results.json holds genre
+    metrics and chat quality for the parent, every child and every ShortGPT peer."""
     from transformers import AutoTokenizer
 
     parent = tmp_path / "instruct"
@@ -103,12 +127,8 @@ def test_gpu_preset_options_end_to_end(tmp_path, tiny_run_inputs):
     tok = AutoTokenizer.from_pretrained(parent)
     tok.chat_template = CHAT_TEMPLATE
     tok.save_pretrained(parent)
-    inputs = {**tiny_run_inputs, "parent": str(parent)}
-    cfg = teacher_config(inputs, tmp_path / "cache", peers={"methods": ["shortgpt"], "tokens": 256})
-    cfg["teacher"].update(train_share=0.5, chat_share=0.3)
-    cfg["gkd"].update(logits_chunk=64)
-    cfg["eval"].update(genres=["dialogue", "legal", "readme"], genre_tokens=128, chat_quality="on",
-                       chat_quality_prompts=3, chat_quality_max_new_tokens=8)
+    cfg = gpu_preset_at_tiny_scale({**tiny_run_inputs, "parent": str(parent)}, tmp_path / "cache")
+    assert cfg["peers"]["methods"] == ["shortgpt"] and cfg["eval"]["chat_quality"] in ("auto", "on")
     run_dir = run_pipeline(write(tmp_path, cfg), run_dir=tmp_path / "run")
 
     teacher = json.loads((run_dir / "teacher" / "meta.json").read_text())

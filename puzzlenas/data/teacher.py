@@ -56,7 +56,7 @@ __all__ = [
 ]
 
 # Bump when prompts, sampling, filtering or the shard layout change: old caches are then not reused.
-TEACHER_FORMAT_VERSION = 1
+TEACHER_FORMAT_VERSION = 2  # 2: MinHash on uint64 multiply-xorshift
 
 # --------------------------------------------------------------------------------------------
 # Seeds: topics x text kinds
@@ -358,16 +358,22 @@ class NearDuplicateIndex:
     def __init__(self, jaccard: float, seed: int = 0):
         rng = np.random.default_rng([seed, 61])
         k = _MINHASH_BANDS * _MINHASH_ROWS
-        self.a = [int(v) for v in rng.integers(1, _MASK61, k)]
-        self.b = [int(v) for v in rng.integers(0, _MASK61, k)]
+        self._xa = rng.integers(0, _MASK61, k, dtype=np.uint64)[:, None]  # (k, 1)
+        self._mb = (rng.integers(0, _MASK61, k, dtype=np.uint64) | np.uint64(1))[:, None]  # odd multipliers
         self.jaccard = jaccard
         self.exact: set[bytes] = set()
         self.bands: dict[tuple, list[int]] = {}
         self.sets: list[set[int]] = []
 
     def _signature(self, sh: set[int]) -> list[int]:
-        vals = np.fromiter(sh, dtype=object)
-        return [int(min((a * vals + b) % _MASK61)) for a, b in zip(self.a, self.b)]
+        # k hash functions at once, multiply-xorshift on uint64 (wrapping): (k, S) -> min over S.
+        # (The exact (a x + b) mod p on Python ints cost ~5 ms per 256-token sample: the filter,
+        # not the GPU, bounded the teacher corpus' tokens/s.)
+        vals = np.fromiter(sh, dtype=np.uint64, count=len(sh))[None, :]  # (1, S)
+        with np.errstate(over="ignore"):
+            h = (vals ^ self._xa) * self._mb  # (k, S)
+            h ^= h >> np.uint64(29)
+        return h.min(axis=1).tolist()
 
     def add_if_new(self, tokens: Sequence[int]) -> str | None:
         """Record ``tokens`` and return None, or return "duplicate" / "near_duplicate"."""
@@ -729,13 +735,16 @@ def add_teacher_rows(dataset, data_cfg, model, tokenizer, cache_dir: str | Path 
     return PackedDataset(train, dataset.validation, dataset.test, meta, dataset.path)
 
 
-def interleave_rows(corpus: np.ndarray, teacher: np.ndarray) -> tuple[np.ndarray, list[int]]:
+def interleave_rows(corpus: np.ndarray, teacher: np.ndarray, density: float = 0.0) -> tuple[np.ndarray, list[int]]:
     """(corpus rows and teacher rows spread evenly among them, the teacher rows' positions): a
-    stage reading the first N validation tokens sees both in the same proportion as the whole."""
+    stage reading the first N validation tokens sees both, the teacher's rows at least at their
+    share of the whole and at least at `density` (teacher.train_share: validation measures the mix
+    training draws) until they run out; the first row is the teacher's."""
     n, m = len(corpus), len(teacher)
     if m == 0:
         return corpus, []
-    at = [int((k + 0.5) * (n + m) / m) for k in range(m)]  # strictly increasing: (n + m) / m >= 1
+    step = (n + m) / m if density <= 0 else min(1.0 / density, (n + m) / m)  # >= 1: increasing positions
+    at = [int(k * step) for k in range(m)]
     is_teacher = np.zeros(n + m, dtype=bool)
     is_teacher[at] = True
     out = np.empty((n + m, corpus.shape[1] if n else teacher.shape[1]), dtype=np.int32)
@@ -744,7 +753,8 @@ def interleave_rows(corpus: np.ndarray, teacher: np.ndarray) -> tuple[np.ndarray
     return out, at
 
 
-def join_teacher_rows(dataset, train_rows: np.ndarray, validation_rows: np.ndarray, info: dict):
+def join_teacher_rows(dataset, train_rows: np.ndarray, validation_rows: np.ndarray, info: dict,
+                      density: float = 0.0):
     """``dataset`` (the corpus' PackedDataset) with the teacher stage's rows: ``train_rows`` appended
     to the train split, ``validation_rows`` interleaved with the validation split; the test split
     unchanged (never teacher text). ``info``: the teacher stage's meta (spec, samples, ...)."""
@@ -755,7 +765,7 @@ def join_teacher_rows(dataset, train_rows: np.ndarray, validation_rows: np.ndarr
                          f"rerun the teacher stage (--force teacher)")
     spec = info["spec"]
     train = np.concatenate([dataset.train, train_rows.astype(np.int32)])
-    validation, at = interleave_rows(dataset.validation, validation_rows.astype(np.int32))
+    validation, at = interleave_rows(dataset.validation, validation_rows.astype(np.int32), density)
     meta = json.loads(json.dumps(dataset.meta))
     meta["source_stats"][spec] = {"train": {"docs": info.get("train_samples", 0), "tokens": int(train_rows.size)},
                                   "validation": {"docs": info.get("validation_samples", 0),

@@ -45,11 +45,11 @@ def load_data(cfg: RunConfig, run_dir: Path, verbose: bool = False, teacher: boo
     from .teacher import STAGE as TEACHER
 
     if teacher and TEACHER.active(cfg):
-        dataset = with_teacher_rows(dataset, RunDir(run_dir).root / TEACHER.name)
+        dataset = with_teacher_rows(dataset, RunDir(run_dir).root / TEACHER.name, cfg.teacher.train_share)
     return dataset
 
 
-def with_teacher_rows(dataset, folder: Path):
+def with_teacher_rows(dataset, folder: Path, density: float = 0.0):
     """The dataset with teacher/rows.safetensors joined (data/teacher.join_teacher_rows)."""
     from safetensors.numpy import load_file
 
@@ -61,7 +61,7 @@ def with_teacher_rows(dataset, folder: Path):
     except (OSError, ValueError) as err:
         raise ValueError(f"{folder} holds no teacher rows ({err}): run the teacher stage first "
                          f"(puzzlenas teacher RUN, or --force teacher)") from err
-    return join_teacher_rows(dataset, rows["train"], rows["validation"], info)
+    return join_teacher_rows(dataset, rows["train"], rows["validation"], info, density)
 
 
 def validation_batches(dataset, tokens: int, batch_size: int, split: str = "validation") -> list:
