@@ -44,10 +44,11 @@ def run(cfg: RunConfig, run_dir: Path) -> Path:
     dtype = getattr(torch, cfg.parent_dtype)
     names = model_names(cfg, run_dir)
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.machine()
+    genre_fp = genre_texts(cfg)
     model_fp = {n: config_hash({"model": content_id(run_dir / n), "eval": cfg.eval, "costs": cfg.costs,
                                 "device": device_name, "parent": content_id(paths.parent),
                                 "data": data.STAGE.fingerprint(cfg),  # the test split the metrics are on
-                                "genres": genre_texts(cfg)})
+                                "genres": genre_fp})
                 for n in names}
     results, session_parent = {}, {}
     for n in names:
