@@ -155,6 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
     from .pipeline import STAGE_NAMES, stage_module
 
     for stage in STAGE_NAMES:
+        if stage == "export":  # `puzzlenas export MODEL OUT` exports one model; `run` ends with the stage
+            continue
         doc = (stage_module(stage).__doc__ or stage).strip().split("\n\n")[0]
         text = doc.split(": ", 1)[-1].replace("\n", " ")
         p = sub.add_parser(stage, aliases=["score"] if stage == "scores" else [], help=text,

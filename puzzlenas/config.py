@@ -23,7 +23,7 @@ import yaml
 from .data.config import DataConfig
 from .eval.config import EvalConfig
 from .sections import (BLDConfig, CostConfig, GKDConfig, LibraryConfig, PeersConfig, ScoringConfig, SearchConfig,
-                       TeacherSection, check_name)
+                       ServingConfig, TeacherSection, check_name)
 
 
 class ConfigError(ValueError):
@@ -49,6 +49,7 @@ class RunConfig:
     peers: PeersConfig = field(default_factory=PeersConfig)
     gkd: GKDConfig = field(default_factory=GKDConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    serving: ServingConfig = field(default_factory=ServingConfig)
 
     def validate(self) -> None:
         if self.parent_dtype not in ("float32", "bfloat16"):

@@ -20,6 +20,7 @@ from torch import nn
 
 from .activations import LayerActivations, visit_parent_layers
 from .model.blocks import AttentionConfig, BlockConfig, FFNConfig
+from .model.info import RUNTIMES, runtime_problems, subblock_problems
 from .model.modeling import (DeciLMConfig, DeciLMDecoderLayer, DeciLMForCausalLM, ForwardContext, RMSNorm,
                        build_attention_subblock, build_ffn_subblock)
 from .sections import LINEAR_INITS, LibraryConfig  # noqa: F401  (re-exported)
@@ -64,9 +65,10 @@ def ffn_variant(config: FFNConfig, parent: FFNConfig) -> Variant:
     return Variant(name, "ffn", config, config == parent)
 
 
-def layer_space(model_config: DeciLMConfig, parent_block: BlockConfig,
-                cfg: LibraryConfig) -> tuple[list[Variant], list[Variant]]:
-    """(attention variants, FFN variants) of one layer, the parent's own first."""
+def layer_space(model_config: DeciLMConfig, parent_block: BlockConfig, cfg: LibraryConfig,
+                runtime: str = "hf") -> tuple[list[Variant], list[Variant]]:
+    """(attention variants, FFN variants) of one layer, the parent's own first; only those that
+    `runtime` executes (`model.info.subblock_problems`; hf: every block puzzlenas builds)."""
     heads = model_config.num_attention_heads
     attention = [parent_block.attention]
     if parent_block.attention.kind == "gqa":
@@ -94,8 +96,10 @@ def layer_space(model_config: DeciLMConfig, parent_block: BlockConfig,
     if cfg.ffn_no_op:
         ffn.append(FFNConfig("no_op"))
     dedup = lambda items: list(dict.fromkeys(items))  # noqa: E731  (keep order, drop repeats)
-    return ([attention_variant(a, parent_block.attention) for a in dedup(attention)],
-            [ffn_variant(f, parent_block.ffn) for f in dedup(ffn)])
+    runs = lambda sub: sub in (parent_block.attention, parent_block.ffn) or \
+        not subblock_problems(model_config, sub, runtime)  # noqa: E731  (the parent's own: see search_space)
+    return ([attention_variant(a, parent_block.attention) for a in dedup(attention) if runs(a)],
+            [ffn_variant(f, parent_block.ffn) for f in dedup(ffn) if runs(f)])
 
 
 def round_width(width: float, multiple: int, full: int) -> int:
@@ -103,8 +107,24 @@ def round_width(width: float, multiple: int, full: int) -> int:
     return int(min(full, max(multiple, multiple * round(width / multiple))))
 
 
-def search_space(model_config: DeciLMConfig, cfg: LibraryConfig) -> list[tuple[list[Variant], list[Variant]]]:
-    return [layer_space(model_config, block, cfg) for block in model_config.blocks]
+def search_space(model_config: DeciLMConfig, cfg: LibraryConfig,
+                 runtime: str = "hf") -> list[tuple[list[Variant], list[Variant]]]:
+    """Every layer's variants that `runtime` (the run's `serving.runtime`) executes, so that no
+    search can choose a child it cannot serve. A parent the runtime cannot run is refused."""
+    problems = runtime_problems(model_config, runtime)
+    if problems:
+        able = [r for r in RUNTIMES if not runtime_problems(model_config, r)]
+        raise ValueError(f"serving.runtime = {runtime}: {RUNTIMES[runtime]} cannot run the parent itself "
+                         f"({'; '.join(problems)}), so no child of it either; set serving.runtime to one that "
+                         f"can ({', '.join(able)})")
+    return [layer_space(model_config, block, cfg, runtime) for block in model_config.blocks]
+
+
+def excluded_by_runtime(model_config: DeciLMConfig, cfg: LibraryConfig, runtime: str) -> list[str]:
+    """Names of the variants the library config asks for that `runtime` cannot run (for the log)."""
+    held = {v.name for layer in search_space(model_config, cfg, runtime) for part in layer for v in part}
+    everything = [v.name for layer in search_space(model_config, cfg) for part in layer for v in part]
+    return [name for name in dict.fromkeys(everything) if name not in held]
 
 
 # =============================================================================================

@@ -23,8 +23,8 @@ from .dist import barrier, distributed_rank
 from .stages.base import NOT_FINISHED, SETTINGS_CHANGED, RunDir
 
 # The stage list, in the order they run; each name is a module of puzzlenas/stages/.
-STAGE_NAMES = ("parent", "data", "teacher", "library", "bld", "scores", "costs", "search", "peers", "assemble", "gkd", "eval",
-               "report")
+STAGE_NAMES = ("parent", "data", "teacher", "library", "bld", "scores", "costs", "search", "peers", "assemble", "gkd",
+               "eval", "report", "export")
 
 
 def stage_module(name: str) -> ModuleType:

@@ -411,3 +411,37 @@ class PeersConfig:
         if self.tokens < 1 or self.batch_size < 1:
             raise ValueError("peers.tokens and peers.batch_size must be >= 1")
 
+
+
+# ---- serving ------------------------------------------------------------------------------------
+# The runtimes a child is served with; model/info.py's RUNTIMES holds what each one is, and its
+# subblock_problems / model_problems what each one can run (the one place for those rules).
+SERVING_RUNTIMES = ("vllm", "trtllm", "mlx", "hf")
+
+
+@dataclass
+class ServingConfig:
+    """The engine the children are served with: the library holds only blocks it executes, and the
+    run's last stage exports every child for it (export-<target>/)."""
+
+    # vllm (default: the engine most users serve with; GQA of any KV-head count, no-op attention,
+    # FFN widths ffn_mult expresses, no-op FFN: no linear subblocks) | trtllm | mlx | hf (puzzlenas'
+    # own modeling code through transformers / lm-eval: every block puzzlenas builds).
+    runtime: str = "vllm"
+
+    def validate(self) -> None:
+        if self.runtime not in SERVING_RUNTIMES:
+            raise ValueError(f"serving.runtime = {self.runtime!r}; allowed: {', '.join(SERVING_RUNTIMES)}")
+
+
+def runtime_narrows_library(runtime: str, library: LibraryConfig) -> bool:
+    """Whether `runtime` may drop variants that `library` asks for (then the library's fingerprint
+    names the runtime; otherwise it stays what it was before `serving` existed, so such runs
+    resume). Conservative, config-only: linear subblocks (vLLM never runs them, mlx-lm not in
+    biased models), FFN widths that are not multiples of 256 (every runtime but hf reads ffn_mult,
+    which expresses exactly the multiples of 256)."""
+    if runtime == "hf":
+        return False
+    linear = (library.attention_linear or library.ffn_linear) and runtime in ("vllm", "mlx")
+    odd_widths = bool(library.ffn_sizes) or library.ffn_multiple % 256 != 0
+    return linear or odd_widths

@@ -90,6 +90,8 @@ def tiny_run_config(inputs: dict, **bld) -> dict:
         "device": "cpu",
         "data": {"sources": [f"txt:{inputs['corpus']}"], "seq_len": 32},
         "library": {"ffn_ratios": [1.0, 0.5, 0.25], "ffn_multiple": 16, "calibration_tokens": 2048},
+        # FFN widths of 16s (the parent's own is 96) that no ffn_mult expresses: served by our modeling code
+        "serving": {"runtime": "hf"},
         "bld": {"tokens": 4096, "batch_size": 4, "validation_tokens": 512, "checkpoint_every": 8,
                 "lr": 1e-3, "warmup_fraction": 0.1, **bld},
     }

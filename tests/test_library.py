@@ -120,3 +120,54 @@ def test_random_init_has_the_same_shapes_but_other_weights():
     b = build_unit(v, parent.config, parent, 0, None, LibraryConfig(), init="random", seed=1)
     assert {k: t.shape for k, t in a.state_dict().items()} == {k: t.shape for k, t in b.state_dict().items()}
     assert not torch.equal(a.mlp.gate_proj.weight, b.mlp.gate_proj.weight)
+
+
+# ---- the serving runtime narrows the space (serving.runtime; rules in model/info.py) ----------
+def _smollm2_shaped(**overrides) -> DeciLMConfig:
+    return DeciLMConfig.from_blocks([BlockConfig.parent(3, 1536)] * 2, vocab_size=10, hidden_size=576,
+                                    num_attention_heads=9, **overrides)
+
+
+def _names(space):
+    return {v.name for layer in space for part in layer for v in part}
+
+
+def test_vllm_space_holds_no_linear_subblock_and_only_ffn_mult_widths():
+    config = _smollm2_shaped()
+    odd = LibraryConfig(ffn_sizes=[1000])  # 1000: no ffn_mult gives it
+    hf, vllm = search_space(config, odd, "hf"), search_space(config, odd, "vllm")
+    assert {"attn_linear", "ffn_linear", "ffn_1000"} <= _names(hf)
+    assert _names(hf) - _names(vllm) == {"attn_linear", "ffn_linear", "ffn_1000"}
+    assert {"attn_kv1", "attn_noop", "ffn_noop", "ffn_256"} <= _names(vllm)
+    assert _names(search_space(config, odd, "trtllm")) == _names(hf) - {"ffn_1000"}  # TensorRT-LLM builds linear
+
+
+def test_mlx_space_drops_linear_subblocks_only_in_biased_models():
+    assert "attn_linear" in _names(search_space(_smollm2_shaped(), LibraryConfig(), "mlx"))
+    biased = _names(search_space(_smollm2_shaped(attention_bias=True, mlp_bias=True), LibraryConfig(), "mlx"))
+    assert "attn_linear" not in biased and "ffn_linear" not in biased and "attn_kv1" in biased
+
+
+def test_a_parent_the_runtime_cannot_run_is_refused_naming_the_runtimes_that_can():
+    config = DeciLMConfig.from_blocks([BlockConfig.parent(3, 1000)], vocab_size=10, hidden_size=576,
+                                      num_attention_heads=9)
+    with pytest.raises(ValueError, match=r"vLLM .* cannot run the parent itself \(the FFN widths of layer 0 .*"
+                                         r"can \(hf\)"):
+        search_space(config, LibraryConfig(), "vllm")
+
+
+def test_a_runtime_changes_the_library_fingerprint_only_where_it_may_narrow_the_space():
+    from puzzlenas.config import load_run_config
+    from puzzlenas.stages import costs, library
+
+    def fingerprints(*overrides):
+        cfg = load_run_config(None, ["device=cpu", *overrides])
+        return library.STAGE.fingerprint(cfg), costs.STAGE.fingerprint(cfg)
+
+    no_linear = ["library.attention_linear=false", "library.ffn_linear=false"]
+    # the CPU preset's space (no linear, widths of 256s) is the same under every runtime: runs resume
+    assert fingerprints(*no_linear, "serving.runtime=vllm") == fingerprints(*no_linear, "serving.runtime=hf")
+    assert fingerprints("library.ffn_linear=true", "serving.runtime=vllm") != \
+        fingerprints("library.ffn_linear=true", "serving.runtime=hf")
+    assert fingerprints("library.ffn_sizes=[1000]", "serving.runtime=trtllm") != \
+        fingerprints("library.ffn_sizes=[1000]", "serving.runtime=hf")

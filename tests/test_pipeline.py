@@ -115,9 +115,12 @@ def test_derived_fingerprints_equal_the_old_hand_chained_ones(tmp_path, peers):
 
     path = tmp_path / "cfg.yaml"
     path.write_text(LEGACY_CONFIG)
-    cfg = load_run_config(path, [f"peers.methods={peers}"])
+    # Before serving.runtime existed every block was in the library: what runtime hf keeps.
+    cfg = load_run_config(path, [f"peers.methods={peers}", "serving.runtime=hf"])
     got = {}
     for name in STAGE_NAMES:
+        if name == "export":  # a stage added since
+            continue
         stage = stage_module(name).STAGE
         if stage.per_child:
             for record in ({"name": "fast"}, {"name": "shortgpt-fast", "peer": "shortgpt"}):

@@ -141,3 +141,35 @@ def test_a_target_solved_per_scenario_runs_to_the_report(finished_run, tmp_path)
     results = json.loads((run / "eval" / "results.json").read_text())
     assert set(results["gkd-fast"]["speedup"]) == {"tiny", "wide"}  # measured in every scenario
     assert f"kept {record['scenario']}" in (run / "report" / "README.md").read_text()
+
+
+def test_with_serving_runtime_vllm_no_child_holds_a_linear_subblock(tmp_path, tiny_run_inputs):
+    """A tiny parent whose FFN widths ffn_mult expresses (512, 256 at hidden 64); parameter budgets
+    (met exactly, whatever the timings) that a 3-layer child meets only with linear or no-op
+    subblocks. With hf and no no-op on offer the search must buy linear ones; vLLM never can."""
+    from tests.conftest import save_tiny_hf_parent, save_word_tokenizer
+
+    parent = save_tiny_hf_parent("llama", tmp_path / "parent", intermediate_size=512)
+    save_word_tokenizer(parent)
+    base = pipeline_config({**tiny_run_inputs, "parent": str(parent)})
+    base["library"] = {"ffn_ratios": [1.0, 0.5], "ffn_multiple": 256, "calibration_tokens": 1024}
+    base["bld"].update(tokens=512)
+    base["costs"] = {"dtype": "float32", "iters": 2, "check_children": 1, "calibrate": False, "decode_fills": 1,
+                     "scenarios": [SCENARIO]}
+    base["search"] = {"targets": [{"name": "p1", "params": 90000}, {"name": "p2", "params": 60000}],
+                      "frontier": [1.1]}
+    children = {}
+    for runtime in ("vllm", "hf"):
+        cfg = {**base, "serving": {"runtime": runtime}}
+        if runtime == "hf":
+            cfg["library"] = {**base["library"], "attention_no_op": False, "ffn_no_op": False}
+        path = tmp_path / f"{runtime}.yaml"
+        path.write_text(yaml.safe_dump(cfg))
+        run = run_pipeline(path, run_dir=tmp_path / runtime, until="search")
+        space = (run / "library" / "space.json").read_text()
+        records = [json.loads(line) for line in (run / "search" / "solutions.jsonl").read_text().splitlines()]
+        children[runtime] = [(b["attention"]["replace_with_linear"], b["ffn"]["replace_with_linear"])
+                             for r in records for b in r["block_configs"]]
+        assert ("linear" in space) == (runtime == "hf")
+    assert not any(a or f for a, f in children["vllm"])
+    assert any(a or f for a, f in children["hf"])  # where they run, linear subblocks are bought

@@ -106,7 +106,7 @@ def gpu_preset_at_tiny_scale(inputs, cache) -> dict:
                    "sources": tiny["data"]["sources"] + ["teacher:3k"]}
     cfg["teacher"] = {**preset["teacher"], "max_new_tokens": 24, "batch_size": 16, "shard_samples": 32,
                       "validation_fraction": 0.2}
-    for section in ("library", "scoring", "costs", "search"):
+    for section in ("library", "scoring", "costs", "search", "serving"):
         cfg[section] = tiny[section]
     cfg["bld"] = {**preset["bld"], **tiny["bld"]}
     cfg["peers"] = {**preset["peers"], "tokens": 256}

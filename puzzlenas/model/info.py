@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .blocks import BlockConfig, is_nas_expressible
+from .blocks import AttentionConfig, BlockConfig, FFNConfig, ffn_mult_for_width
 from .modeling import DeciLMConfig
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "fp8": 1}
@@ -113,33 +113,48 @@ def _layers(indices: list[int]) -> str:
     return ("layer " if len(indices) == 1 else "layers ") + ", ".join(map(str, indices))
 
 
-def runtime_problems(config: DeciLMConfig, runtime: str) -> list[str]:
-    """Why `runtime` cannot run this checkpoint as exported for it (empty = it can).
+# Per-subblock rules, read from each runtime's Nemotron-NAS model code: reason -> message after the layers.
+_SUBBLOCK_MESSAGES = {
+    "linear_attention_vllm": "linear attention (replace_with_linear), which vLLM's nemotron_nas does not build",
+    "linear_ffn_vllm": "linear FFN (replace_with_linear), which vLLM's nemotron_nas does not build",
+    "linear_attention_bias_mlx": "linear attention in a model with attention biases (mlx-lm gives it a bias "
+                                 "puzzlenas does not train)",
+    "linear_ffn_bias_mlx": "linear FFN in a model with MLP biases (mlx-lm gives it a bias)",
+}
 
-    Read from each runtime's Nemotron-NAS model code: vLLM builds GQA or no-op subblocks only;
-    TensorRT-LLM has no biases and takes head_dim = hidden / heads; mlx-lm takes head_dim = hidden /
-    heads, biases on q/k/v/o together (no Qwen2-style q/k/v-only bias) and linear subblocks with
-    the subblock's bias; every one of them derives FFN widths from `ffn_mult` alone."""
+
+def subblock_problems(config: DeciLMConfig, subblock: AttentionConfig | FFNConfig, runtime: str) -> list[str]:
+    """Why `runtime` cannot run this one subblock in a model shaped like `config` (empty = it can):
+    the per-layer half of `runtime_problems`, which the library reads to hold only variants the
+    run's `serving.runtime` executes. Reasons are keys ("ffn_width", "linear_attention_vllm", ...)."""
     if runtime not in RUNTIMES:
         raise ValueError(f"runtime {runtime!r}; allowed: {', '.join(RUNTIMES)}")
     if runtime == "hf":
         return []  # our own modeling code runs every block puzzlenas builds
-    blocks = config.blocks
+    attention = isinstance(subblock, AttentionConfig)
     problems = []
-    widths = is_nas_expressible(blocks, config.hidden_size)
-    if widths:
-        problems.append(f"the FFN widths of {_layers(widths)} are not expressible by ffn_mult (256 rounding)")
-    linear_attention = [i for i, b in enumerate(blocks) if b.attention.kind == "linear"]
-    linear_ffn = [i for i, b in enumerate(blocks) if b.ffn.kind == "linear"]
+    # every runtime but hf derives FFN widths from ffn_mult alone
+    if not attention and subblock.kind == "gated" and \
+            ffn_mult_for_width(subblock.intermediate_size, config.hidden_size) is None:
+        problems.append("ffn_width")
+    if subblock.kind == "linear":
+        part = "attention" if attention else "ffn"
+        if runtime == "vllm":
+            problems.append(f"linear_{part}_vllm")  # vLLM builds GQA or no-op subblocks only
+        elif runtime == "mlx":
+            biased = (config.attention_bias or config.qkv_bias) if attention else config.mlp_bias
+            if biased:
+                problems.append(f"linear_{part}_bias_mlx")
+    return problems
+
+
+def model_problems(config: DeciLMConfig, runtime: str) -> list[str]:
+    """Why `runtime` cannot run a model of this shape whatever its blocks (biases, head_dim)."""
+    if runtime not in RUNTIMES:
+        raise ValueError(f"runtime {runtime!r}; allowed: {', '.join(RUNTIMES)}")
     natural_head_dim = config.head_dim == config.hidden_size // config.num_attention_heads
-    if runtime == "vllm":
-        if linear_attention:
-            problems.append(f"{_layers(linear_attention)}: linear attention (replace_with_linear), which vLLM's "
-                            f"nemotron_nas does not build")
-        if linear_ffn:
-            problems.append(f"{_layers(linear_ffn)}: linear FFN (replace_with_linear), which vLLM's nemotron_nas "
-                            f"does not build")
-    elif runtime == "trtllm":
+    problems = []
+    if runtime == "trtllm":
         if config.attention_bias or config.qkv_bias or config.mlp_bias:
             problems.append("attention / MLP biases (TensorRT-LLM's Nemotron-NAS layers have none)")
         if not natural_head_dim:
@@ -149,11 +164,28 @@ def runtime_problems(config: DeciLMConfig, runtime: str) -> list[str]:
             problems.append("q/k/v-only biases (Qwen2 style; mlx-lm has attention_bias on q, k, v and o together)")
         if not natural_head_dim:
             problems.append(f"head_dim {config.head_dim} != hidden_size / num_attention_heads (mlx-lm derives it)")
-        if linear_attention and (config.attention_bias or config.qkv_bias):
-            problems.append(f"{_layers(linear_attention)}: linear attention in a model with attention biases "
-                            f"(mlx-lm gives it a bias puzzlenas does not train)")
-        if linear_ffn and config.mlp_bias:
-            problems.append(f"{_layers(linear_ffn)}: linear FFN in a model with MLP biases (mlx-lm gives it a bias)")
+    return problems
+
+
+def runtime_problems(config: DeciLMConfig, runtime: str) -> list[str]:
+    """Why `runtime` cannot run this checkpoint as exported for it (empty = it can).
+
+    Read from each runtime's Nemotron-NAS model code: vLLM builds GQA or no-op subblocks only;
+    TensorRT-LLM has no biases and takes head_dim = hidden / heads; mlx-lm takes head_dim = hidden /
+    heads, biases on q/k/v/o together (no Qwen2-style q/k/v-only bias) and linear subblocks with
+    the subblock's bias; every one of them derives FFN widths from `ffn_mult` alone."""
+    layers_by_reason: dict[str, list[int]] = {}
+    for i, block in enumerate(config.blocks):
+        for subblock in (block.attention, block.ffn):
+            for reason in subblock_problems(config, subblock, runtime):
+                layers_by_reason.setdefault(reason, []).append(i)
+    problems = []
+    if "ffn_width" in layers_by_reason:
+        problems.append(f"the FFN widths of {_layers(layers_by_reason['ffn_width'])} are not expressible by "
+                        f"ffn_mult (256 rounding)")
+    problems += model_problems(config, runtime)
+    problems += [f"{_layers(layers_by_reason[reason])}: {message}" for reason, message in _SUBBLOCK_MESSAGES.items()
+                 if reason in layers_by_reason]
     return problems
 
 

@@ -28,7 +28,9 @@ class Stage:
     """A stage's declaration: what it reads, hence its fingerprint and when it is done.
 
     config: top-level fields or sections ("seed", "bld"), dotted fields ("search.time_margin",
-        hashed under "time_margin"), or (key, function of the config) for a derived value.
+        hashed under "time_margin"), or (key, function of the config) for a derived value; a
+        derived None is left out (a setting added later hashes nothing where it changes nothing,
+        so runs made before it still resume).
     upstream: the stages whose artifacts it reads: their fingerprints are hashed (under their
         names) and their content ids recorded in its DONE.
     per_child: folder prefix ("child", "gkd") of a stage with one artifact per solution: its
@@ -60,6 +62,8 @@ class Stage:
         for entry in self.config:
             if isinstance(entry, tuple):
                 key, value = entry[0], entry[1](cfg)
+                if value is None:  # a setting added later, at the value that reproduces the old behaviour
+                    continue
             else:
                 key, value = entry.rsplit(".", 1)[-1], cfg
                 for part in entry.split("."):

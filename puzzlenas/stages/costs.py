@@ -12,11 +12,13 @@ from typing import TYPE_CHECKING
 from . import parent
 from .base import RunDir, Stage
 from .common import read_table
+from .library import runtime_narrowing
 
 if TYPE_CHECKING:
     from ..config import RunConfig
 
-STAGE = Stage("costs", config=("library", "costs", "device"), upstream=(parent.STAGE,))
+# It prices the library's shapes (space.json): the runtime that may narrow them counts as the library does.
+STAGE = Stage("costs", config=("library", "costs", "device", ("runtime", runtime_narrowing)), upstream=(parent.STAGE,))
 
 
 def run(cfg: RunConfig, run_dir: Path) -> Path:

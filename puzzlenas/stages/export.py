@@ -1,8 +1,8 @@
-"""export: every Puzzle child after GKD -> export-<name>/ for the run's serving runtime.
+"""export: every Puzzle child after GKD -> export-<name>/, a folder the run's `serving.runtime` loads.
 
-Not in the pipeline's stage list yet: it joins it with the config's `serving` section (until
-then the runtime is vllm). Bookkeeping lives in export/, so that the export folders hold only
-what a runtime loads.
+The pipeline's last stage: `puzzlenas run` ends with servable folders. Peers are not exported
+(they are baselines). Bookkeeping lives in export/, so that the export folders hold only what a
+runtime loads. (`puzzlenas export MODEL OUT --runtime R` exports any one model.)
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ if TYPE_CHECKING:
 
 
 def serving_runtime(cfg: RunConfig) -> str:
-    """The run's `serving.runtime` (vllm when the config has no serving section)."""
-    return getattr(getattr(cfg, "serving", None), "runtime", None) or "vllm"
+    """The run's `serving.runtime`."""
+    return cfg.serving.runtime
 
 
 def exported_children(cfg: RunConfig, run_dir: Path) -> list[str]:

@@ -13,7 +13,16 @@ from .common import load_data, load_parent_for
 if TYPE_CHECKING:
     from ..config import RunConfig
 
-STAGE = Stage("library", config=("library", "seed"), upstream=(data.STAGE, teacher.STAGE),
+def runtime_narrowing(cfg: RunConfig) -> str | None:
+    """The serving runtime, where it may narrow this library config's space (None: it cannot, and the
+    fingerprint stays what it was before `serving` existed)."""
+    from ..sections import runtime_narrows_library
+
+    runtime = cfg.serving.runtime
+    return runtime if runtime_narrows_library(runtime, cfg.library) else None
+
+
+STAGE = Stage("library", config=("library", "seed", ("runtime", runtime_narrowing)), upstream=(data.STAGE, teacher.STAGE),
               table="space.txt")
 
 
@@ -23,12 +32,17 @@ def run(cfg: RunConfig, run_dir: Path) -> Path:
 
     from ..checkpoint import atomic_write_text
     from ..data.batches import token_batches
-    from ..library import calibration_statistics, search_space, space_table, write_space
+    from ..library import calibration_statistics, excluded_by_runtime, search_space, space_table, write_space
 
     paths = RunDir(run_dir)
     paths.library.mkdir(parents=True, exist_ok=True)
     parent_model = load_parent_for(cfg, run_dir)
-    space = search_space(parent_model.config, cfg.library)
+    runtime = cfg.serving.runtime
+    space = search_space(parent_model.config, cfg.library, runtime)
+    excluded = excluded_by_runtime(parent_model.config, cfg.library, runtime)
+    if excluded:
+        print(f"[library] serving.runtime = {runtime}: left out {', '.join(excluded)} (the runtime cannot run "
+              f"them; serving.runtime: hf keeps every block)")
     batches = token_batches(load_data(cfg, run_dir).train, cfg.library.calibration_batch_size,
                             cfg.library.calibration_tokens, seed=cfg.seed)
     started = time.time()
