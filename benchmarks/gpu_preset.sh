@@ -23,7 +23,7 @@ fi
 # The exported children load with AutoModelForCausalLM after `import puzzlenas` and generate.
 python3 - "$RUN" > "$OUT/automodel_generations.txt" 2>&1 <<'PY'
 import sys, torch
-import puzzlenas  # noqa: F401  (registers nemotron-nas)
+import puzzlenas.model.modeling  # noqa: F401  (registers nemotron-nas with transformers)
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from puzzlenas.eval.metrics import complete
 run = sys.argv[1]
