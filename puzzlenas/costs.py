@@ -190,7 +190,7 @@ def measure_costs(model_config: DeciLMConfig, attention: list[AttentionConfig], 
     dtype = getattr(torch, cfg.dtype)
     nbytes = DTYPE_BYTES[cfg.dtype]
     rounds = 1 if device.type == "cuda" else CPU_ROUNDS
-    iters = cfg.iters if rounds == 1 else max(3, math.ceil(cfg.iters / rounds))
+    iters = cfg.iters if rounds == 1 else max(2, math.ceil(cfg.iters / rounds))
     table: dict = {"attention": {}, "ffn": {}, "fixed": {}}
     by_fill: dict = {"attention": {}, "ffn": {}, "fixed": {}}
     noop_ffn, noop_att = FFNConfig("no_op"), AttentionConfig("no_op")

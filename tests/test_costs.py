@@ -232,6 +232,6 @@ def test_small_functions_get_more_calls_per_sample(monkeypatch):
             clock[0] += seconds
         return fn
 
-    assert inference._calls_for(costs(1e-4), torch.device("cpu")) == 200  # 20 ms / 0.1 ms
+    assert inference._calls_for(costs(1e-4), torch.device("cpu")) == 50  # 5 ms / 0.1 ms
     assert inference._calls_for(costs(1.0), torch.device("cpu")) == 1
     assert inference.trimmed_mean([1.0, 1.0, 1.0, 50.0]) == 1.0 and inference.trimmed_mean([3.0, 1.0]) == 2.0
