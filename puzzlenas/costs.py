@@ -34,7 +34,8 @@ import torch
 
 from .model.blocks import AttentionConfig, BlockConfig, FFNConfig
 from .model.info import DTYPE_BYTES, attention_params, ffn_params, fixed_params
-from .model.inference import decode_positions, mean_over_fills, measure_generation, time_decode_over_fills, time_fn
+from .model.inference import (at_fills, decode_positions, mean_over_fills, measure_generations, time_fn,
+                              time_interleaved)
 from .model.modeling import DeciLMConfig, DeciLMDecoderLayer, DeciLMForCausalLM, ForwardContext
 from .sections import CostConfig, Scenario  # noqa: F401  (re-exported)
 
@@ -101,10 +102,12 @@ def time_layer(model_config: DeciLMConfig, block: BlockConfig, scenario: Scenari
         for layer in layers:
             run_layers([layer], x_step, cos, sin, *args)
 
-    by_fill = time_decode_over_fills(decode, cache.lengths, decode_positions(N, scenario.generate_tokens, fill_levels),
-                                     device, iters, calls_per_sample=1 if copies > 1 else 8)
-    return {"prefill": time_fn(prefill, device, iters=iters) / copies,
-            "decode": mean_over_fills(by_fill) / copies,
+    positions = decode_positions(N, scenario.generate_tokens, fill_levels)
+    # prefill and the decode fills interleaved; CUDA: 8 steps of one copy per graph
+    times = time_interleaved([prefill, *at_fills(decode, cache.lengths, positions)], device, iters=iters,
+                             calls_per_sample=8 if device.type == "cuda" else None)
+    by_fill = dict(zip(positions, times[1:]))
+    return {"prefill": times[0] / copies, "decode": mean_over_fills(by_fill) / copies,
             "decode_by_fill": {str(p): t / copies for p, t in by_fill.items()}}
 
 
@@ -134,9 +137,11 @@ def time_fixed(model_config: DeciLMConfig, scenario: Scenario, dtype, device, it
     def decode() -> None:
         token.copy_(runner.decode_step(token).argmax(-1))
 
-    by_fill = time_decode_over_fills(decode, runner.cache.lengths, decode_positions(N, M, fill_levels), device, iters)
-    return {"prefill": time_fn(prefill, device, iters=iters), "decode": mean_over_fills(by_fill),
-            "decode_by_fill": {str(p): t for p, t in by_fill.items()}}
+    positions = decode_positions(N, M, fill_levels)
+    times = time_interleaved([prefill, *at_fills(decode, runner.cache.lengths, positions)], device, iters=iters,
+                             calls_per_sample=4 if device.type == "cuda" else None)
+    by_fill = dict(zip(positions, times[1:]))
+    return {"prefill": times[0], "decode": mean_over_fills(by_fill), "decode_by_fill": {str(p): t for p, t in by_fill.items()}}
 
 
 def mean_context(scenario: Scenario) -> float:
@@ -165,6 +170,9 @@ def copy_bandwidth(device: torch.device, iters: int = 10) -> float:
     return 2 * nbytes / seconds
 
 
+CPU_ROUNDS = 3  # passes over every shape on a CPU (see measure_costs)
+
+
 def measure_costs(model_config: DeciLMConfig, attention: list[AttentionConfig], ffn: list[FFNConfig],
                   cfg: CostConfig, device: torch.device, log=print) -> dict:
     """Costs of every distinct subblock shape, the fixed parts, and the device record.
@@ -172,20 +180,47 @@ def measure_costs(model_config: DeciLMConfig, attention: list[AttentionConfig], 
     Per scenario and part: prefill_s, decode_s (the mean decode step of the generation, integrated
     over the fills it passes through), generate_s = prefill + M x decode, and read_bytes (bytes a
     mean decode step must read: weights + KV at the mean fill). The step times per timed fill
-    are kept under table["decode_by_fill"]."""
+    are kept under table["decode_by_fill"].
+
+    On a CPU (shared, its load coming and going) every shape is timed in CPU_ROUNDS passes over
+    all of them, `iters` samples split between the passes, and each time is the median of its
+    passes: a burst of load during one shape's turn moves one of its passes, not the shape's cost
+    against the others'. (Within a pass, prefill and the decode fills are interleaved, samples
+    trimmed: `inference.time_interleaved`.)"""
     dtype = getattr(torch, cfg.dtype)
     nbytes = DTYPE_BYTES[cfg.dtype]
+    rounds = 1 if device.type == "cuda" else CPU_ROUNDS
+    iters = cfg.iters if rounds == 1 else max(2, math.ceil(cfg.iters / rounds))
     table: dict = {"attention": {}, "ffn": {}, "fixed": {}}
     by_fill: dict = {"attention": {}, "ffn": {}, "fixed": {}}
     noop_ffn, noop_att = FFNConfig("no_op"), AttentionConfig("no_op")
+    # the timed parts: (kind, subblock config or None for the fixed part, block, copies)
+    parts = [("fixed", None, None, 1)]
+    for kind, configs in (("attention", attention), ("ffn", ffn)):
+        for c in dict.fromkeys(configs):
+            block = BlockConfig(c, noop_ffn) if kind == "attention" else BlockConfig(noop_att, c)
+            if c.kind != "no_op":
+                parts.append((kind, c, block, stack_size(cfg, model_config, block, device)))
+    passes: dict = {}  # (part index, scenario) -> [times of each pass]
+    for r in range(rounds):
+        for i, (kind, c, block, copies) in enumerate(parts):
+            for s in cfg.scenarios:
+                times = time_fixed(model_config, s, dtype, device, iters, cfg.decode_fills) if c is None else \
+                    time_layer(model_config, block, s, dtype, device, iters, copies, cfg.decode_fills)
+                passes.setdefault((i, s.name), []).append(times)
+        if rounds > 1:
+            log(f"  costs: pass {r + 1} of {rounds} over {len(parts)} parts done")
+    measured = {key: _median_of_passes(runs) for key, runs in passes.items()}
+
     fixed = {"params_bytes": fixed_params(model_config) * nbytes, "kv_bytes_per_token": 0}
     # a decode step reads the LM head, the final norm and B embedding rows
     head_bytes = (model_config.vocab_size + 1) * model_config.hidden_size * nbytes
     for s in cfg.scenarios:
-        times = time_fixed(model_config, s, dtype, device, cfg.iters, cfg.decode_fills)
+        times = measured[(0, s.name)]
         fixed.update(scenario_costs(times, s, head_bytes + s.batch_size * model_config.hidden_size * nbytes))
         by_fill["fixed"][s.name] = times["decode_by_fill"]
     table["fixed"] = fixed
+    timed = {(kind, c): i for i, (kind, c, _, _) in enumerate(parts) if c is not None}
     for kind, configs in (("attention", attention), ("ffn", ffn)):
         for c in dict.fromkeys(configs):
             block = BlockConfig(c, noop_ffn) if kind == "attention" else BlockConfig(noop_att, c)
@@ -199,8 +234,7 @@ def measure_costs(model_config: DeciLMConfig, attention: list[AttentionConfig], 
                 if c.kind == "no_op":
                     entry.update(scenario_costs({"prefill": 0.0, "decode": 0.0}, s, 0.0))
                 else:
-                    copies = stack_size(cfg, model_config, block, device)
-                    times = time_layer(model_config, block, s, dtype, device, cfg.iters, copies, cfg.decode_fills)
+                    times = measured[(timed[(kind, c)], s.name)]
                     entry.update(scenario_costs(times, s, read))
                     fills[s.name] = times["decode_by_fill"]
             table[kind][subblock_key(c)] = entry
@@ -211,6 +245,17 @@ def measure_costs(model_config: DeciLMConfig, attention: list[AttentionConfig], 
     table["device"] = device_record(device, cfg)
     table["device"]["copy_bandwidth_Bps"] = copy_bandwidth(device)
     return table
+
+
+def _median_of_passes(runs: list[dict]) -> dict:
+    """One part's times from several passes: the median of each (decode: of each fill, then integrated)."""
+    import statistics
+
+    if len(runs) == 1:
+        return runs[0]
+    fills = {p: statistics.median(float(r["decode_by_fill"][p]) for r in runs) for p in runs[0]["decode_by_fill"]}
+    return {"prefill": statistics.median(r["prefill"] for r in runs),
+            "decode": mean_over_fills({int(p): t for p, t in fills.items()}), "decode_by_fill": fills}
 
 
 def load_recorded_table(path: str, attention: list[AttentionConfig], ffn: list[FFNConfig],
@@ -293,33 +338,44 @@ def random_children(blocks_space: list[tuple[list, list]], n: int, seed: int) ->
 @torch.no_grad()
 def check_against_whole_models(model_config: DeciLMConfig, table: dict, children: dict[str, list[BlockConfig]],
                                cfg: CostConfig, device: torch.device, log=print) -> list[dict]:
-    """Measure each model end to end (random weights) and compare with its predicted costs."""
+    """Measure each model end to end (random weights) and compare with its predicted costs. On a
+    CPU the models are timed together, in alternation (`inference.measure_generations`), so that
+    the calibration fits models measured under the same load; on CUDA one at a time (its timings
+    hold, and several large models need not fit at once)."""
     dtype = getattr(torch, cfg.dtype)
+    names = list(children)
+    groups = [names] if device.type != "cuda" else [[n] for n in names]
     rows = []
-    for name, blocks in children.items():
-        config = DeciLMConfig(**{**model_config.to_dict(),
-                                 "block_configs": [b.to_nas_dict(model_config.num_attention_heads,
-                                                                 model_config.hidden_size) for b in blocks],
-                                 "num_hidden_layers": len(blocks)})
-        with torch.device(device):
-            model = DeciLMForCausalLM(config).to(dtype).eval()
-        predicted = predicted_costs(table, blocks)
+    for group in groups:
+        models = {}
+        for name in group:
+            blocks = children[name]
+            config = DeciLMConfig(**{**model_config.to_dict(),
+                                     "block_configs": [b.to_nas_dict(model_config.num_attention_heads,
+                                                                     model_config.hidden_size) for b in blocks],
+                                     "num_hidden_layers": len(blocks)})
+            with torch.device(device):
+                models[name] = DeciLMForCausalLM(config).to(dtype).eval()
         for s in cfg.scenarios:
-            measured = measure_generation(model, s.batch_size, s.prompt_tokens, s.generate_tokens, iters=cfg.iters,
-                                          fill_levels=cfg.decode_fills)
-            row = {"model": name, "scenario": s.name, "read_bytes": predicted.get(f"read_bytes/{s.name}"),
-                   "prefill_s": measured["prefill_s"], "prefill_s_predicted": predicted[f"prefill_s/{s.name}"],
-                   "decode_s": measured["decode_step_s"], "decode_s_predicted": predicted[f"decode_s/{s.name}"],
-                   "generate_s": measured["generate_s"], "generate_s_predicted": predicted[f"generate_s/{s.name}"]}
-            for k in ("prefill_s", "decode_s", "generate_s"):
-                row[f"{k}_error"] = row[f"{k}_predicted"] / row[k] - 1
-            rows.append(row)
-            log(f"  {name:<10} {s.name}: decode step measured {row['decode_s'] * 1e3:.3f} ms, predicted "
-                f"{row['decode_s_predicted'] * 1e3:.3f} ms ({row['decode_s_error']:+.1%}); prefill "
-                f"{row['prefill_s'] * 1e3:.2f} vs {row['prefill_s_predicted'] * 1e3:.2f} ms "
-                f"({row['prefill_s_error']:+.1%})")
-        del model
-    return rows
+            runs = measure_generations(list(models.values()), s.batch_size, s.prompt_tokens, s.generate_tokens,
+                                       iters=cfg.iters, fill_levels=cfg.decode_fills)
+            for name, measured in zip(group, runs):
+                predicted = predicted_costs(table, children[name])
+                row = {"model": name, "scenario": s.name, "read_bytes": predicted.get(f"read_bytes/{s.name}"),
+                       "prefill_s": measured["prefill_s"], "prefill_s_predicted": predicted[f"prefill_s/{s.name}"],
+                       "decode_s": measured["decode_step_s"], "decode_s_predicted": predicted[f"decode_s/{s.name}"],
+                       "generate_s": measured["generate_s"],
+                       "generate_s_predicted": predicted[f"generate_s/{s.name}"]}
+                for k in ("prefill_s", "decode_s", "generate_s"):
+                    row[f"{k}_error"] = row[f"{k}_predicted"] / row[k] - 1
+                rows.append(row)
+                log(f"  {name:<10} {s.name}: decode step measured {row['decode_s'] * 1e3:.3f} ms, predicted "
+                    f"{row['decode_s_predicted'] * 1e3:.3f} ms ({row['decode_s_error']:+.1%}); prefill "
+                    f"{row['prefill_s'] * 1e3:.2f} vs {row['prefill_s_predicted'] * 1e3:.2f} ms "
+                    f"({row['prefill_s_error']:+.1%})")
+        del models
+    order = {n: i for i, n in enumerate(names)}
+    return sorted(rows, key=lambda r: (order[r["model"]], [s.name for s in cfg.scenarios].index(r["scenario"])))
 
 
 def fit_line(points: list[tuple[float, float]]) -> tuple[float, float] | None:

@@ -59,7 +59,22 @@ def run_pipeline(config_path: str | Path | None, run_dir: Path | None = None, un
             print(f"[{name}] {time.time() - started:.1f} s")
             if name == until:
                 break
+        print_missed_targets(run_dir)
     return run_dir
+
+
+def print_missed_targets(run_dir: Path) -> None:
+    """The run summary's last word: every child that missed its speedup target when measured."""
+    import json
+
+    path = RunDir(run_dir).eval / "results.json"
+    if not path.is_file():
+        return
+    from .stages.eval import missed_lines
+
+    lines = missed_lines(json.loads(path.read_text()))
+    print(f"puzzlenas run: {len(lines)} target(s) missed when measured" + "".join(f"\n  {line}" for line in lines)
+          if lines else "puzzlenas run: every child meets its speedup target when measured")
 
 
 def run_stage(module: ModuleType, cfg, run_dir: Path, show_table: bool = False) -> None:

@@ -196,3 +196,42 @@ def test_costs_and_the_whole_model_check(finished_run):
     assert table["attention"]["no-op"]["decode_s/tiny"] == 0.0
     check = json.loads((finished_run / "costs" / "check.json").read_text())
     assert {r["model"] for r in check} == {"parent", "random-0"}
+
+
+# ---- timing on a shared machine: interleaved rounds, trimmed statistics --------------------------
+def test_interleaved_timing_keeps_ratios_through_a_burst_of_load(monkeypatch):
+    """A fake clock: `a` costs 1 s and `b` 2 s, calls repeated to fill a sample, and every call
+    made during one round pays a burst of 100 s (another process took the CPU). Each round samples
+    both (order rotated), and the trimmed mean drops the burst: b / a stays 2."""
+    from puzzlenas.model import inference
+
+    clock, calls = [0.0], []
+    monkeypatch.setattr(inference.time, "perf_counter", lambda: clock[0])
+
+    def timed(name, cost):
+        def fn():
+            calls.append(name)
+            clock[0] += cost + (100.0 if 10 < len(calls) <= 14 else 0.0)  # the third round's calls
+        return fn
+
+    a, b = inference.time_interleaved([timed("a", 1.0), timed("b", 2.0)], torch.device("cpu"), iters=8,
+                                      warmup=1, calls_per_sample=2)
+    assert b / a == pytest.approx(2.0) and a == pytest.approx(1.0)
+    timed_calls = calls[2:]  # after one warm-up call each
+    assert timed_calls[:4] == ["a", "a", "b", "b"] and timed_calls[4:8] == ["b", "b", "a", "a"]  # rotated
+
+
+def test_small_functions_get_more_calls_per_sample(monkeypatch):
+    from puzzlenas.model import inference
+
+    clock = [0.0]
+    monkeypatch.setattr(inference.time, "perf_counter", lambda: clock[0])
+
+    def costs(seconds):
+        def fn():
+            clock[0] += seconds
+        return fn
+
+    assert inference._calls_for(costs(1e-4), torch.device("cpu")) == 50  # 5 ms / 0.1 ms
+    assert inference._calls_for(costs(1.0), torch.device("cpu")) == 1
+    assert inference.trimmed_mean([1.0, 1.0, 1.0, 50.0]) == 1.0 and inference.trimmed_mean([3.0, 1.0]) == 2.0

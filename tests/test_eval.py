@@ -20,6 +20,14 @@ def test_eval_samples_are_the_models_greedy_completions(finished_run):
     assert [(s["prompt"], s["chat"]) for s in samples] == [("w5 w6", True), ("w7 w8 w9", False)]
     assert samples[1]["completion"] == complete(child, tokenizer, "w7 w8 w9", False, 6)
     assert 1 <= len(samples[1]["completion"].split()) <= 6  # a word per generated token (EOS ends early)
+    # complete() runs the fast path: the same text as transformers' greedy generate
+    import torch
+
+    ids = tokenizer("w7 w8 w9", return_tensors="pt")["input_ids"]
+    want = child.generate(ids, max_new_tokens=6, do_sample=False, top_p=None, top_k=None,
+                          pad_token_id=tokenizer.eos_token_id)
+    with torch.no_grad():
+        assert samples[1]["completion"] == tokenizer.decode(want[0, ids.shape[1]:], skip_special_tokens=True)
     report = (finished_run / "report" / "README.md").read_text()
     assert "## Greedy completions" in report
     for name in results:
@@ -66,3 +74,37 @@ def test_kept_eval_results_are_redone_when_eval_settings_change_and_kept_otherwi
     assert all(after[n] != before[n] for n in before)  # eval settings changed: every model again
     run_pipeline(run / "config.yaml", run_dir=run, overrides=["eval.sample_tokens=5"])
     assert {p.name: p.stat().st_mtime_ns for p in (run / "eval" / "models").glob("*.json")} == after
+
+
+def test_a_child_that_misses_its_target_when_measured_is_flagged(tmp_path, capsys):
+    """results.json gives each child with a speedup target `missed_targets` (empty when met) and
+    the run summary names the misses."""
+    from puzzlenas.config import load_run_config
+    from puzzlenas.pipeline import print_missed_targets
+    from puzzlenas.stages.eval import flag_missed_targets, missed_lines
+
+    cfg = load_run_config(None, ["search.targets=[{name: x15, speedup: 1.5}, {name: x2, speedup: 2.0}, "
+                                 "{name: small, params: 1000}]"])
+    scenario = cfg.costs.scenarios[0].name
+    (tmp_path / "search").mkdir()
+    (tmp_path / "search" / "solutions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [
+        {"name": "x15", "target": "x15", "predicted_speedup": {f"decode_s/{scenario}": 1.6}},
+        {"name": "x2", "target": "x2", "predicted_speedup": {f"decode_s/{scenario}": 2.1}},
+        {"name": "small", "target": "small", "predicted_speedup": {f"decode_s/{scenario}": 1.2}}]))
+
+    def measured(x):
+        return {"speedup": {scenario: {"decode_step_s": x, "prefill_s": 1.0, "generate_s": x}}}
+
+    results = {"parent": {}, "gkd-x15": measured(1.55), "gkd-x2": measured(1.89), "child-x2": measured(2.01),
+               "gkd-small": measured(1.1)}
+    assert flag_missed_targets(cfg, tmp_path, results) == 1
+    assert results["gkd-x15"]["missed_targets"] == [] and results["child-x2"]["missed_targets"] == []
+    (miss,) = results["gkd-x2"]["missed_targets"]
+    assert miss == {"target": "x2", "scenario": scenario, "metric": "decode", "speedup": 2.0, "measured": 1.89,
+                    "predicted": 2.1}
+    assert "missed_targets" not in results["gkd-small"]  # no speedup target
+    (tmp_path / "eval").mkdir()
+    (tmp_path / "eval" / "results.json").write_text(json.dumps(results))
+    print_missed_targets(tmp_path)
+    out = capsys.readouterr().out
+    assert "1 target(s) missed" in out and "gkd-x2 measured 1.89x decode" in out and missed_lines(results)

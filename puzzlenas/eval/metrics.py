@@ -4,10 +4,11 @@
   top-1 next-token agreement with the parent;
 - downstream tasks built from real text that installed packages ship, scored by
   log-likelihood like lm-evaluation-harness (`eval/tasks/`);
-- throughput: the end-to-end generation benchmark on the static-KV-cache path, the same for
-  parent and child (`inference.measure_generation`), per serving scenario;
-- samples: greedy completions of a few fixed prompts (chat-templated and plain), so a reader
-  sees whether a child still writes coherent text.
+- throughput: the end-to-end generation benchmark on the fast path (`model/fast.py`: fused,
+  fill-aware decode, as a serving engine runs it), the same for parent and child
+  (`inference.measure_generation`), per serving scenario;
+- samples: greedy completions of a few fixed prompts (chat-templated and plain), generated on
+  the same fast path, so a reader sees whether a child still writes coherent text.
 Retention = child / parent (for perplexity: parent / child).
 """
 
@@ -31,13 +32,16 @@ def complete(model: DeciLMForCausalLM, tokenizer, prompt: str, chat: bool, max_n
     if chat and getattr(tokenizer, "chat_template", None):
         prompt = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
                                                add_generation_prompt=True)
-    device = model.model.embed_tokens.weight.device
-    inputs = tokenizer(prompt, return_tensors="pt").to(device)
-    sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
-    output = model.generate(**inputs, max_new_tokens=max_new_tokens, top_p=None, top_k=None,
-                            pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None
-                            else tokenizer.eos_token_id, **sampling)
-    return tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+    from ..model.fast import generate
+
+    ids = tokenizer(prompt)["input_ids"]
+    # The fast path (fused weights, attention over the filled cache, compiled + graphed on CUDA,
+    # eager on CPU): as an engine runs the model. Stops at the model's EOS as transformers' generate does.
+    eos = getattr(model.generation_config, "eos_token_id", None) if hasattr(model, "generation_config") else None
+    eos = eos if eos is not None else (model.config.eos_token_id if model.config.eos_token_id is not None
+                                       else tokenizer.eos_token_id)
+    result = generate(model, [ids], max_new_tokens, temperature=temperature, eos_token_id=eos, batch_size=1)
+    return tokenizer.decode(result.tokens[0], skip_special_tokens=True)
 
 
 def sample_completions(model: DeciLMForCausalLM, tokenizer, cfg: EvalConfig) -> list[dict]:

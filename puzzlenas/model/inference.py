@@ -13,6 +13,7 @@ benchmarks/fast_decode.py compares the fast path with.
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from typing import Callable
@@ -82,41 +83,95 @@ def static_forward(model: DeciLMForCausalLM, input_ids: torch.Tensor, cache: Sta
 # =============================================================================================
 # Timing
 # =============================================================================================
+# Share of each end of a function's samples left out of its mean: on a shared machine, samples
+# hit by another process's burst (slow) or taken before a frequency drop (fast) are dropped.
+TRIM = 0.25
+# On a CPU a sample lasts at least this long (calls repeated within it): a small block's single
+# call is shorter than the clock's and the scheduler's noise.
+MIN_SAMPLE_S = 0.005
+MAX_CALLS_PER_SAMPLE = 64
+
+
+def trimmed_mean(samples: list[float], trim: float = TRIM) -> float:
+    """Mean of the samples left after dropping `trim` of them at each end (the median for < 3)."""
+    ordered = sorted(samples)
+    k = int(len(ordered) * trim)
+    kept = ordered[k:len(ordered) - k] if len(ordered) - 2 * k >= 1 else ordered
+    return statistics.median(ordered) if len(ordered) < 3 else sum(kept) / len(kept)
+
+
 def time_fn(fn: Callable[[], object], device: torch.device, iters: int = 20, warmup: int = 3,
-            calls_per_sample: int = 1, use_graph: bool = True) -> float:
-    """Median seconds of one call of `fn`. On CUDA: captured in a CUDA graph (launch overhead
-    would hide small blocks) and timed with events; elsewhere: wall clock."""
+            calls_per_sample: int | None = None, use_graph: bool = True) -> float:
+    """Seconds of one call of `fn` (`time_interleaved` of one function)."""
+    return time_interleaved([fn], device, iters, warmup, calls_per_sample, use_graph)[0]
+
+
+def time_interleaved(fns: list[Callable[[], object]], device: torch.device, iters: int = 20, warmup: int = 3,
+                     calls_per_sample: int | None = None, use_graph: bool = True) -> list[float]:
+    """Seconds of one call of each of `fns`, timed in alternation: each of `iters` rounds takes one
+    sample of every function (the order rotated from round to round), so load that comes and goes
+    on a shared machine falls on all of them alike and their ratios hold; each function's time is
+    the trimmed mean of its samples (`TRIM`). On CUDA: each captured in a CUDA graph (launch
+    overhead would hide small blocks) and timed with events. Elsewhere: wall clock, with as many
+    calls per sample (`calls_per_sample`, default: enough for MIN_SAMPLE_S) as make small
+    functions measurable."""
     if device.type == "cuda" and use_graph:
-        stream = _side_stream(device)
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(warmup):
-                fn()
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            for _ in range(calls_per_sample):
-                fn()
-        samples = []
-        for _ in range(iters):
+        replays = [_graph_of(fn, device, warmup, calls_per_sample or 1) for fn in fns]
+        calls = [calls_per_sample or 1] * len(fns)
+
+        def sample(i: int) -> float:
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
-            graph.replay()
+            replays[i]()
             end.record()
             end.synchronize()
-            samples.append(start.elapsed_time(end) / 1e3 / calls_per_sample)
-        return statistics.median(samples)
-    for _ in range(warmup):
-        fn()
-    samples = []
-    for _ in range(iters):
-        _sync(device)
-        started = time.perf_counter()
-        for _ in range(calls_per_sample):
+            return start.elapsed_time(end) / 1e3
+    else:
+        calls = []
+        for fn in fns:
+            for _ in range(min(warmup, 1)):  # eager on a CPU: nothing to compile or capture
+                fn()
+            calls.append(calls_per_sample or _calls_for(fn, device))
+
+        def sample(i: int) -> float:
+            _sync(device)
+            started = time.perf_counter()
+            for _ in range(calls[i]):
+                fns[i]()
+            _sync(device)
+            return time.perf_counter() - started
+
+    samples: list[list[float]] = [[] for _ in fns]
+    for r in range(iters):
+        for j in range(len(fns)):
+            i = (j + r) % len(fns)
+            samples[i].append(sample(i) / calls[i])
+    return [trimmed_mean(s) for s in samples]
+
+
+def _calls_for(fn: Callable[[], object], device: torch.device) -> int:
+    """Calls per sample so that a sample lasts about MIN_SAMPLE_S (one timed call decides)."""
+    _sync(device)
+    started = time.perf_counter()
+    fn()
+    _sync(device)
+    once = time.perf_counter() - started
+    return max(1, min(MAX_CALLS_PER_SAMPLE, math.ceil(MIN_SAMPLE_S / max(once, 1e-7))))
+
+
+def _graph_of(fn: Callable[[], object], device: torch.device, warmup: int, calls: int) -> Callable[[], None]:
+    """`fn` x calls captured in a CUDA graph after warm-up calls on the side stream; returns its replay."""
+    stream = _side_stream(device)
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(warmup):
             fn()
-        _sync(device)
-        samples.append((time.perf_counter() - started) / calls_per_sample)
-    return statistics.median(samples)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    return graph.replay
 
 
 _SIDE_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
@@ -183,59 +238,89 @@ def mean_over_fills(times: dict[int, float]) -> float:
     return area / (points[-1][0] - points[0][0])
 
 
-def time_decode_over_fills(step: Callable[[], object], lengths: torch.Tensor, positions: list[int],
-                           device: torch.device, iters: int, use_graph: bool = True,
-                           calls_per_sample: int = 4) -> dict[int, float]:
-    """Median seconds of `step` with every row's cache filled to each position."""
-    out = {}
-    for p in positions:
-        def at_fill(p=p) -> None:
+def at_fills(step: Callable[[], object], lengths: torch.Tensor, positions: list[int]) -> list[Callable[[], None]]:
+    """One function per fill: every row's cache filled to it, then `step`."""
+    def at_fill(p: int) -> Callable[[], None]:
+        def call() -> None:
             lengths.fill_(p)
             step()
+        return call
 
-        out[p] = time_fn(at_fill, device, iters=iters, calls_per_sample=calls_per_sample, use_graph=use_graph)
-    return out
+    return [at_fill(p) for p in positions]
+
+
+def time_decode_over_fills(step: Callable[[], object], lengths: torch.Tensor, positions: list[int],
+                           device: torch.device, iters: int, use_graph: bool = True,
+                           calls_per_sample: int | None = None) -> dict[int, float]:
+    """Seconds of `step` with every row's cache filled to each position (the fills interleaved)."""
+    calls = calls_per_sample or (4 if device.type == "cuda" else None)
+    times = time_interleaved(at_fills(step, lengths, positions), device, iters=iters, calls_per_sample=calls,
+                             use_graph=use_graph)
+    return dict(zip(positions, times))
 
 
 @torch.no_grad()
 def measure_generation(model: DeciLMForCausalLM, batch_size: int, prompt_tokens: int, generate_tokens: int,
                        iters: int = 5, use_graph: bool = True, fill_levels: int = 3) -> dict:
-    """A greedy generation on the fast path: prefill `prompt_tokens`, then `generate_tokens`
-    decode steps whose cost is integrated over the fills they pass through. Returns prefill
-    and mean decode-step times (medians), the step time per timed fill, tokens/s and, on CUDA,
-    peak memory: the model's weights + KV cache + work space of this run, whatever else is on
-    the device excluded (the runner's fused weight copies counted once, as an engine stores them)."""
+    """`measure_generations` of one model."""
+    return measure_generations([model], batch_size, prompt_tokens, generate_tokens, iters, use_graph,
+                               fill_levels)[0]
+
+
+@torch.no_grad()
+def measure_generations(models: list[DeciLMForCausalLM], batch_size: int, prompt_tokens: int, generate_tokens: int,
+                        iters: int = 5, use_graph: bool = True, fill_levels: int = 3) -> list[dict]:
+    """A greedy generation of each model on the fast path: prefill `prompt_tokens`, then
+    `generate_tokens` decode steps whose cost is integrated over the fills they pass through.
+    The models are timed in alternation (`time_interleaved`: every round samples each model's
+    prefill and decode steps), so that their ratios, the speedups, hold on a busy machine.
+    Returns per model prefill and mean decode-step times, the step time per timed fill, tokens/s
+    and, on CUDA, peak memory: the model's weights + KV cache + work space of its own run,
+    whatever else is on the device excluded (the runner's fused weight copies counted once, as
+    an engine stores them)."""
     from .fast import FastRunner
 
-    device = model.model.embed_tokens.weight.device
-    V = model.config.vocab_size
+    device = models[0].model.embed_tokens.weight.device
     max_len = prompt_tokens + generate_tokens
-    _warm_up(model, device)
-    base = _memory_baseline(device)  # before the cache: peak = this model's weights + cache + work space
-    runner = FastRunner(model, batch_size, max_len)
-    prompt = torch.randint(0, V, (batch_size, prompt_tokens), device=device)
-    token = torch.zeros(batch_size, dtype=torch.long, device=device)
+    positions = decode_positions(prompt_tokens, generate_tokens, fill_levels)
+    _warm_up(models[0], device)
+    fns, runners, peaks = [], [], []
+    for model in models:
+        base = _memory_baseline(device)  # before its cache: peak = this model's weights + cache + work space
+        runner = FastRunner(model, batch_size, max_len)
+        prompt = torch.randint(0, model.config.vocab_size, (batch_size, prompt_tokens), device=device)
+        token = torch.zeros(batch_size, dtype=torch.long, device=device)
 
-    def prefill() -> None:
-        token.copy_(runner.prefill(prompt).argmax(-1))
+        def prefill(runner=runner, prompt=prompt, token=token) -> None:
+            token.copy_(runner.prefill(prompt).argmax(-1))
 
-    def decode() -> None:
-        token.copy_(runner.decode_step(token).argmax(-1))
+        def decode(runner=runner, token=token) -> None:
+            token.copy_(runner.decode_step(token).argmax(-1))
 
-    prefill_s = time_fn(prefill, device, iters=iters, use_graph=use_graph)
-    by_fill = time_decode_over_fills(decode, runner.cache.lengths,
-                                     decode_positions(prompt_tokens, generate_tokens, fill_levels), device,
-                                     max(iters, 10), use_graph)
-    decode_s = mean_over_fills(by_fill)
-    total = prefill_s + generate_tokens * decode_s
-    peak = None
-    if device.type == "cuda":
-        # Whatever else lives on the device (an eval's resident parent, earlier models' leftovers)
-        # is not this model's serving memory: count its own weights plus what this run allocated.
-        own = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
-        peak = torch.cuda.max_memory_allocated(device) - base + own - runner.fused_bytes()
-    return {"batch_size": batch_size, "prompt_tokens": prompt_tokens, "generate_tokens": generate_tokens,
-            "prefill_s": prefill_s, "decode_step_s": decode_s, "generate_s": total,
-            "decode_step_s_by_fill": {str(p): t for p, t in by_fill.items()},
-            "decode_tokens_per_s": batch_size / decode_s, "generate_tokens_per_s": batch_size * generate_tokens / total,
-            "kv_cache_bytes": runner.cache.bytes(), "peak_memory_bytes": peak}
+        peak = None
+        if device.type == "cuda":  # its own run, alone: what serving it takes
+            prefill()
+            decode()
+            torch.cuda.synchronize(device)
+            # Whatever else lives on the device (an eval's resident parent, the models measured
+            # before it) is not this model's serving memory: its own weights plus what its run allocated.
+            own = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+            peak = torch.cuda.max_memory_allocated(device) - base + own - runner.fused_bytes()
+        fns += [prefill, *at_fills(decode, runner.cache.lengths, positions)]
+        runners.append(runner)
+        peaks.append(peak)
+    calls = 4 if device.type == "cuda" else None  # CUDA: 4 decode steps per graph; the prefill as well
+    times = time_interleaved(fns, device, iters=max(iters, 6), warmup=2, calls_per_sample=calls, use_graph=use_graph)
+    out, per_model = [], 1 + len(positions)
+    for k, (runner, peak) in enumerate(zip(runners, peaks)):
+        prefill_s, steps = times[k * per_model], times[k * per_model + 1:(k + 1) * per_model]
+        by_fill = dict(zip(positions, steps))
+        decode_s = mean_over_fills(by_fill)
+        total = prefill_s + generate_tokens * decode_s
+        out.append({"batch_size": batch_size, "prompt_tokens": prompt_tokens, "generate_tokens": generate_tokens,
+                    "prefill_s": prefill_s, "decode_step_s": decode_s, "generate_s": total,
+                    "decode_step_s_by_fill": {str(p): t for p, t in by_fill.items()},
+                    "decode_tokens_per_s": batch_size / decode_s,
+                    "generate_tokens_per_s": batch_size * generate_tokens / total,
+                    "kv_cache_bytes": runner.cache.bytes(), "peak_memory_bytes": peak})
+    return out

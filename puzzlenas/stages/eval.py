@@ -61,8 +61,8 @@ def run(cfg: RunConfig, run_dir: Path) -> Path:
         todo = ["parent"] + [n for n in todo if n != "parent"]  # speedups: the parent measured in the same process
         print(f"[eval] {len(todo)} of {len(names)} models to evaluate ({kept} kept from eval/models)")
 
-        def keep(n: str, r: dict, parent_result: dict) -> None:  # after each model: a killed eval resumes
-            results[n], session_parent[n] = r, parent_result.get("throughput")
+        def keep(n: str, r: dict, parent_throughput: dict | None) -> None:  # after each: a killed eval resumes
+            results[n], session_parent[n] = r, parent_throughput
             atomic_write_json(out / "models" / f"{n}.json", {"fingerprint": model_fp[n], "result": r,
                                                               "parent_throughput": session_parent[n]})
 
@@ -78,8 +78,9 @@ def run(cfg: RunConfig, run_dir: Path) -> Path:
                     s: {k: base[s][k] / results[n]["throughput"][s][k]
                         for k in ("decode_step_s", "prefill_s", "generate_s")}
                     for s in results[n]["throughput"]}
+    flag_missed_targets(cfg, run_dir, results)
     atomic_write_json(out / "results.json", results)
-    text = eval_table(results)
+    text = eval_table(results) + "".join(f"\n{line}" for line in missed_lines(results))
     atomic_write_text(out / "table.txt", text + "\n")
     print(text)
     STAGE.mark_done(cfg, run_dir, models=len(results))
@@ -87,15 +88,15 @@ def run(cfg: RunConfig, run_dir: Path) -> Path:
 
 
 def evaluate_models(cfg: RunConfig, run_dir: Path, names: list[str], device, dtype,
-                    keep: Callable[[str, dict, dict], None]) -> None:
+                    keep: Callable[[str, dict, dict | None], None]) -> None:
     """Metrics, tasks, samples, sizes and throughput of each named model (names[0] is the parent);
-    keep(name, result, parent's result) after each."""
+    keep(name, result, the parent's throughput measured with it) after each."""
     import torch
     from transformers import AutoTokenizer
 
     from ..costs import Scenario
     from ..eval.metrics import final_hidden, lm_metrics, sample_completions
-    from ..model.inference import measure_generation
+    from ..model.inference import measure_generations
     from ..model.info import count_model_params, layer_costs
     from ..model.modeling import DeciLMForCausalLM
 
@@ -125,20 +126,27 @@ def evaluate_models(cfg: RunConfig, run_dir: Path, names: list[str], device, dty
         results[n]["params"] = count_model_params(model)
         results[n]["kv_bytes_per_token"] = sum(c.kv_cache_bytes_per_token for c in layer_costs(model.config,
                                                                                                 cfg.costs.dtype))
+        parent_throughput = results["parent"].get("throughput")
         if cfg.eval.throughput:
-            model.to(throughput_dtype)
-            results[n]["throughput"] = {}
+            # A child is timed in alternation with the parent (measure_generations), so that its
+            # speedup holds on a busy machine; the parent's own figures are from its timing alone.
+            pair = [model] if model is parent else [parent, model]
+            for m in pair:
+                m.to(throughput_dtype)
+            results[n]["throughput"], parent_throughput = {}, {}
             for s in cfg.costs.scenarios:
                 s = s if isinstance(s, Scenario) else Scenario(**s)
-                results[n]["throughput"][s.name] = measure_generation(
-                    model, s.batch_size, s.prompt_tokens, s.generate_tokens, iters=cfg.eval.throughput_iters)
-            model.to(dtype)
+                runs = measure_generations(pair, s.batch_size, s.prompt_tokens, s.generate_tokens,
+                                           iters=cfg.eval.throughput_iters)
+                results[n]["throughput"][s.name], parent_throughput[s.name] = runs[-1], runs[0]
+            for m in pair:
+                m.to(dtype)
         if model is not parent:
             del model
             if device.type == "cuda":
                 torch.cuda.empty_cache()
         print(f"[eval] {n}: perplexity {results[n]['perplexity']:.2f}, KL {results[n]['kl_to_parent']:.4f}")
-        keep(n, results[n], results["parent"])
+        keep(n, results[n], parent_throughput)
 
 
 def genre_texts(cfg: RunConfig) -> dict:
@@ -283,3 +291,47 @@ def eval_table(results: dict) -> str:
             if "n" in r and "acc_stderr" in r))
     extra = [t for t in (genre_table(results), chat_table(results)) if t]
     return "\n\n".join(["\n".join(lines), *extra])
+
+
+# =============================================================================================
+# Targets met or missed when measured
+# =============================================================================================
+METRIC_KEYS = {"decode": "decode_step_s", "prefill": "prefill_s", "generate": "generate_s"}
+
+
+def flag_missed_targets(cfg: RunConfig, run_dir: Path, results: dict) -> int:
+    """Give every child with a speedup target `missed_targets`: the scenarios where the search
+    promised the speedup (predicted >= target) and the measurement fell short; [] = met. Returns
+    how many children missed."""
+    targets = {t.name: t for t in cfg.search.targets}
+    first = cfg.costs.scenarios[0].name
+    count = 0
+    for record in solutions(run_dir, cfg):
+        target = targets.get(record.get("target"))
+        if target is None or target.speedup is None:
+            continue
+        names = [n if n else first for n in ([target.scenario] if not isinstance(target.scenario, list)
+                                             else target.scenario)]
+        for kind in ("child", "gkd"):
+            result = results.get(f"{kind}-{record['name']}")
+            if not result or "speedup" not in result:
+                continue
+            missed = []
+            for scenario in names:
+                predicted = record.get("predicted_speedup", {}).get(f"{target.metric}_s/{scenario}")
+                measured = result["speedup"].get(scenario, {}).get(METRIC_KEYS[target.metric])
+                if predicted is None or measured is None or predicted < target.speedup:
+                    continue  # not promised here ("best" of several scenarios: another one holds it)
+                if measured < target.speedup:
+                    missed.append({"target": target.name, "scenario": scenario, "metric": target.metric,
+                                   "speedup": target.speedup, "measured": measured, "predicted": predicted})
+            result["missed_targets"] = missed
+            count += bool(missed)
+    return count
+
+
+def missed_lines(results: dict) -> list[str]:
+    """One line per child that missed its target when measured (the run summary prints them)."""
+    return [f"MISSED: {name} measured {m['measured']:.2f}x {m['metric']} on {m['scenario']} for target "
+            f"{m['target']} ({m['speedup']:g}x; predicted {m['predicted']:.2f}x)"
+            for name, r in results.items() if isinstance(r, dict) for m in r.get("missed_targets", [])]
