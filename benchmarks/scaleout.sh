@@ -17,7 +17,7 @@
 # each 8B FFN job holds ~3.5 GB of fp32 weights, gradients and Adam state), RUNS (~/runs).
 set -uo pipefail
 [ -f benchmarks/device_common.sh ] && source benchmarks/device_common.sh
-export PYTHONPATH="${PYTHONPATH:-}:."
+export PYTHONPATH="${PYTHONPATH:-}:." PYTHONUNBUFFERED=1  # unbuffered: the stamps are when a line was printed
 quiet() { grep -v -e "it/s]" -e "s/it]"; }
 PY=${PYTHON:-python3}
 NPROC=${NPROC:-2}
