@@ -360,12 +360,15 @@ def average_gradients(model: torch.nn.Module, world_size: int, bucket_bytes: int
 
     grads = [p.grad for p in {id(p): p for p in model.parameters()}.values() if p.grad is not None]
     buckets: dict[torch.dtype, list[list[torch.Tensor]]] = {}
+    filled: dict[torch.dtype, int] = {}  # bytes in the last bucket of each dtype
     for g in grads:
         per_dtype = buckets.setdefault(g.dtype, [[]])
-        if per_dtype[-1] and sum(t.numel() * t.element_size() for t in per_dtype[-1]) + \
-                g.numel() * g.element_size() > bucket_bytes:
+        size = g.numel() * g.element_size()
+        if per_dtype[-1] and filled[g.dtype] + size > bucket_bytes:
             per_dtype.append([])
+            filled[g.dtype] = 0
         per_dtype[-1].append(g)
+        filled[g.dtype] = filled.get(g.dtype, 0) + size
     for bucket in (b for per_dtype in buckets.values() for b in per_dtype):
         flat = _flatten_dense_tensors(bucket)
         dist.all_reduce(flat)  # SUM then divide: gloo has no AVG
