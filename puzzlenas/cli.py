@@ -197,6 +197,8 @@ def build_export_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .dist import FailedOnRankZero
+
     argv = list(sys.argv[1:] if argv is None else argv)
     args = (build_export_parser() if argv[:1] == ["export"] else build_parser()).parse_args(argv)
     try:
@@ -206,8 +208,9 @@ def main(argv: list[str] | None = None) -> int:
 
             shutdown_distributed()  # under torchrun; nothing otherwise
         return code
-    except (ValueError, FileNotFoundError) as err:
-        # Our errors name the problem and the fix; a traceback would only bury that.
+    except (ValueError, FileNotFoundError, FailedOnRankZero) as err:
+        # Our errors name the problem and the fix; a traceback would only bury that (torchrun:
+        # rank 0 says it, the other ranks that it failed there).
         print(f"puzzlenas {args.command}: error: {err}", file=sys.stderr)
         return 2
 

@@ -9,8 +9,10 @@ chunks of tokens on the final hidden states, each chunk's logits reduced and tur
 gradients at once (`_FusedHeadKL`), so (batch, seq, vocab) logits never exist whole. On one GPU
 the student's and the teacher's forward and the per-chunk reduction are torch.compile'd
 (`gkd.compile`). bf16 autocast and optional activation checkpointing on GPU; checkpoints every
-N steps and resume; with several ranks the child and the parent are sharded with FSDP2
-(`fully_shard`) and the data is split by rank.
+N steps and resume. With several ranks the data is split by rank and the child is either
+replicated on every rank with its gradients averaged (data parallel) or, when it does not fit
+one device, sharded with the parent over the ranks with FSDP2 (`fully_shard`); `choose_parallel`
+picks by size (`gkd.parallel`).
 """
 
 from __future__ import annotations
@@ -157,21 +159,24 @@ class GKDTrainer:
     """Distills one child from the parent; writes checkpoints and the final model to out_dir."""
 
     def __init__(self, child: DeciLMForCausalLM, parent: DeciLMForCausalLM, cfg: GKDConfig, out_dir: Path,
-                 seq_len: int, world_size: int = 1, log=print, fingerprint: str = ""):
-        """world_size > 1: child and parent sharded with `parallelize` over the ranks.
+                 seq_len: int, world_size: int = 1, log=print, fingerprint: str = "", data_parallel: bool = False):
+        """world_size > 1: child and parent sharded with `parallelize` over the ranks, or with
+        `data_parallel` both whole on every rank (gradients averaged after each backward).
         fingerprint: what else the checkpoint must have been made with to be resumed (the
         child's identity, the data...); the GKD settings and seq_len are always covered."""
         self.child, self.parent, self.cfg, self.out_dir, self.log = child, parent, cfg, out_dir, log
         self.device = next(child.parameters()).device
         self.world = world_size
+        self.sharded = world_size > 1 and not data_parallel
         self.steps = math.ceil(cfg.tokens / (cfg.batch_size * seq_len * world_size)) if cfg.tokens else 0
         self.autocast_dtype = autocast_dtype(cfg.autocast, self.device)
         params = [p for p in child.parameters() if p.requires_grad]
-        self.optimizer = adamw(params, cfg, self.device, sharded=world_size > 1)
+        self.optimizer = adamw(params, cfg, self.device, sharded=self.sharded)
         self.scheduler = lr_scheduler(self.optimizer, self.steps, cfg)
         # Not the world size: a checkpoint written by W ranks resumes on any number of ranks.
         self.checkpoint = TrainingCheckpoint(out_dir, settings_fingerprint(cfg, seq_len, fingerprint),
-                                             world_size=world_size, label="GKD checkpoint", log=log)
+                                             world_size=world_size, label="GKD checkpoint", log=log,
+                                             sharded=self.sharded)
         self.step = 0
         self.history: list[dict] = []
         if cfg.activation_checkpointing:
@@ -189,11 +194,12 @@ class GKDTrainer:
                 raise GKDError(f"gkd.compile = on but torch {torch.__version__} has no torch.compile; "
                                f"use gkd.compile=auto or off")
             return False
-        # auto: one GPU (not FSDP2-sharded models; on the CPU compiling costs more than it
-        # saves), and a run long enough to repay the compile: ~2 minutes for the bundled pair on
-        # an H200, which the 3x faster steps earn back after ~10M tokens (benchmarks/RESULTS.md).
+        # auto: a GPU, the whole child on it (one GPU or data parallel; not FSDP2-sharded models;
+        # on the CPU compiling costs more than it saves), and a run long enough to repay the
+        # compile: ~2 minutes for the bundled pair on an H200, which the 3x faster steps earn
+        # back after ~10M tokens (benchmarks/RESULTS.md).
         long_enough = self.cfg.tokens >= COMPILE_MIN_TOKENS
-        return self.cfg.compile == "on" or (self.device.type == "cuda" and self.world == 1 and long_enough)
+        return self.cfg.compile == "on" or (self.device.type == "cuda" and not self.sharded and long_enough)
 
     def _set_step_functions(self, compiled: bool) -> None:
         """The teacher's stacked hidden states, the student's last hidden state and cosine term,
@@ -265,9 +271,11 @@ class GKDTrainer:
                 break
             self.child.train()
             parts = self.loss_and_backward(batch.to(self.device))
-            if self.world > 1:
+            if self.sharded:
                 sync_replicated_grads(self.child)
-            clip_gradients(self.child.parameters(), self.cfg.grad_clip, sharded=self.world > 1)
+            elif self.world > 1:
+                average_gradients(self.child, self.world)
+            clip_gradients(self.child.parameters(), self.cfg.grad_clip, sharded=self.sharded)
             self.optimizer.step()
             self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
@@ -305,16 +313,68 @@ class GKDTrainer:
         self.checkpoint.clear()
 
 
-def parallelize(child: DeciLMForCausalLM, parent: DeciLMForCausalLM) -> None:
-    """FSDP2 for whole-model training: every decoder layer of the child and of the frozen parent
-    is sharded with `fully_shard` (its gradients are reduce-scattered by FSDP). The embedding,
-    final norm and LM head stay replicated, because the chunked KL calls the head outside the
-    model's forward; their gradients are averaged by `sync_replicated_grads`."""
+# ---- several ranks ------------------------------------------------------------------------------
+TRAIN_BYTES_PER_PARAM = 16  # fp32 weight, gradient and two Adam moments of each trained parameter
+DDP_MEMORY_SHARE = 0.6  # of one GPU for the replicated child's state and the parent; the rest: activations
+
+
+def choose_parallel(setting: str, world_size: int, child_params: int, parent_bytes: int, device: torch.device) -> str:
+    """How GKD runs over the ranks: "single" (one rank), "ddp" (the child replicated, gradients
+    averaged) or "fsdp" (decoder layers sharded). `setting` auto: ddp when the largest child's
+    training state plus the parent fit in DDP_MEMORY_SHARE of this GPU (always on the CPU)."""
+    if world_size == 1:
+        return "single"
+    if setting != "auto":
+        return setting
+    if device.type != "cuda":
+        return "ddp"
+    need = child_params * TRAIN_BYTES_PER_PARAM + parent_bytes
+    return "ddp" if need <= DDP_MEMORY_SHARE * torch.cuda.get_device_properties(device).total_memory else "fsdp"
+
+
+def shard_layers(model: DeciLMForCausalLM) -> None:
+    """FSDP2: every decoder layer sharded with `fully_shard` (once per model: a second call on the
+    same model fails). The embedding, final norm and LM head stay whole on every rank, because
+    the chunked KL calls the head outside the model's forward; `sync_replicated_grads` averages
+    their gradients. Works on a model still on the CPU: the shards land on this rank's device."""
     from torch.distributed.fsdp import fully_shard
 
+    for layer in model.model.layers:
+        fully_shard(layer)
+
+
+def parallelize(child: DeciLMForCausalLM, parent: DeciLMForCausalLM | None = None) -> None:
+    """FSDP2 for whole-model training: the child's decoder layers sharded (their gradients are
+    reduce-scattered by FSDP), and the frozen parent's when given. A parent serving several
+    children is sharded once (`shard_layers`), then each child alone: `parallelize(child)`."""
     for model in (child, parent):
-        for layer in model.model.layers:
-            fully_shard(layer)
+        if model is not None:
+            shard_layers(model)
+
+
+def average_gradients(model: torch.nn.Module, world_size: int, bucket_bytes: int = 256 << 20) -> None:
+    """Data parallel: average every gradient over the ranks, in flat buckets of at most
+    `bucket_bytes` per dtype (one all-reduce per bucket, not one per parameter)."""
+    import torch.distributed as dist
+    from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+    grads = [p.grad for p in {id(p): p for p in model.parameters()}.values() if p.grad is not None]
+    buckets: dict[torch.dtype, list[list[torch.Tensor]]] = {}
+    filled: dict[torch.dtype, int] = {}  # bytes in the last bucket of each dtype
+    for g in grads:
+        per_dtype = buckets.setdefault(g.dtype, [[]])
+        size = g.numel() * g.element_size()
+        if per_dtype[-1] and filled[g.dtype] + size > bucket_bytes:
+            per_dtype.append([])
+            filled[g.dtype] = 0
+        per_dtype[-1].append(g)
+        filled[g.dtype] = filled.get(g.dtype, 0) + size
+    for bucket in (b for per_dtype in buckets.values() for b in per_dtype):
+        flat = _flatten_dense_tensors(bucket)
+        dist.all_reduce(flat)  # SUM then divide: gloo has no AVG
+        flat.div_(world_size)
+        for g, averaged in zip(bucket, _unflatten_dense_tensors(flat, bucket)):
+            g.copy_(averaged)
 
 
 def sync_replicated_grads(model: torch.nn.Module) -> None:

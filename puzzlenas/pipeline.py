@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from types import ModuleType
 
-from .dist import barrier, distributed_rank
+from .dist import barrier, distributed_rank, on_rank_zero, rank_zero_value
 from .stages.base import NOT_FINISHED, SETTINGS_CHANGED, RunDir
 
 # The stage list, in the order they run; each name is a module of puzzlenas/stages/.
@@ -37,7 +37,7 @@ def stage_module(name: str) -> ModuleType:
 def run_pipeline(config_path: str | Path | None, run_dir: Path | None = None, until: str | None = None,
                  force: list[str] | tuple[str, ...] = (), overrides: list[str] | tuple[str, ...] = ()) -> Path:
     """Run every stage in order (up to `until`), skipping finished ones and redoing the `force`d
-    ones; return the run directory."""
+    ones; return the run directory. Under torchrun every rank calls it (see `run_stage`)."""
     from .checkpoint import atomic_write_text
     from .config import dump_yaml, load_run_config
 
@@ -45,10 +45,14 @@ def run_pipeline(config_path: str | Path | None, run_dir: Path | None = None, un
     for name in [*force, *([until] if until else [])]:
         stage_module(name)  # an unknown name fails before anything runs
     run_dir = Path(run_dir) if run_dir else Path("runs") / cfg.name
-    run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(RunDir(run_dir).config, dump_yaml(cfg))
+    rank, world = distributed_rank()
+    if rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(RunDir(run_dir).config, dump_yaml(cfg))
+    barrier(world)
     with log_to(RunDir(run_dir).log, f"config {config_path or 'default preset'}, overrides {list(overrides)}, "
-                                     f"until {until}, force {list(force)}"):
+                                     f"until {until}, force {list(force)}"
+                                     + (f", {world} ranks" if world > 1 else "")):
         print(f"puzzlenas run {cfg.name}: parent {cfg.parent} -> {run_dir}")
         for name in STAGE_NAMES:
             module = stage_module(name)
@@ -79,26 +83,34 @@ def print_missed_targets(run_dir: Path) -> None:
 
 def run_stage(module: ModuleType, cfg, run_dir: Path, show_table: bool = False) -> None:
     """One stage: skipped when not asked for or done already (then its table is printed when
-    `show_table`), run otherwise."""
+    `show_table`), run otherwise.
+
+    Under torchrun (the rule every stage follows; README, design notes): rank 0 judges whether
+    the stage is done and every rank takes its answer; deletions are rank 0's, then a barrier;
+    a stage declared `all_ranks` runs on every rank (it splits its work and writes each file
+    from one rank), any other runs on rank 0 while the others wait; no rank starts the next
+    stage before the stage is finished on every rank."""
     stage = module.STAGE
     if not stage.active(cfg):
         print(f"[{stage.name}] {stage.unasked or 'not asked for in this config'}")
         return
-    if stage.per_child:  # each child is checked by the stage itself
+    rank, world = distributed_rank()
+    if not stage.per_child:  # each child is checked by the stage itself
+        reason = rank_zero_value(stage.why_not_done(cfg, run_dir) if rank == 0 else None)
+        if reason is None:
+            print(f"[{stage.name}] done already: {stage.folder(run_dir)}")
+            if show_table:
+                print(stage_table(stage, run_dir), end="")
+            return
+        if reason != NOT_FINISHED:
+            print(f"[{stage.name}] redone: {reason}")
+        if reason not in (NOT_FINISHED, SETTINGS_CHANGED) and not stage.checks_own_work:
+            forget(stage, cfg, run_dir)  # made from other inputs, or changed since: none of it is worth resuming
+    if stage.all_ranks:
         module.run(cfg, run_dir)
-        return
-    reason = stage.why_not_done(cfg, run_dir)
-    barrier(distributed_rank()[1])  # torchrun: every rank has judged the stage before any deletes it
-    if reason is None:
-        print(f"[{stage.name}] done already: {stage.folder(run_dir)}")
-        if show_table:
-            print(stage_table(stage, run_dir), end="")
-        return
-    if reason != NOT_FINISHED:
-        print(f"[{stage.name}] redone: {reason}")
-    if reason not in (NOT_FINISHED, SETTINGS_CHANGED) and not stage.checks_own_work:
-        forget(stage, cfg, run_dir)  # made from other inputs, or changed since: none of it is worth resuming
-    module.run(cfg, run_dir)
+        barrier(world)
+    else:
+        on_rank_zero(lambda: module.run(cfg, run_dir), f"stage {stage.name}")
 
 
 def stage_table(stage, run_dir: Path) -> str:
@@ -109,18 +121,20 @@ def stage_table(stage, run_dir: Path) -> str:
 
 def forget(stage, cfg, run_dir: Path) -> None:
     """`--force`: delete the stage's artifacts (for per-child stages, every child's folder and its
-    work folders). Only folders named by the run's layout, all inside `run_dir`."""
+    work folders). Only folders named by the run's layout, all inside `run_dir`. Under torchrun
+    rank 0 deletes while the others wait."""
     from .stages.common import solutions
 
-    if stage.per_child:
-        if not RunDir(run_dir).solutions.is_file():
-            return  # no child yet
-        folders = [stage.folder(run_dir, r) for r in solutions(run_dir, cfg)]
-        folders += [f.with_name(f.name + suffix) for f in list(folders) for suffix in (".tmp", ".work")]
-    else:
-        folders = [stage.folder(run_dir)]
     rank, world = distributed_rank()
-    if rank == 0:  # torchrun: one rank deletes, the others wait for it
+    if rank == 0:
+        if stage.per_child:
+            if not RunDir(run_dir).solutions.is_file():
+                folders = []  # no child yet
+            else:
+                folders = [stage.folder(run_dir, r) for r in solutions(run_dir, cfg)]
+                folders += [f.with_name(f.name + suffix) for f in list(folders) for suffix in (".tmp", ".work")]
+        else:
+            folders = [stage.folder(run_dir)]
         for folder in folders:
             if folder.exists():
                 shutil.rmtree(folder)

@@ -113,6 +113,7 @@ class TeacherSection:
 
 # ---- bld and gkd: the optimizer fields they share ------------------------------------------
 MODES = ("decoupled", "coupled", "hybrid")
+GKD_PARALLEL = ("auto", "ddp", "fsdp")
 AUTOCAST = ("auto", "bf16", "off")
 
 
@@ -134,9 +135,13 @@ class OptimizerConfig:
     # Stage fingerprints hash a section as its repr, and runs made before this base class existed
     # must keep resuming: each subclass lists every field in its historical order (a test checks).
     REPR_ORDER: ClassVar[tuple[str, ...]] = ()
+    # Fields that choose how training runs on the hardware, not what it computes: left out of the
+    # repr (so of stage fingerprints) and of checkpoint fingerprints, so changing them redoes
+    # nothing and a killed run resumes under the other choice.
+    RUN_ONLY: ClassVar[tuple[str, ...]] = ()
 
     def __repr__(self) -> str:
-        names = self.REPR_ORDER or tuple(f.name for f in fields(self))
+        names = [n for n in self.REPR_ORDER or tuple(f.name for f in fields(self)) if n not in self.RUN_ONLY]
         return f"{type(self).__qualname__}({', '.join(f'{n}={getattr(self, n)!r}' for n in names)})"
 
     def validate_optimizer(self, section: str) -> None:
@@ -210,10 +215,17 @@ class GKDConfig(OptimizerConfig):
     chat_max_new_tokens: int = 192
     chat_temperature: float = 0.7
     chat_batch_size: int = 128  # requests answered at once
+    # Under torchrun: ddp = the child replicated on every rank, its gradients averaged (the parent
+    # replicated too); fsdp = the decoder layers of the child and of the parent sharded over the
+    # ranks (FSDP2); auto = ddp when the child's training state (16 bytes a parameter: fp32
+    # weights, gradients, two Adam moments) plus the parent fit in 60% of one GPU, else fsdp
+    # (on the CPU: ddp). The parent is prepared once for every child.
+    parallel: str = "auto"
     REPR_ORDER = ("tokens", "batch_size", "lr", "min_lr_fraction", "warmup_fraction", "weight_decay", "betas",
                   "grad_clip", "cosine_weight", "kl_weight", "lm_loss_weight", "logits_chunk", "compile",
                   "activation_checkpointing", "checkpoint_every", "autocast", "validation_tokens", "chat_fraction",
-                  "chat_requests", "chat_max_new_tokens", "chat_temperature", "chat_batch_size")
+                  "chat_requests", "chat_max_new_tokens", "chat_temperature", "chat_batch_size", "parallel")
+    RUN_ONLY = ("parallel",)
 
     def validate(self) -> None:
         self.validate_optimizer("gkd")
@@ -221,6 +233,8 @@ class GKDConfig(OptimizerConfig):
             raise ValueError("gkd.logits_chunk must be >= 1")
         if self.compile not in ("auto", "on", "off"):
             raise ValueError(f"gkd.compile = {self.compile!r}; allowed: auto, on, off")
+        if self.parallel not in GKD_PARALLEL:
+            raise ValueError(f"gkd.parallel = {self.parallel!r}; allowed: {', '.join(GKD_PARALLEL)}")
         if min(self.cosine_weight, self.kl_weight, self.lm_loss_weight) < 0 or \
                 self.cosine_weight + self.kl_weight + self.lm_loss_weight == 0:
             raise ValueError("gkd loss weights must be >= 0 and not all 0")

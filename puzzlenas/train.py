@@ -34,7 +34,8 @@ class TrainingError(RuntimeError):
 
 def settings_fingerprint(*parts: Any) -> str:
     """A short stable hash of settings (dataclasses, dicts, numbers, strings) for checkpoints."""
-    data = [dataclasses.asdict(p) if dataclasses.is_dataclass(p) else p for p in parts]
+    data = [{k: v for k, v in dataclasses.asdict(p).items() if k not in getattr(p, "RUN_ONLY", ())}
+            if dataclasses.is_dataclass(p) else p for p in parts]
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -257,9 +258,10 @@ class TrainingCheckpoint:
 
     world_size 1: this process alone trains the model and writes the files (also inside a
     torchrun job whose ranks train different models, as BLD's jobs do). world_size > 1: the
-    model is sharded over the ranks (FSDP2); `save` and `load` are collectives that every rank
-    calls. The full (unsharded) state is gathered on rank 0, which alone writes it, then a
-    barrier; on resume every rank reads the files and takes its part. One format for both, so a
+    ranks train one model together, sharded over them (FSDP2) or, with `sharded=False`,
+    replicated on each (data parallel); `save` and `load` are collectives that every rank
+    calls. The full (unsharded) state is gathered on rank 0 (replicated: rank 0's copy), which
+    alone writes it, then a barrier; on resume every rank reads the files and takes its part. One format for both, so a
     run killed with W ranks resumes with any number of ranks. (For very large models the gather
     needs the whole optimizer state in rank 0's CPU memory.)
 
@@ -270,8 +272,9 @@ class TrainingCheckpoint:
     FILES = ("ckpt.safetensors", "ckpt.json")
 
     def __init__(self, directory: Path, fingerprint: str, world_size: int = 1, label: str = "checkpoint",
-                 log: Callable[[str], Any] = print):
+                 log: Callable[[str], Any] = print, sharded: bool = True):
         self.directory, self.fingerprint, self.world = Path(directory), fingerprint, world_size
+        self.sharded = sharded and world_size > 1  # else every rank holds the whole model
         self.label, self.log = label, log
 
     @property
@@ -297,7 +300,7 @@ class TrainingCheckpoint:
         """Write the state after `step` optimizer steps (and the trainer's JSON-able `extra`).
         With several ranks a collective: rank 0 writes, no rank returns before the files are
         complete."""
-        if self.world == 1:
+        if not self.sharded:
             model_state, optim_state = _local_state(model, optimizer)
         else:
             from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
@@ -354,7 +357,7 @@ class TrainingCheckpoint:
             self.log(f"  unreadable {self.label} in {self.directory} ({type(err).__name__}: {err}); starting over")
             return None
         try:
-            if self.world == 1:
+            if not self.sharded:
                 _load_local_state(model, optimizer, model_state, optim_state)
             else:
                 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict

@@ -1,5 +1,6 @@
-"""GKD with two ranks (gloo, FSDP2 on CPU), killed after 2 of 3 steps and resumed, equals one rank
-on the concatenated batches; its checkpoint also resumes on one rank."""
+"""GKD with two ranks (gloo on CPU; FSDP2, or the child replicated with its gradients averaged),
+killed after 2 of 3 steps and resumed, equals one rank on the concatenated batches; its
+checkpoint also resumes on one rank."""
 
 import json
 import os
@@ -27,7 +28,7 @@ def config() -> GKDConfig:
     return GKDConfig(tokens=STEPS * B * T * 2, batch_size=B, lr=1e-3, warmup_fraction=0.0, checkpoint_every=1)
 
 
-def _rank_main(rank: int, port: int, out: str, steps_before_kill: int) -> None:
+def _rank_main(rank: int, port: int, out: str, steps_before_kill: int, mode: str) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     import torch.distributed as dist
@@ -36,8 +37,10 @@ def _rank_main(rank: int, port: int, out: str, steps_before_kill: int) -> None:
     torch.set_num_threads(1)
     parent, child = make_child(seed=0), make_child(seed=1)
     parent.requires_grad_(False)
-    parallelize(child, parent)
-    trainer = GKDTrainer(child, parent, config(), Path(out) / "ckpt", T, world_size=2, log=lambda *a: None)
+    if mode == "fsdp":
+        parallelize(child, parent)
+    trainer = GKDTrainer(child, parent, config(), Path(out) / "ckpt", T, world_size=2, log=lambda *a: None,
+                         data_parallel=mode == "ddp")
     trainer.train(batches(rank)[:steps_before_kill])  # fewer batches: stops like a killed run
     state = full_model_state(child)
     if rank == 0 and steps_before_kill == STEPS:
@@ -52,13 +55,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_fsdp2_two_ranks_match_one_rank(tmp_path):
+@pytest.mark.parametrize("mode", ["fsdp", "ddp"])
+def test_two_ranks_match_one_rank(tmp_path, mode):
     torch.set_num_threads(1)
-    torch.multiprocessing.spawn(_rank_main, args=(_free_port(), str(tmp_path), 2), nprocs=2, join=True)
+    torch.multiprocessing.spawn(_rank_main, args=(_free_port(), str(tmp_path), 2, mode), nprocs=2, join=True)
     meta = json.loads((tmp_path / "ckpt" / "ckpt.json").read_text())
     assert (meta["step"], meta["world_size"]) == (2, 2)
     after_two_steps = load_file(str(tmp_path / "ckpt" / "ckpt.safetensors"))
-    torch.multiprocessing.spawn(_rank_main, args=(_free_port(), str(tmp_path), STEPS), nprocs=2, join=True)
+    torch.multiprocessing.spawn(_rank_main, args=(_free_port(), str(tmp_path), STEPS, mode), nprocs=2, join=True)
     sharded = load_file(str(tmp_path / "sharded.safetensors"))
 
     parent, child = make_child(seed=0), make_child(seed=1)

@@ -42,6 +42,10 @@ class Stage:
     checks_own_work: its partial work records what it was made from (eval's per-model results):
         when its inputs change it is rerun over it; other stages are emptied first.
     table: the file of its folder that `puzzlenas <stage> RUN` prints.
+    all_ranks: under torchrun its `run` is called on every rank, which split the work (bld,
+        scores, gkd); it still writes each file from one rank (or rank-local parts that one rank
+        merges) and returns only when every rank is done. Other stages run on rank 0 alone
+        while the other ranks wait (README, design notes: "Several ranks").
     """
 
     name: str
@@ -53,6 +57,7 @@ class Stage:
     extra_inputs: Callable[[RunConfig, Path], dict[str, Path]] | None = None
     checks_own_work: bool = False
     table: str | None = "table.txt"
+    all_ranks: bool = False
 
     def active(self, cfg: RunConfig) -> bool:
         return self.when is None or bool(self.when(cfg))

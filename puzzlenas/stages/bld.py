@@ -12,7 +12,7 @@ from .common import load_data, load_parent_for, passes, train_batches, validatio
 if TYPE_CHECKING:
     from ..config import RunConfig
 
-STAGE = Stage("bld", config=("bld",), upstream=(library.STAGE,))
+STAGE = Stage("bld", config=("bld",), upstream=(library.STAGE,), all_ranks=True)
 
 
 def run(cfg: RunConfig, run_dir: Path) -> Path:

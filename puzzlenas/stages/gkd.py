@@ -16,88 +16,122 @@ from .common import load_data, load_parent_for, passes, passes_lines, solutions,
 if TYPE_CHECKING:
     from ..config import RunConfig
 
-STAGE = Stage("gkd", config=("gkd", "seed"), upstream=(assemble.STAGE,), per_child="gkd", table=None)
+STAGE = Stage("gkd", config=("gkd", "seed"), upstream=(assemble.STAGE,), per_child="gkd", table=None,
+              all_ranks=True)
 
 
 def run(cfg: RunConfig, run_dir: Path) -> Path:
-    """Distill every child whose gkd-<name>/ is not finished; checkpoints in gkd-<name>.work/."""
+    """Distill every child whose gkd-<name>/ is not finished; checkpoints in gkd-<name>.work/.
+    Under torchrun every rank takes part in every child: rank 0 judges which children are left,
+    the parent is prepared once for all of them (replicated, or sharded with FSDP2), rank 0
+    writes each child."""
+    from ..dist import distributed_rank, rank_zero_value, resolve_device
+    from ..gkd import choose_parallel, shard_layers
+    from ..model.info import total_params
+    from ..model.modeling import DeciLMConfig
+
+    records = solutions(run_dir, cfg)
+    rank, world = distributed_rank()
+    left = rank_zero_value([r["name"] for r in records if STAGE.why_not_done(cfg, run_dir, r)] if rank == 0 else None)
+    todo = [r for r in records if r["name"] in left]
+    if not todo:
+        print(f"[gkd] done already: {len(records)} children")
+        return run_dir
+    device = resolve_device(cfg.device)
+    teacher = load_parent_for(cfg, run_dir, on_device=False, frozen=True)
+    largest = max(total_params(DeciLMConfig.from_pretrained(assemble.STAGE.folder(run_dir, r))) for r in todo)
+    parent_bytes = sum(p.numel() * p.element_size() for p in teacher.parameters())
+    mode = rank_zero_value(choose_parallel(cfg.gkd.parallel, world, largest, parent_bytes, device))
+    if world > 1:
+        print(f"[gkd] {world} ranks, {'children replicated (data parallel)' if mode == 'ddp' else 'FSDP2'}: "
+              f"largest child {largest / 1e6:,.1f}M parameters, parent {parent_bytes / 2**30:.2f} GiB")
+    dataset = load_data(cfg, run_dir)
+    if mode != "fsdp" or cfg.gkd.chat_fraction:  # the chat transcripts are written by the whole parent
+        teacher = teacher.to(device)
+    chat_rows = chat_rows_for(cfg, run_dir, teacher, dataset.seq_len, rank, world) if cfg.gkd.chat_fraction else None
+    if mode == "fsdp":
+        shard_layers(teacher)  # once, for every child (a second fully_shard of a module fails)
+        teacher = teacher.to(device)
+    for record in todo:
+        distill_child(cfg, run_dir, record, teacher, dataset, chat_rows, mode, device)
+        if device.type == "cuda":
+            import torch
+
+            torch.cuda.empty_cache()  # the last child's weights and optimizer state are gone
+    return run_dir
+
+
+def distill_child(cfg: RunConfig, run_dir: Path, record: dict, teacher, dataset, chat_rows, mode: str,
+                  device) -> None:
+    """One child through GKD on every rank; rank 0 writes gkd-<name>/ (via .tmp, DONE last)."""
     import torch
 
     from ..checkpoint import atomic_write_json
     from ..dist import barrier, distributed_rank
-    from ..gkd import GKDTrainer, parallelize
+    from ..gkd import GKDTrainer, shard_layers
     from ..model.modeling import DeciLMForCausalLM
     from ..model.parent import copy_tokenizer_files
     from ..train import full_model_state
 
-    paths = RunDir(run_dir)
-    records = solutions(run_dir, cfg)
-    todo = [r for r in records if STAGE.why_not_done(cfg, run_dir, r)]
-    if not todo:
-        print(f"[gkd] done already: {len(records)} children")
-        return run_dir
     rank, world = distributed_rank()
-    teacher = load_parent_for(cfg, run_dir, frozen=True)
-    device = teacher.model.embed_tokens.weight.device
-    dataset = load_data(cfg, run_dir)
-    chat_rows = chat_rows_for(cfg, run_dir, teacher, dataset.seq_len, rank, world) if cfg.gkd.chat_fraction else None
-    for record in todo:
-        out = STAGE.folder(run_dir, record)
-        work = out.with_name(out.name + ".work")  # checkpoints live here until the child is done
-        if out.exists():
-            shutil.rmtree(out)
-        child_dir = assemble.STAGE.folder(run_dir, record)
-        child = DeciLMForCausalLM.from_pretrained(child_dir, dtype=torch.float32).to(device)
-        if world > 1:
-            parallelize(child, teacher)
-        gkd_cfg = child_gkd_config(cfg, record)
-        batches = train_batches(cfg, dataset, gkd_cfg.batch_size, max(gkd_cfg.tokens, 1), seed=cfg.seed + 1,
-                                rank=rank, world=world)
-        if chat_rows is not None:
-            from ..data.chat import MixedBatches
+    out = STAGE.folder(run_dir, record)
+    work = out.with_name(out.name + ".work")  # checkpoints live here until the child is done
+    if rank == 0 and out.exists():
+        shutil.rmtree(out)
+    barrier(world)
+    child_dir = assemble.STAGE.folder(run_dir, record)
+    child = DeciLMForCausalLM.from_pretrained(child_dir, dtype=torch.float32)  # on the CPU
+    if mode == "fsdp":
+        shard_layers(child)  # the shards go to this rank's device
+    child = child.to(device)
+    gkd_cfg = child_gkd_config(cfg, record)
+    batches = train_batches(cfg, dataset, gkd_cfg.batch_size, max(gkd_cfg.tokens, 1), seed=cfg.seed + 1,
+                            rank=rank, world=world)
+    if chat_rows is not None:
+        from ..data.chat import MixedBatches
 
-            batches = MixedBatches(batches, chat_rows, gkd_cfg.chat_fraction, seed=cfg.seed + 2 + rank)
-        # a checkpoint of another child (rebuilt since GKD was killed) or other data starts over
-        identity = f"{STAGE.fingerprint(cfg, record)}/{content_id(child_dir)}/{data.STAGE.fingerprint(cfg)}"
-        if teacher_stage.STAGE.active(cfg):  # the teacher's rows are part of the data
-            identity += f"/{teacher_stage.STAGE.fingerprint(cfg)}"
-        trainer = GKDTrainer(child, teacher, gkd_cfg, work, dataset.seq_len, world_size=world,
-                             fingerprint=identity)
-        print(f"[gkd] {record['name']}: {trainer.steps} steps of {cfg.gkd.batch_size}x{dataset.seq_len} tokens"
-              f"{f' x {world} ranks' if world > 1 else ''}")
-        val = validation_batches(dataset, cfg.gkd.validation_tokens, cfg.gkd.batch_size)
-        before = trainer.validation_loss(val)
-        steps = trainer.train(batches)
-        after = trainer.validation_loss(val)
-        print(f"[gkd] {record['name']}: validation loss {before['loss']:.4f} -> {after['loss']:.4f} "
-              f"(KL {before['kl']:.4f} -> {after['kl']:.4f}, cosine {before['cosine']:.4f} -> {after['cosine']:.4f})")
-        tokens = trainer.steps * gkd_cfg.batch_size * dataset.seq_len * world
-        read = [passes(cfg, dataset, f"GKD {record['name']}" + (f" ({1 - gkd_cfg.chat_fraction:.0%} of its rows; the "
-                                                                 f"rest chat transcripts)" if chat_rows is not None else ""),
-                       round(tokens * (1 - gkd_cfg.chat_fraction)) if chat_rows is not None else tokens),
-                passes(cfg, dataset, "GKD validation", gkd_cfg.validation_tokens, "validation", first=True)]
-        if rank == 0:
-            print("\n".join(f"[gkd] {line}" for line in passes_lines(read).splitlines()))
-        history = {"validation_before": before, "validation_after": after, "steps": steps, "tokens": tokens,
-                   "passes": read}
-        state = full_model_state(child)  # a collective with several ranks: every rank calls it
-        if rank == 0:
-            final = DeciLMForCausalLM(child.config) if world > 1 else child
-            if world > 1:
-                final.load_state_dict(state)
-            tmp = out.with_name(out.name + ".tmp")
-            if tmp.exists():
-                shutil.rmtree(tmp)
-            final.to(getattr(torch, cfg.parent_dtype)).save_pretrained(tmp)
-            copy_tokenizer_files(paths.parent, tmp)
-            atomic_write_json(tmp / "history.json", history)
-            STAGE.mark_done(cfg, run_dir, folder=tmp, record=record, steps=trainer.steps)
-            tmp.rename(out)
-            trainer.clear_checkpoint()
-            if work.exists():
-                shutil.rmtree(work)
-        barrier(world)
-    return run_dir
+        batches = MixedBatches(batches, chat_rows, gkd_cfg.chat_fraction, seed=cfg.seed + 2 + rank)
+    # a checkpoint of another child (rebuilt since GKD was killed) or other data starts over
+    identity = f"{STAGE.fingerprint(cfg, record)}/{content_id(child_dir)}/{data.STAGE.fingerprint(cfg)}"
+    if teacher_stage.STAGE.active(cfg):  # the teacher's rows are part of the data
+        identity += f"/{teacher_stage.STAGE.fingerprint(cfg)}"
+    trainer = GKDTrainer(child, teacher, gkd_cfg, work, dataset.seq_len, world_size=world, fingerprint=identity,
+                         data_parallel=mode == "ddp")
+    print(f"[gkd] {record['name']}: {trainer.steps} steps of {cfg.gkd.batch_size}x{dataset.seq_len} tokens"
+          f"{f' x {world} ranks' if world > 1 else ''}")
+    val = validation_batches(dataset, cfg.gkd.validation_tokens, cfg.gkd.batch_size)
+    before = trainer.validation_loss(val)
+    steps = trainer.train(batches)
+    after = trainer.validation_loss(val)
+    print(f"[gkd] {record['name']}: validation loss {before['loss']:.4f} -> {after['loss']:.4f} "
+          f"(KL {before['kl']:.4f} -> {after['kl']:.4f}, cosine {before['cosine']:.4f} -> {after['cosine']:.4f})")
+    tokens = trainer.steps * gkd_cfg.batch_size * dataset.seq_len * world
+    read = [passes(cfg, dataset, f"GKD {record['name']}" + (f" ({1 - gkd_cfg.chat_fraction:.0%} of its rows; the "
+                                                             f"rest chat transcripts)" if chat_rows is not None else ""),
+                   round(tokens * (1 - gkd_cfg.chat_fraction)) if chat_rows is not None else tokens),
+            passes(cfg, dataset, "GKD validation", gkd_cfg.validation_tokens, "validation", first=True)]
+    if rank == 0:
+        print("\n".join(f"[gkd] {line}" for line in passes_lines(read).splitlines()))
+    history = {"validation_before": before, "validation_after": after, "steps": steps, "tokens": tokens,
+               "passes": read}
+    state = full_model_state(child) if mode == "fsdp" else None  # a collective: every rank calls it
+    if rank == 0:
+        final = child
+        if mode == "fsdp":
+            final = DeciLMForCausalLM(child.config)
+            final.load_state_dict(state)
+        tmp = out.with_name(out.name + ".tmp")
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        final.to(getattr(torch, cfg.parent_dtype)).save_pretrained(tmp)
+        copy_tokenizer_files(RunDir(run_dir).parent, tmp)
+        atomic_write_json(tmp / "history.json", history)
+        STAGE.mark_done(cfg, run_dir, folder=tmp, record=record, steps=trainer.steps)
+        tmp.rename(out)
+        trainer.clear_checkpoint()
+        if work.exists():
+            shutil.rmtree(work)
+    barrier(world)
 
 
 def child_gkd_config(cfg: RunConfig, record: dict):

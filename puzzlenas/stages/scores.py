@@ -13,7 +13,7 @@ from .common import load_data, load_parent_for, passes, validation_batches, writ
 if TYPE_CHECKING:
     from ..config import RunConfig
 
-STAGE = Stage("scores", config=("scoring",), upstream=(bld.STAGE,))
+STAGE = Stage("scores", config=("scoring",), upstream=(bld.STAGE,), all_ranks=True)
 
 
 def run(cfg: RunConfig, run_dir: Path) -> Path:

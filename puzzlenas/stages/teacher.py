@@ -59,14 +59,9 @@ def pick_generate(engine: str):
 
 def run(cfg: RunConfig, run_dir: Path) -> Path:
     """Generate (or read from the cache) the teacher corpus; write its rows into teacher/. Under
-    torchrun rank 0 writes it while the other ranks wait."""
-    from ..dist import barrier, distributed_rank
-
-    rank, world = distributed_rank()
-    if rank == 0:
-        write_corpus(cfg, run_dir)
-    barrier(world)
-    return run_dir / STAGE.name
+    torchrun the pipeline runs it on rank 0 while the other ranks wait (a stage not declared
+    all_ranks)."""
+    return write_corpus(cfg, run_dir)
 
 
 def write_corpus(cfg: RunConfig, run_dir: Path) -> Path:
