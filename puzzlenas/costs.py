@@ -36,6 +36,7 @@ from .model.blocks import AttentionConfig, BlockConfig, FFNConfig
 from .model.info import DTYPE_BYTES, attention_params, ffn_params, fixed_params
 from .model.inference import decode_positions, mean_over_fills, measure_generation, time_decode_over_fills, time_fn
 from .model.modeling import DeciLMConfig, DeciLMDecoderLayer, DeciLMForCausalLM, ForwardContext
+from .progress import progress
 from .sections import CostConfig, Scenario  # noqa: F401  (re-exported)
 
 
@@ -187,7 +188,7 @@ def measure_costs(model_config: DeciLMConfig, attention: list[AttentionConfig], 
         by_fill["fixed"][s.name] = times["decode_by_fill"]
     table["fixed"] = fixed
     for kind, configs in (("attention", attention), ("ffn", ffn)):
-        for c in dict.fromkeys(configs):
+        for c in progress(list(dict.fromkeys(configs)), desc=f"[costs] {kind}", unit="subblock"):
             block = BlockConfig(c, noop_ffn) if kind == "attention" else BlockConfig(noop_att, c)
             params = attention_params(model_config, block) if kind == "attention" else ffn_params(model_config, block)
             kv_per_token = 2 * c.num_kv_heads * model_config.head_dim * nbytes \
