@@ -646,7 +646,8 @@ def serving_section(ctx: ReportContext) -> list[str]:
             if problems:
                 lines += [f"- {runtime}: cannot run this child: " + "; ".join(problems), ""]
                 continue
-            lines += [f"- {runtime} (`puzzlenas export {model} {folder} --runtime {runtime}`):", "",
+            lines += [f"- {runtime} (`puzzlenas export {ctx.run_dir / model} {ctx.run_dir / folder} --runtime {runtime}"
+                      f"{' --force' if exported else ''}`):", "",
                       "```", serving_snippet(runtime, folder), "```", ""]
     return lines
 
