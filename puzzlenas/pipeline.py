@@ -41,7 +41,10 @@ def run_pipeline(config_path: str | Path | None, run_dir: Path | None = None, un
     from .checkpoint import atomic_write_text
     from .config import dump_yaml, load_run_config
 
+    from .progress import quiet_library_bars
+
     cfg = load_run_config(config_path, overrides)
+    quiet_library_bars()
     for name in [*force, *([until] if until else [])]:
         stage_module(name)  # an unknown name fails before anything runs
     run_dir = Path(run_dir) if run_dir else Path("runs") / cfg.name
@@ -55,35 +58,36 @@ def run_pipeline(config_path: str | Path | None, run_dir: Path | None = None, un
             if name in force:
                 forget(module.STAGE, cfg, run_dir)
             started = time.time()
-            run_stage(module, cfg, run_dir, show_table=name == until)
-            print(f"[{name}] {time.time() - started:.1f} s")
+            if run_stage(module, cfg, run_dir, show_table=name == until):
+                print(f"[{name}] {time.time() - started:.1f} s")
             if name == until:
                 break
     return run_dir
 
 
-def run_stage(module: ModuleType, cfg, run_dir: Path, show_table: bool = False) -> None:
+def run_stage(module: ModuleType, cfg, run_dir: Path, show_table: bool = False) -> bool:
     """One stage: skipped when not asked for or done already (then its table is printed when
-    `show_table`), run otherwise."""
+    `show_table`), run otherwise. Returns whether it ran."""
     stage = module.STAGE
     if not stage.active(cfg):
         print(f"[{stage.name}] {stage.unasked or 'not asked for in this config'}")
-        return
+        return False
     if stage.per_child:  # each child is checked by the stage itself
         module.run(cfg, run_dir)
-        return
+        return True
     reason = stage.why_not_done(cfg, run_dir)
     barrier(distributed_rank()[1])  # torchrun: every rank has judged the stage before any deletes it
     if reason is None:
         print(f"[{stage.name}] done already: {stage.folder(run_dir)}")
         if show_table:
             print(stage_table(stage, run_dir), end="")
-        return
+        return False
     if reason != NOT_FINISHED:
         print(f"[{stage.name}] redone: {reason}")
     if reason not in (NOT_FINISHED, SETTINGS_CHANGED) and not stage.checks_own_work:
         forget(stage, cfg, run_dir)  # made from other inputs, or changed since: none of it is worth resuming
     module.run(cfg, run_dir)
+    return True
 
 
 def stage_table(stage, run_dir: Path) -> str:

@@ -28,6 +28,18 @@ def progress_enabled() -> bool:
     return bool(isatty and isatty())
 
 
+def quiet_library_bars() -> None:
+    """Turn off the bars transformers and huggingface_hub draw (loading weights, writing shards)
+    where ours are off, so a log of a run without a terminal holds no bar fragments."""
+    if progress_enabled():
+        return
+    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"  # read when they are imported
+    if "transformers" in sys.modules:  # imported already: its own switch
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+
+
 def progress(iterable: Iterable | None = None, *, total: int | None = None, desc: str | None = None,
              unit: str = "it", initial: int = 0, **kwargs: Any):
     """A tqdm bar over `iterable` (or updated by hand when None) on stderr; disabled (a plain
