@@ -627,8 +627,8 @@ def serving_section(ctx: ReportContext) -> list[str]:
     if not ctx.ours:
         return []
     lines = ["## Serve a child", "",
-             "`export-<child>/` is written by the run's export stage for `serving.runtime`; for another runtime "
-             "run `puzzlenas export RUN/gkd-<child> RUN/export-<child> --runtime R --force`. vLLM and "
+             "For a runtime other than the run's `serving.runtime`, export again with the command given "
+             "(`--force` replaces the folder). vLLM and "
              "TensorRT-LLM read the configuration module shipped with the export (`--trust-remote-code`); "
              "mlx-lm reads its own weight names (`--runtime mlx`).", ""]
     for r in ctx.ours:
@@ -637,17 +637,16 @@ def serving_section(ctx: ReportContext) -> list[str]:
         if not (source / "config.json").is_file():
             continue
         folder = f"export-{r['name']}"
-        exported = (ctx.run_dir / folder / "config.json").is_file()
         support = runtime_support(DeciLMConfig.from_pretrained(source))
-        lines += [f"### {r['name']}", "",
-                  f"From `{model}/`; `{folder}/` " + ("is written." if exported else "is not written yet."), ""]
+        lines += [f"### {r['name']}", "", f"From `{model}/`; the run's export stage (after this report) writes "
+                  f"`{folder}/` for its `serving.runtime`.", ""]
         for runtime in SERVING_RUNTIMES:
             problems = support.get(runtime, [])
             if problems:
                 lines += [f"- {runtime}: cannot run this child: " + "; ".join(problems), ""]
                 continue
             lines += [f"- {runtime} (`puzzlenas export {ctx.run_dir / model} {ctx.run_dir / folder} --runtime {runtime}"
-                      f"{' --force' if exported else ''}`):", "",
+                      " --force`):", "",
                       "```", serving_snippet(runtime, folder), "```", ""]
     return lines
 
