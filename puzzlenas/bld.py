@@ -37,6 +37,7 @@ from .checkpoint import atomic_save_tensors, atomic_write_json, atomic_write_tex
 from .library import (AttentionUnit, FFNUnit, LibraryConfig, Variant, build_unit, parent_attention_unit,
                       parent_ffn_unit)
 from .model.modeling import DeciLMForCausalLM, ForwardContext
+from .progress import progress
 from .train import (TrainingCheckpoint, TrainingError, adamw, autocast, autocast_dtype, clip_gradients,
                     lr_scheduler, raise_if_non_finite, settings_fingerprint)
 from .sections import BLDConfig  # noqa: F401  (re-exported)
@@ -272,11 +273,13 @@ class BLDTrainer:
         groups, alone = stack_groups(states, self.config.blocks, limit, self.config, self.cfg)
         by_layer = _group_by_layer(alone)
         first = min(s.start_step for s in states)
+        bar = progress(total=self.steps, initial=first, desc=f"[bld] {len(states)} jobs", unit="step")
         for step, batch in enumerate(train_batches):
             if step < first:
                 continue  # resumed: these batches were seen before the checkpoint
             if step >= self.steps:
                 break
+            bar.update(1)
             active = {i: [s for s in ss if s.step <= step] for i, ss in by_layer.items()}
             active = {i: ss for i, ss in active.items() if ss}
             active_groups = [g for g in groups if g.step <= step]
@@ -314,9 +317,13 @@ class BLDTrainer:
                 for s in states:
                     self._checkpoint(s)
             if report:
+                for s in states:  # the loss curve the report plots (check_finite made them floats)
+                    if isinstance(s.metrics.get("last_loss"), float):
+                        s.metrics.setdefault("loss_curve", []).append([step + 1, s.metrics["last_loss"]])
                 losses = [s.metrics["last_loss"] for s in states if "last_loss" in s.metrics]
                 self.log(f"  step {step + 1}/{self.steps}: {len(states)} jobs, mean train loss "
                          f"{sum(losses) / max(1, len(losses)):.4f}")
+        bar.close()
         for g in groups:
             g.write_back(optimizer_state=False)
 
@@ -358,7 +365,8 @@ class BLDTrainer:
                    "nmse_init": s.metrics.get("nmse_init"), "nmse_final": s.metrics.get("nmse_final"),
                    "last_train_loss": s.metrics.get("last_loss"), "tokens": tokens, "steps": s.step,
                    "seconds": round(s.seconds, 3),
-                   "params": sum(p.numel() for u in s.trainables for p in u.parameters())}
+                   "params": sum(p.numel() for u in s.trainables for p in u.parameters()),
+                   "loss_curve": s.metrics.get("loss_curve", [])}  # [step, train loss] ~10 times per job
         atomic_write_json(d / "metrics.json", metrics)
         atomic_write_text(d / "DONE", "")
         self.job_checkpoint(s.job).clear()

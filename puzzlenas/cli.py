@@ -101,6 +101,19 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_tasks(args: argparse.Namespace) -> int:
+    """`puzzlenas tasks OUT`: our tasks as offline lm-eval task YAMLs (+ jsonl), and the lm_eval command."""
+    from .eval.tasks import build_task, export_lm_eval_task
+
+    names = [export_lm_eval_task(build_task(t, seed=args.seed, max_examples=args.max_examples), args.out)
+             for t in args.task]
+    for name in names:
+        print(f"wrote {args.out / name}.yaml")
+    yamls = ",".join(str((args.out / f"{n}.yaml").resolve()) for n in names)
+    print(f"lm_eval --model hf --model_args pretrained=EXPORT,trust_remote_code=True --tasks {yamls} --device cpu")
+    return 0
+
+
 def cmd_config(args: argparse.Namespace) -> int:
     from .config import dump_yaml, load_run_config
 
@@ -152,6 +165,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
     p.set_defaults(func=cmd_config)
 
+    p = sub.add_parser("tasks", help="write the downstream tasks as offline lm-eval task YAMLs (for lm_eval on an "
+                                     "export)",
+                       description="Write each task's examples (jsonl) and an lm-evaluation-harness task YAML "
+                                   "reading them into OUT, then print the lm_eval command that scores an export "
+                                   "(`puzzlenas export MODEL EXPORT --runtime hf`) on them, offline.")
+    p.add_argument("out", type=Path, help="output folder")
+    p.add_argument("--task", action="append", default=None, metavar="NAME",
+                   help="wiki-lastword, news-continuation, bible-continuation or mmlu-dev (repeatable; "
+                        "default: the first three)")
+    p.add_argument("--max-examples", type=int, default=None, help="a seeded sample of at most this many per task")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_tasks)
+
     from .pipeline import STAGE_NAMES, stage_module
 
     for stage in STAGE_NAMES:
@@ -201,6 +227,10 @@ def main(argv: list[str] | None = None) -> int:
 
     argv = list(sys.argv[1:] if argv is None else argv)
     args = (build_export_parser() if argv[:1] == ["export"] else build_parser()).parse_args(argv)
+    if getattr(args, "command", None) == "tasks" and args.task is None:
+        from .eval.tasks.registry import DEFAULT_TASKS
+
+        args.task = list(DEFAULT_TASKS)
     try:
         code = args.func(args)
         if "torch" in sys.modules:  # a command that never loaded torch started no process group

@@ -37,6 +37,7 @@ from .model.info import DTYPE_BYTES, attention_params, ffn_params, fixed_params
 from .model.inference import (at_fills, decode_positions, mean_over_fills, measure_generations, time_fn,
                               time_interleaved)
 from .model.modeling import DeciLMConfig, DeciLMDecoderLayer, DeciLMForCausalLM, ForwardContext
+from .progress import progress
 from .sections import CostConfig, Scenario  # noqa: F401  (re-exported)
 
 
@@ -222,7 +223,7 @@ def measure_costs(model_config: DeciLMConfig, attention: list[AttentionConfig], 
     table["fixed"] = fixed
     timed = {(kind, c): i for i, (kind, c, _, _) in enumerate(parts) if c is not None}
     for kind, configs in (("attention", attention), ("ffn", ffn)):
-        for c in dict.fromkeys(configs):
+        for c in progress(list(dict.fromkeys(configs)), desc=f"[costs] {kind}", unit="subblock"):
             block = BlockConfig(c, noop_ffn) if kind == "attention" else BlockConfig(noop_att, c)
             params = attention_params(model_config, block) if kind == "attention" else ffn_params(model_config, block)
             kv_per_token = 2 * c.num_kv_heads * model_config.head_dim * nbytes \

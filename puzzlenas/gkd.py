@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 from .activations import causal_context
 from .model.modeling import DeciLMForCausalLM
+from .progress import progress
 from .train import (TrainingCheckpoint, TrainingError, adamw, autocast, autocast_dtype, clip_gradients,
                     lr_scheduler, raise_if_non_finite, settings_fingerprint)
 from .sections import GKDConfig  # noqa: F401  (re-exported)
@@ -264,11 +265,13 @@ class GKDTrainer:
     def train(self, batches) -> list[dict]:
         self._maybe_resume()
         started, first = time.time(), self.step
+        bar = progress(total=self.steps, initial=first, desc="[gkd]", unit="step")
         for step, batch in enumerate(batches):
             if step < self.step:
                 continue
             if step >= self.steps:
                 break
+            bar.update(1)
             self.child.train()
             parts = self.loss_and_backward(batch.to(self.device))
             if self.sharded:
@@ -292,6 +295,7 @@ class GKDTrainer:
                              f"{(self.step - first) * batch.numel() * self.world / max(elapsed, 1e-9):,.0f} tokens/s")
             if self.step % self.cfg.checkpoint_every == 0 and self.step < self.steps:
                 self._checkpoint()
+        bar.close()
         self.child.eval()
         self.child.model.gradient_checkpointing = False
         return self.history

@@ -41,7 +41,10 @@ def run_pipeline(config_path: str | Path | None, run_dir: Path | None = None, un
     from .checkpoint import atomic_write_text
     from .config import dump_yaml, load_run_config
 
+    from .progress import quiet_library_bars
+
     cfg = load_run_config(config_path, overrides)
+    quiet_library_bars()
     for name in [*force, *([until] if until else [])]:
         stage_module(name)  # an unknown name fails before anything runs
     run_dir = Path(run_dir) if run_dir else Path("runs") / cfg.name
@@ -59,8 +62,8 @@ def run_pipeline(config_path: str | Path | None, run_dir: Path | None = None, un
             if name in force:
                 forget(module.STAGE, cfg, run_dir)
             started = time.time()
-            run_stage(module, cfg, run_dir, show_table=name == until)
-            print(f"[{name}] {time.time() - started:.1f} s")
+            if run_stage(module, cfg, run_dir, show_table=name == until):
+                print(f"[{name}] {time.time() - started:.1f} s")
             if name == until:
                 break
         print_missed_targets(run_dir)
@@ -81,9 +84,9 @@ def print_missed_targets(run_dir: Path) -> None:
           if lines else "puzzlenas run: every child meets its speedup target when measured")
 
 
-def run_stage(module: ModuleType, cfg, run_dir: Path, show_table: bool = False) -> None:
+def run_stage(module: ModuleType, cfg, run_dir: Path, show_table: bool = False) -> bool:
     """One stage: skipped when not asked for or done already (then its table is printed when
-    `show_table`), run otherwise.
+    `show_table`), run otherwise. Returns whether it ran.
 
     Under torchrun (the rule every stage follows; README, design notes): rank 0 judges whether
     the stage is done and every rank takes its answer; deletions are rank 0's, then a barrier;
@@ -93,7 +96,7 @@ def run_stage(module: ModuleType, cfg, run_dir: Path, show_table: bool = False) 
     stage = module.STAGE
     if not stage.active(cfg):
         print(f"[{stage.name}] {stage.unasked or 'not asked for in this config'}")
-        return
+        return False
     rank, world = distributed_rank()
     if not stage.per_child:  # each child is checked by the stage itself
         reason = rank_zero_value(stage.why_not_done(cfg, run_dir) if rank == 0 else None)
@@ -101,7 +104,7 @@ def run_stage(module: ModuleType, cfg, run_dir: Path, show_table: bool = False) 
             print(f"[{stage.name}] done already: {stage.folder(run_dir)}")
             if show_table:
                 print(stage_table(stage, run_dir), end="")
-            return
+            return False
         if reason != NOT_FINISHED:
             print(f"[{stage.name}] redone: {reason}")
         if reason not in (NOT_FINISHED, SETTINGS_CHANGED) and not stage.checks_own_work:
@@ -111,6 +114,7 @@ def run_stage(module: ModuleType, cfg, run_dir: Path, show_table: bool = False) 
         barrier(world)
     else:
         on_rank_zero(lambda: module.run(cfg, run_dir), f"stage {stage.name}")
+    return True
 
 
 def stage_table(stage, run_dir: Path) -> str:

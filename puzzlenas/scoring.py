@@ -24,6 +24,7 @@ from .activations import LayerActivations, causal_context
 from .bld import Job, JobBlock, assign_jobs, load_job_block
 from .checkpoint import atomic_write_json
 from .model.modeling import DeciLMForCausalLM, ForwardContext
+from .progress import progress
 from .sections import ScoringConfig  # noqa: F401  (re-exported)
 
 
@@ -114,6 +115,7 @@ def score_items(parent: DeciLMForCausalLM, bld_dir: Path, items: list[Job], batc
     for j in items:
         by_layer.setdefault(j.layer, []).append(j)
     started = time.time()
+    bar = progress(total=len(batches), initial=acc.batches_done, desc=f"[scores] {len(items)} items", unit="batch")
     for b, batch in enumerate(batches):
         if b < acc.batches_done:
             continue
@@ -134,7 +136,9 @@ def score_items(parent: DeciLMForCausalLM, bld_dir: Path, items: list[Job], batc
         acc.tokens += batch.shape[0] * (batch.shape[1] - 1)
         acc.batches_done = b + 1
         acc.save()
+        bar.update(1)
         log(f"  scored batch {b + 1}/{len(batches)} for {len(items)} items ({time.time() - started:.0f} s)")
+    bar.close()
     n = max(acc.tokens, 1)
     parent_loss = acc.parent_nll / n
     for j in exact:

@@ -9,7 +9,7 @@ import pytest
 from puzzlenas.cli import main
 from puzzlenas.pipeline import STAGE_NAMES
 
-COMMANDS = ["convert", "info", "generate", "config", "run", "score", *STAGE_NAMES]  # export: a stage and a command
+COMMANDS = ["convert", "info", "generate", "config", "tasks", "run", "score", *STAGE_NAMES]  # export: a stage and a command
 
 
 @pytest.mark.parametrize("command", [None, *COMMANDS])
@@ -127,3 +127,13 @@ def test_the_package_is_light_and_its_model_names_load_on_use():
                             "from transformers import AutoConfig\n"
                             "assert AutoConfig.for_model('nemotron-nas').model_type == 'nemotron-nas'")
     assert "puzzlenas.model.modeling" in loaded
+
+
+def test_tasks_writes_offline_lm_eval_yamls_and_the_command(tmp_path, capsys):
+    pytest.importorskip("gensim")
+    assert main(["tasks", str(tmp_path / "t"), "--task", "news-continuation", "--max-examples", "5"]) == 0
+    out = capsys.readouterr().out
+    yaml_path = tmp_path / "t" / "puzzlenas_news_continuation.yaml"
+    assert "dataset_path: json" in yaml_path.read_text()
+    assert len((tmp_path / "t" / "puzzlenas_news_continuation.jsonl").read_text().splitlines()) == 5
+    assert f"--tasks {yaml_path.resolve()} " in out and "pretrained=EXPORT,trust_remote_code=True" in out

@@ -288,3 +288,37 @@ def test_export_stage_writes_one_folder_per_child(tmp_path):
     assert "export-fast: vllm: vllm serve" in text and "export-faster: not written" in text and "layer 2" in text
     assert "| perplexity | test split | 9.5 |" in (run / "export-fast" / "README.md").read_text()
     assert "DONE" not in {p.name for p in (run / "export-fast").iterdir()}
+
+
+@pytest.mark.slow
+def test_lm_eval_command_line_scores_an_export_on_a_local_task(child, tmp_path):
+    """`lm_eval --model hf --model_args pretrained=EXPORT,trust_remote_code=True --tasks TASK.yaml`,
+    as docs/tasks.md gives it, in a process without puzzlenas: the same accuracy as our scorer.
+    Needs the full lm-eval (`pip install -e '.[lm-eval]'`: datasets, dill, evaluate ...)."""
+    for module in ("lm_eval", "datasets", "dill", "evaluate", "sqlitedict"):
+        pytest.importorskip(module)
+    from transformers import AutoTokenizer
+
+    from puzzlenas.eval import tasks as T
+
+    src, model = child
+    export = export_child(src, tmp_path / "export", "hf", "float32")
+    g = torch.Generator().manual_seed(0)
+    examples = []
+    for k in range(16):
+        ids = torch.randint(3, VOCAB, (8,), generator=g).tolist()
+        choices = [" " + " ".join(f"w{i}" for i in ids[4 + j: 5 + j + j % 2]) for j in range(4)]
+        examples.append((" ".join(f"w{i}" for i in ids[:4]), choices, k % 4))
+    task = T.Task("toy-mc", "multiple_choice", examples, "hand", "test")
+    name = T.export_lm_eval_task(task, tmp_path / "tasks")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "m"),
+           "HF_DATASETS_CACHE": str(tmp_path / "datasets")}
+    env.pop("PYTHONPATH", None)
+    subprocess.run([sys.executable, "-m", "lm_eval", "--model", "hf", "--model_args",
+                    f"pretrained={export},trust_remote_code=True", "--tasks", str(tmp_path / "tasks" / f"{name}.yaml"),
+                    "--device", "cpu", "--batch_size", "4", "--output_path", str(tmp_path / "out")],
+                   check=True, env=env, cwd=tmp_path, timeout=600, capture_output=True)
+    result = json.loads(next((tmp_path / "out").rglob("results_*.json")).read_text())["results"][name]
+    ours = T.evaluate_task(model, AutoTokenizer.from_pretrained(export), task, batch_size=4)
+    assert result["acc,none"] == pytest.approx(ours["acc"])
+    assert result["acc_norm,none"] == pytest.approx(ours["acc_norm"])

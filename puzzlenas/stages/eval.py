@@ -99,6 +99,7 @@ def evaluate_models(cfg: RunConfig, run_dir: Path, names: list[str], device, dty
     from ..model.inference import measure_generations
     from ..model.info import count_model_params, layer_costs
     from ..model.modeling import DeciLMForCausalLM
+    from ..progress import progress
 
     dataset = load_data(cfg, run_dir, teacher=False)  # the test split never holds teacher text
     batches = validation_batches(dataset, cfg.eval.tokens, cfg.eval.batch_size, split="test")
@@ -109,7 +110,7 @@ def evaluate_models(cfg: RunConfig, run_dir: Path, names: list[str], device, dty
     genres = GenreEval(cfg, tokenizer, parent, dataset.seq_len)
     chat = ChatQualityEval(cfg, tokenizer, parent, device)
     results = {}
-    for n in names:  # one child on the device at a time, next to the parent (large parents fit)
+    for n in progress(names, desc="[eval] models", unit="model"):  # one child on the device at a time, next to the parent (large parents fit)
         model = parent if n == "parent" else \
             DeciLMForCausalLM.from_pretrained(run_dir / n, dtype=dtype).to(device).eval()
         results[n] = lm_metrics({n: model}, parent, batches, cfg.eval.logits_chunk, parent_hidden)[n]

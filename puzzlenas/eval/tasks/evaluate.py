@@ -40,7 +40,8 @@ def evaluate_task(model: Any, tokenizer: Any, task: Task, *, batch_size: int = 8
     t0 = time.perf_counter()
     pairs = [(ex.context, c) for ex in task.examples for c in ex.choices]
     res = loglikelihoods(model, tokenizer, pairs, batch_size=batch_size, device=device,
-                         max_length=max_length, add_special_tokens=add_special_tokens)
+                         max_length=max_length, add_special_tokens=add_special_tokens,
+                         desc=f"[tasks] {task.name}")
     acc, acc_norm, gold_ll, details = [], [], [], []
     pos = 0
     for ex in task.examples:

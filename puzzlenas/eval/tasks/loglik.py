@@ -131,7 +131,7 @@ def _logits(out: Any) -> torch.Tensor:
 @torch.inference_mode()
 def score_token_requests(model: Any, requests: Sequence[tuple[Sequence[int], Sequence[int]]], *,
                          batch_size: int = 8, device: str | torch.device | None = None,
-                         max_length: int | None = None, pad_token_id: int = 0
+                         max_length: int | None = None, pad_token_id: int = 0, desc: str | None = None
                          ) -> list[tuple[float, bool]]:
     """``(sum log p(continuation | context), all continuation tokens greedy)`` per request.
 
@@ -140,7 +140,10 @@ def score_token_requests(model: Any, requests: Sequence[tuple[Sequence[int], Seq
     inputs are run longest first in batches of ``batch_size`` rows, right-padded, one forward
     each, and requests with identical inputs share a row.  Log-softmax runs in float32 on the
     continuation positions only.  ``device``: where the inputs go (default: the model's).
+    ``desc``: label of the progress bar over the batches (stderr, terminals only).
     """
+    from ...progress import progress
+
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size={batch_size!r} is invalid: must be an int >= 1")
     dev = torch.device(device) if device is not None else _model_device(model)
@@ -171,7 +174,7 @@ def score_token_requests(model: Any, requests: Sequence[tuple[Sequence[int], Seq
     if hasattr(model, "eval"):
         model.eval()
     try:
-        for b0 in range(0, len(order), batch_size):
+        for b0 in progress(range(0, len(order), batch_size), desc=desc or "[tasks]", unit="batch"):
             batch = order[b0:b0 + batch_size]
             T = len(inputs[batch[0]])
             ids = torch.full((len(batch), T), pad_token_id, dtype=torch.long)
@@ -208,13 +211,13 @@ def score_token_requests(model: Any, requests: Sequence[tuple[Sequence[int], Seq
 
 def loglikelihoods(model: Any, tokenizer: Any, pairs: Sequence[tuple[str, str]], *,
                    batch_size: int = 8, device: str | torch.device | None = None,
-                   max_length: int | None = None, add_special_tokens: bool | None = None
-                   ) -> list[tuple[float, bool]]:
+                   max_length: int | None = None, add_special_tokens: bool | None = None,
+                   desc: str | None = None) -> list[tuple[float, bool]]:
     """``(loglik, is_greedy)`` of each ``(context, continuation)`` string pair (lm-eval's
     ``loglikelihood`` request type)."""
     enc = encode_pairs(tokenizer, pairs, add_special_tokens)
     return score_token_requests(model, enc, batch_size=batch_size, device=device,
-                                max_length=max_length, pad_token_id=_pad_id(tokenizer))
+                                max_length=max_length, pad_token_id=_pad_id(tokenizer), desc=desc)
 
 
 def _pad_id(tokenizer: Any) -> int:
