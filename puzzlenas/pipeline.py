@@ -66,7 +66,8 @@ def run_pipeline(config_path: str | Path | None, run_dir: Path | None = None, un
                 print(f"[{name}] {time.time() - started:.1f} s")
             if name == until:
                 break
-        print_missed_targets(run_dir)
+        if until is None or STAGE_NAMES.index(until) >= STAGE_NAMES.index("eval"):
+            print_missed_targets(run_dir)  # the summary of a run that measured its children
     return run_dir
 
 
