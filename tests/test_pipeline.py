@@ -201,7 +201,7 @@ def test_a_forced_gkd_redoes_its_children_then_eval_and_report_only_for_them(fin
     run_pipeline(run / "config.yaml", run_dir=run, force=["gkd"])
     after = _done_stamps(run)
     assert {n for n in before if after[n] != before[n]} == {"gkd-fast", "gkd-small", "gkd-small-1", "eval",
-                                                           "report"}
+                                                           "report", "export"}
     changed = {n for n, t in models.items() if (run / "eval" / "models" / n).stat().st_mtime_ns != t}
     assert changed == {"parent.json", "gkd-fast.json", "gkd-small.json", "gkd-small-1.json"}  # children kept
     results = json.loads((run / "eval" / "results.json").read_text())

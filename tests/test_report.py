@@ -55,7 +55,7 @@ def test_report_flags_the_missed_target_with_plots_and_tables(finished_run, tmp_
     for runtime, problems in runtime_support(DeciLMConfig.from_pretrained(run / "gkd-fast")).items():
         # a runtime that cannot run the child says why; one that can gets its export command
         assert (f"- {runtime}: cannot run this child: {'; '.join(problems)}" if problems
-                else f"--runtime {runtime}`):") in fast
+                else f"--runtime {runtime} --force`):") in fast
     # BLD loss curves were recorded per job
     bld = [json.loads(line) for line in (run / "bld" / "metrics.jsonl").read_text().splitlines()]
     trained = [m for m in bld if m["trained"]]
