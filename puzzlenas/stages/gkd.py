@@ -26,6 +26,7 @@ def run(cfg: RunConfig, run_dir: Path) -> Path:
     from ..checkpoint import atomic_write_json
     from ..dist import barrier, distributed_rank
     from ..gkd import GKDTrainer, parallelize
+    from ..integrity import load_model_checked
     from ..model.modeling import DeciLMForCausalLM
     from ..model.parent import copy_tokenizer_files
     from ..train import full_model_state
@@ -47,7 +48,7 @@ def run(cfg: RunConfig, run_dir: Path) -> Path:
         if out.exists():
             shutil.rmtree(out)
         child_dir = assemble.STAGE.folder(run_dir, record)
-        child = DeciLMForCausalLM.from_pretrained(child_dir, dtype=torch.float32).to(device)
+        child = load_model_checked(child_dir, torch.float32).to(device)
         if world > 1:
             parallelize(child, teacher)
         gkd_cfg = child_gkd_config(cfg, record)
