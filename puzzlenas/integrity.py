@@ -2,8 +2,8 @@
 non-finite weights named where they are loaded, and the lock that keeps two runs out of one folder.
 
 Checksums (recorded in each DONE marker under "checksums": {file: [mtime_ns, digest]}):
-- a file up to FULL_HASH_BYTES (64 MiB) is hashed whole (SHA-256, which runs at ~0.9 GB/s with
-  the CPU's SHA instructions: ~0.1 s for 100 MB);
+- a file up to FULL_HASH_BYTES (16 MiB) is checksummed whole (CRC-32: ~2 GB/s on an idle core,
+  ~0.05 s per 100 MB);
 - a larger file (a parent, a child) hashes its size and SAMPLES evenly spaced 64 KiB blocks
   (first and last included): constant time whatever the size. A truncation or an appended tail
   always shows (the size is recorded too); a change inside a large file shows when it touches a
@@ -17,19 +17,19 @@ Torch-free except `first_non_finite` / `check_finite` (torch imported inside).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import socket
 import sys
 import time
+import zlib
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     import torch
 
-FULL_HASH_BYTES = 64 * 2**20
+FULL_HASH_BYTES = 16 * 2**20
 SAMPLES = 64
 SAMPLE_BYTES = 64 * 2**10
 
@@ -44,21 +44,22 @@ class LockError(RuntimeError):
 
 # ---- checksums ----------------------------------------------------------------------------------
 def file_digest(path: Path) -> str:
-    """SHA-256 (first 16 hex digits) of the whole file, or of its size and SAMPLES blocks when
-    it is larger than FULL_HASH_BYTES ("s:" prefix)."""
+    """CRC-32 of the whole file, or of its size and SAMPLES blocks when it is larger than
+    FULL_HASH_BYTES ("s:" prefix). CRC-32 is made to detect accidental damage (not tampering),
+    and is the cheapest check zlib has: ~2x faster than SHA-256 here."""
     size = path.stat().st_size
-    digest = hashlib.sha256()
+    crc = 0
     with open(path, "rb") as f:
         if size <= FULL_HASH_BYTES:
             while chunk := f.read(2**20):
-                digest.update(chunk)
-            return digest.hexdigest()[:16]
-        digest.update(str(size).encode())
+                crc = zlib.crc32(chunk, crc)
+            return f"{crc:08x}"
+        crc = zlib.crc32(str(size).encode())
         step = (size - SAMPLE_BYTES) / (SAMPLES - 1)
         for k in range(SAMPLES):
             f.seek(int(k * step))
-            digest.update(f.read(SAMPLE_BYTES))
-    return "s:" + digest.hexdigest()[:16]
+            crc = zlib.crc32(f.read(SAMPLE_BYTES), crc)
+    return f"s:{crc:08x}"
 
 
 def checksum(path: Path) -> list:

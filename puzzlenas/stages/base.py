@@ -178,7 +178,7 @@ def artifact_files(folder: Path) -> dict[str, int]:
 
 def mark_done(folder: Path, fingerprint: str, inputs: dict[str, Path] | None = None, **info) -> None:
     """The marker a finished artifact ends with: its fingerprint, files with sizes and checksums
-    (integrity.py: whole-file SHA-256 up to 64 MiB, sampled above), the content ids of what it
+    (integrity.py: whole-file CRC-32 up to 16 MiB, sampled above), the content ids of what it
     read, and a content id of its own."""
     files = artifact_files(folder)
     checksums = {rel: checksum(folder / rel) for rel in files}
