@@ -87,7 +87,8 @@ def run_stages(cfg, config_path, run_dir: Path, until: str | None, force, overri
                 print(f"[{name}] {time.time() - started:.1f} s")
             if name == until:
                 break
-        print_missed_targets(run_dir)
+        if until is None or STAGE_NAMES.index(until) >= STAGE_NAMES.index("eval"):
+            print_missed_targets(run_dir)  # the summary of a run that measured its children
 
 
 def print_missed_targets(run_dir: Path) -> None:
