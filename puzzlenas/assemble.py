@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from safetensors.torch import load_file
+from .integrity import load_weights
 
 from .model.blocks import BlockConfig
 from .library import Variant
@@ -51,7 +51,8 @@ def assemble_state(parent: DeciLMForCausalLM, bld_dir: Path, pairs: list[tuple[V
             if not path.is_file():
                 raise ParentError(f"{path} is missing: layer {i}'s {variant.name} was never trained; run the "
                                   f"bld stage (with this variant in the library) first")
-            for k, v in load_file(str(path)).items():
+            for k, v in load_weights(path, f"delete {path.parent} and rerun: puzzlenas run {bld_dir.parent} (only that BLD "
+                                                     f"job is retrained)").items():
                 if k.startswith(f"{subblock}."):
                     state[prefix + k[len(subblock) + 1:]] = v.to(parent.dtype)
     return state

@@ -29,11 +29,11 @@ from pathlib import Path
 from typing import Iterable
 
 import torch
-from safetensors.torch import load_file
 from torch import nn
 
 from .activations import LayerActivations, visit_parent_layers
 from .checkpoint import atomic_save_tensors, atomic_write_json, atomic_write_text
+from .integrity import load_weights
 from .library import (AttentionUnit, FFNUnit, LibraryConfig, Variant, build_unit, parent_attention_unit,
                       parent_ffn_unit)
 from .model.modeling import DeciLMForCausalLM, ForwardContext
@@ -388,6 +388,11 @@ def job_is_done(out_dir: Path, job: Job) -> bool:
     return (out_dir / job.relpath / "DONE").is_file()
 
 
+def job_fix(out_dir: Path, job: Job) -> str:
+    """What to do about a damaged job: retrain that job alone (the bld stage resumes the others)."""
+    return f"delete {out_dir / job.relpath} and rerun the bld stage (only that job is retrained)"
+
+
 def load_trained_unit(out_dir: Path, job: Job, config, device) -> nn.Module:
     """The trained unit of a finished decoupled job (attention or FFN)."""
     variant = job.attention or job.ffn
@@ -396,7 +401,7 @@ def load_trained_unit(out_dir: Path, job: Job, config, device) -> nn.Module:
         raise BLDError(f"{path} is missing: the decoupled job {job.relpath} has not finished; rerun bld")
     unit = (AttentionUnit if variant.subblock == "attention" else FFNUnit)(config, variant.config)
     prefix = "attention." if variant.subblock == "attention" else "ffn."
-    state = {k[len(prefix):]: v for k, v in load_file(str(path)).items() if k.startswith(prefix)}
+    state = {k[len(prefix):]: v for k, v in load_weights(path, job_fix(out_dir, job)).items() if k.startswith(prefix)}
     unit.load_state_dict(state)
     return unit.to(device=device, dtype=torch.float32)
 
@@ -464,7 +469,7 @@ def load_job_block(out_dir: Path, job: Job, parent: DeciLMForCausalLM, dtype: to
     """The block of a finished job with its trained weights (parent / no-op parts as they are)."""
     config, device = parent.config, parent.model.embed_tokens.weight.device
     path = out_dir / job.relpath / "weights.safetensors"
-    weights = load_file(str(path)) if job.trainable else {}
+    weights = load_weights(path, job_fix(out_dir, job)) if job.trainable and path.is_file() else {}
     if job.trainable and not weights:
         raise BLDError(f"{path} is missing or empty: job {job.relpath} has not finished; rerun bld")
 

@@ -5,6 +5,8 @@ Everything heavy is imported inside the command that needs it, so `--help` answe
 from __future__ import annotations
 
 import argparse
+import errno
+import os
 import sys
 from pathlib import Path
 
@@ -128,6 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
     parser.add_argument("--version", action="version", version=f"puzzlenas {__version__}")
+    parser.add_argument("--debug", action="store_true", help="print the traceback of a failure (accepted anywhere on "
+                                                             "the line; run.log keeps it anyway)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("convert", help="convert a parent into a Nemotron-NAS checkpoint with all-parent blocks",
@@ -226,6 +230,8 @@ def main(argv: list[str] | None = None) -> int:
     from .dist import FailedOnRankZero
 
     argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv or os.environ.get("PUZZLENAS_DEBUG", "") not in ("", "0")
+    argv = [a for a in argv if a != "--debug"]  # accepted anywhere: `puzzlenas run --debug ...`
     args = (build_export_parser() if argv[:1] == ["export"] else build_parser()).parse_args(argv)
     if getattr(args, "command", None) == "tasks" and args.task is None:
         from .eval.tasks.registry import DEFAULT_TASKS
@@ -238,11 +244,63 @@ def main(argv: list[str] | None = None) -> int:
 
             shutdown_distributed()  # under torchrun; nothing otherwise
         return code
-    except (ValueError, FileNotFoundError, FailedOnRankZero) as err:
-        # Our errors name the problem and the fix; a traceback would only bury that (torchrun:
-        # rank 0 says it, the other ranks that it failed there).
+    except FailedOnRankZero as err:  # torchrun: rank 0 said what failed; the other ranks only that it did
         print(f"puzzlenas {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"puzzlenas {args.command}: interrupted; the same command resumes from the last checkpoint",
+              file=sys.stderr)
+        return 130
+    except Exception as err:  # noqa: BLE001  (sorted below: expected failures vs bugs)
+        return report_failure(args.command, err, debug)
+
+
+def expected_failure(err: BaseException) -> bool:
+    """A failure of the input, the files or the machine (one line, exit 2), not of the code.
+    Our errors are ValueErrors (ConfigError, ParentError, ArtifactError...) or TrainingErrors;
+    OSError covers missing files, read-only folders and full disks."""
+    from .integrity import LockError
+
+    kinds: list[type] = [ValueError, OSError, LockError]
+    for module, name in (("puzzlenas.train", "TrainingError"), ("puzzlenas.mip", "SearchError"),
+                         ("puzzlenas.data.sources", "MissingDependencyError"), ("yaml", "YAMLError"),
+                         ("safetensors", "SafetensorError")):
+        if module in sys.modules:  # not imported: the error cannot be one of its kind
+            kinds.append(getattr(sys.modules[module], name))
+    return isinstance(err, tuple(kinds))
+
+
+def one_line(err: BaseException) -> str:
+    """The error's message on one line (OSError: what failed, and on which file)."""
+    if isinstance(err, OSError) and err.strerror:
+        files = " -> ".join(str(f) for f in (err.filename, err.filename2) if f)
+        text = f"{err.strerror}: {files}" if files else err.strerror
+        if err.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+            text += " (the folder is read-only or not yours: pick a writable one, e.g. --run-dir DIR)"
+        elif err.errno == errno.ENOSPC:
+            text += " (disk full: free space, then rerun the same command; finished work is kept)"
+        return text
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return "; ".join(lines) or type(err).__name__
+
+
+def report_failure(command: str, err: Exception, debug: bool) -> int:
+    """Expected failures: one line naming the problem (exit 2). Bugs: one line saying so and where
+    the traceback is (exit 1). --debug prints the traceback of either; run.log always has it."""
+    import traceback
+
+    log = getattr(err, "run_log", None)
+    if debug:
+        traceback.print_exception(err, file=sys.stderr)
+    if expected_failure(err):
+        print(f"puzzlenas {command}: error: {one_line(err)}", file=sys.stderr)
+        return 2
+    if log is None and not debug:
+        traceback.print_exception(err, file=sys.stderr)  # nowhere else to find it
+    where = f"; the traceback is in {log}" if log else ""
+    print(f"puzzlenas {command}: internal error (a bug, please report it): {type(err).__name__}: {one_line(err)}"
+          f"{where}", file=sys.stderr)
+    return 1
 
 
 if __name__ == "__main__":

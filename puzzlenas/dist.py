@@ -100,4 +100,7 @@ def resolve_device(name: str):
         if torch.cuda.is_available():
             return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         return torch.device("cpu")
-    return torch.device(name)
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():  # else a bare AssertionError from torch
+        raise ValueError(f"device={name} but torch sees no CUDA GPU here: use device=cpu or device=auto")
+    return device

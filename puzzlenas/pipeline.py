@@ -16,11 +16,13 @@ import os
 import shutil
 import sys
 import time
+import traceback
 from pathlib import Path
 from types import ModuleType
 
 from .dist import barrier, distributed_rank, on_rank_zero, rank_zero_value
-from .stages.base import NOT_FINISHED, SETTINGS_CHANGED, RunDir
+from .integrity import verify_artifact
+from .stages.base import NOT_FINISHED, SETTINGS_CHANGED, RunDir, damaged_units
 
 # The stage list, in the order they run; each name is a module of puzzlenas/stages/.
 STAGE_NAMES = ("parent", "data", "teacher", "library", "bld", "scores", "costs", "search", "peers", "assemble", "gkd",
@@ -51,8 +53,27 @@ def run_pipeline(config_path: str | Path | None, run_dir: Path | None = None, un
     rank, world = distributed_rank()
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(RunDir(run_dir).config, dump_yaml(cfg))
     barrier(world)
+    with run_lock(run_dir):  # before anything is written: a second run must not touch the first's files
+        if rank == 0:
+            atomic_write_text(RunDir(run_dir).config, dump_yaml(cfg))
+        barrier(world)
+        run_stages(cfg, config_path, run_dir, until, force, overrides, world)
+    return run_dir
+
+
+def run_lock(run_dir: Path):
+    """The run directory's lock (integrity.RunLock); under torchrun rank 0 alone takes it (the
+    ranks of one run share the folder; if rank 0 is refused it exits, and torchrun stops the
+    others)."""
+    from .integrity import RunLock
+
+    if int(os.environ.get("RANK", "0")) != 0:
+        return contextlib.nullcontext()
+    return RunLock(run_dir)
+
+
+def run_stages(cfg, config_path, run_dir: Path, until: str | None, force, overrides, world: int) -> None:
     with log_to(RunDir(run_dir).log, f"config {config_path or 'default preset'}, overrides {list(overrides)}, "
                                      f"until {until}, force {list(force)}"
                                      + (f", {world} ranks" if world > 1 else "")):
@@ -68,7 +89,6 @@ def run_pipeline(config_path: str | Path | None, run_dir: Path | None = None, un
                 break
         if until is None or STAGE_NAMES.index(until) >= STAGE_NAMES.index("eval"):
             print_missed_targets(run_dir)  # the summary of a run that measured its children
-    return run_dir
 
 
 def print_missed_targets(run_dir: Path) -> None:
@@ -109,13 +129,33 @@ def run_stage(module: ModuleType, cfg, run_dir: Path, show_table: bool = False) 
         if reason != NOT_FINISHED:
             print(f"[{stage.name}] redone: {reason}")
         if reason not in (NOT_FINISHED, SETTINGS_CHANGED) and not stage.checks_own_work:
-            forget(stage, cfg, run_dir)  # made from other inputs, or changed since: none of it is worth resuming
+            units = damaged_units(stage.folder(run_dir)) if rank == 0 else []
+            if units:  # damage confined to finished units of work (BLD jobs): redo only those
+                print(f"[{stage.name}] redoing only {', '.join(str(u.relative_to(run_dir)) for u in units)}")
+                forget_units(units + [stage.folder(run_dir) / "DONE"])
+            else:
+                forget(stage, cfg, run_dir)  # made from other inputs, or changed since: none of it is worth resuming
+        if rank == 0:
+            for folder in stage.inputs(cfg, run_dir).values():
+                verify_artifact(folder)  # what it reads is what its DONE recorded (else: the file, the stage to rerun)
     if stage.all_ranks:
         module.run(cfg, run_dir)
         barrier(world)
     else:
         on_rank_zero(lambda: module.run(cfg, run_dir), f"stage {stage.name}")
     return True
+
+
+def forget_units(paths: list[Path]) -> None:
+    """Delete damaged units of work (folders) and a stage's DONE, rank 0 alone under torchrun."""
+    rank, world = distributed_rank()
+    if rank == 0:
+        for path in paths:
+            if path.is_dir():
+                shutil.rmtree(path)
+            elif path.exists():
+                path.unlink()
+    barrier(world)
 
 
 def stage_table(stage, run_dir: Path) -> str:
@@ -182,7 +222,8 @@ def log_to(path: Path, header: str):
         try:
             yield
         except BaseException as err:
-            log.write(f"==== stopped: {type(err).__name__}: {err}\n")
+            log.write(f"==== stopped: {type(err).__name__}: {err}\n{traceback.format_exc()}")
+            err.run_log = path  # the CLI's one-line message says where the traceback is
             raise
         finally:
             sys.stdout = original

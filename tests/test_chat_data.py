@@ -96,10 +96,13 @@ def test_gkd_with_chat_transcripts_runs_and_caches_them(finished_run, tmp_path):
     tokenizer.save_pretrained(run / "parent")
     # as if the parent had come with the template: its marker lists the files as they are now
     # (an artifact edited behind its marker's back is redone, and the template would be lost)
+    from puzzlenas.integrity import checksum
     from puzzlenas.stages.base import artifact_files
 
     done = json.loads((run / "parent" / "DONE").read_text())
-    (run / "parent" / "DONE").write_text(json.dumps({**done, "files": artifact_files(run / "parent")}))
+    files = artifact_files(run / "parent")
+    sums = {rel: checksum(run / "parent" / rel) for rel in files}
+    (run / "parent" / "DONE").write_text(json.dumps({**done, "files": files, "checksums": sums}))
     cfg = yaml.safe_load((run / "config.yaml").read_text())
     cfg["gkd"].update(chat_fraction=0.5, chat_requests=16, chat_max_new_tokens=12, chat_batch_size=8)
     path = tmp_path / "chat.yaml"

@@ -147,12 +147,12 @@ def test_a_run_directory_made_before_the_change_resumes_without_redoing_anything
     run = _copy(finished_run, tmp_path / "old")
     for marker in run.glob("*/DONE"):
         done = json.loads(marker.read_text())
-        for key in ("content", "inputs", "files"):
+        for key in ("content", "inputs", "files", "checksums"):
             del done[key]
         marker.write_text(json.dumps(done, indent=1))
     stamps = _done_stamps(run)
     files = {p: p.stat().st_mtime_ns for p in run.rglob("*")
-             if p.is_file() and p.name not in ("run.log", "config.yaml")}
+             if p.is_file() and p.name not in ("run.log", "config.yaml", "LOCK")}
     capsys.readouterr()
     run_pipeline(run / "config.yaml", run_dir=run)
     out = capsys.readouterr().out
@@ -189,7 +189,7 @@ def test_an_edited_scores_file_redoes_scores_and_search(finished_run, tmp_path, 
     capsys.readouterr()
     run_pipeline(run / "config.yaml", run_dir=run, until="search")
     out = capsys.readouterr().out
-    assert f"[scores] redone: {scores} is missing or changed size" in out
+    assert f"[scores] redone: {scores} has " in out and "when it was written (truncated or changed)" in out
     assert "[search] redone: scores changed since it ran" in out
     assert scores.read_text().splitlines() == rows
 

@@ -270,7 +270,9 @@ def load_parent(source: str | os.PathLike, dtype: torch.dtype = torch.float32) -
     hf_config = read_hf_config(parent_dir)
     config = nas_config_from_hf(hf_config)
     if hf_config.get("model_type") == DeciLMConfig.model_type:
-        return DeciLMForCausalLM.from_pretrained(parent_dir, dtype=dtype).eval()
+        from ..integrity import load_model_checked
+
+        return load_model_checked(parent_dir, dtype).eval()
     hf_state = read_safetensors_state(parent_dir)
     state = {}
     for name, tensor in hf_state.items():
@@ -281,6 +283,10 @@ def load_parent(source: str | os.PathLike, dtype: torch.dtype = torch.float32) -
             raise ParentError(f"unexpected weight {name!r} in {parent_dir}: not part of the "
                               f"{hf_config.get('model_type')} layout puzzlenas supports")
         state[ours] = tensor.to(dtype)
+    from ..integrity import check_finite, weights_name
+
+    check_finite(state, weights_name(parent_dir), "the parent checkpoint itself holds them: re-download it, or "
+                                                  "pick a parent_dtype its values fit in")
     return model_from_state(config, state, where=str(parent_dir))
 
 

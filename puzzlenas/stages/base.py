@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 from ..checkpoint import atomic_write_json
+from ..integrity import checksum, first_file_problem
 
 if TYPE_CHECKING:
     from ..config import RunConfig
@@ -185,14 +186,16 @@ def artifact_files(folder: Path) -> dict[str, int]:
 
 
 def mark_done(folder: Path, fingerprint: str, inputs: dict[str, Path] | None = None, **info) -> None:
-    """The marker a finished artifact ends with: its fingerprint, files and sizes, the content ids
-    of what it read, and a content id of its own."""
+    """The marker a finished artifact ends with: its fingerprint, files with sizes and checksums
+    (integrity.py: whole-file CRC-32 up to 16 MiB, sampled above), the content ids of what it
+    read, and a content id of its own."""
     files = artifact_files(folder)
+    checksums = {rel: checksum(folder / rel) for rel in files}
     read = {key: content_id(path) for key, path in (inputs or {}).items()}
     finished = time.strftime("%Y-%m-%d %H:%M:%S")
     content = hashlib.sha256(json.dumps([fingerprint, time.time_ns(), files, read]).encode()).hexdigest()[:16]
     atomic_write_json(folder / "DONE", {"config_hash": fingerprint, "finished": finished, "content": content,
-                                        "inputs": read, "files": files, **info})
+                                        "inputs": read, "files": files, "checksums": checksums, **info})
 
 
 def why_not_done(folder: Path, fingerprint: str, inputs: dict[str, Path] | None = None) -> str | None:
@@ -203,13 +206,34 @@ def why_not_done(folder: Path, fingerprint: str, inputs: dict[str, Path] | None 
         return NOT_FINISHED
     if done.get("config_hash") != fingerprint:
         return SETTINGS_CHANGED
-    for rel, size in done.get("files", {}).items():
-        path = folder / rel
-        if not path.is_file() or path.stat().st_size != size:
-            return f"{path} is missing or changed size since it was written"
+    problem = first_file_problem(folder, done)
+    if problem:
+        return problem
     recorded = done.get("inputs")
     if recorded is not None:  # markers written before inputs were recorded: the fingerprint alone
         for key, path in (inputs or {}).items():
             if recorded.get(key) != content_id(path):
                 return f"{key} changed since it ran"
     return None
+
+
+def damaged_units(folder: Path) -> list[Path]:
+    """The finished units of work (sub-folders with a DONE of their own: BLD jobs) that hold the
+    files of `folder` found missing or changed; [] when a damaged file belongs to no such unit
+    (then the whole stage is redone) or nothing is damaged."""
+    from ..integrity import file_problem
+
+    done = read_done(folder) or {}
+    files, checksums = done.get("files", {}), done.get("checksums", {})
+    units = []
+    for rel, size in files.items():
+        if file_problem(folder / rel, size, checksums.get(rel)) is None:
+            continue
+        # the innermost enclosing folder whose own DONE the stage recorded (even if deleted since)
+        unit = next((p for p in (folder / rel).parents if folder in p.parents and
+                     f"{p.relative_to(folder).as_posix()}/DONE" in files), None)
+        if unit is None:
+            return []
+        if unit not in units:
+            units.append(unit)
+    return units

@@ -18,11 +18,11 @@ STAGE = Stage("bld", config=("bld",), upstream=(library.STAGE,), all_ranks=True)
 def run(cfg: RunConfig, run_dir: Path) -> Path:
     """Train every (layer, variant) job into bld/layers/; the metrics table when all ranks are done."""
     import torch
-    from safetensors.torch import load_file
 
     from ..bld import BLDTrainer, collect_metrics, coupled_jobs, decoupled_jobs, library_table, run_jobs
     from ..checkpoint import atomic_write_text, reset_if_stale, write_jsonl
     from ..dist import barrier, distributed_rank
+    from ..integrity import load_weights, rerun_hint
     from ..library import read_space
 
     paths = RunDir(run_dir)
@@ -33,7 +33,7 @@ def run(cfg: RunConfig, run_dir: Path) -> Path:
     barrier(world)
     torch.manual_seed(cfg.seed)
     parent = load_parent_for(cfg, run_dir, frozen=True)
-    stats = load_file(str(paths.calibration))
+    stats = load_weights(paths.calibration, rerun_hint(paths.library))
     space = read_space(paths.space)
     dataset = load_data(cfg, run_dir)
     layers = cfg.bld.layers if cfg.bld.layers is not None else list(range(len(space)))

@@ -54,7 +54,9 @@ def with_teacher_rows(dataset, folder: Path, density: float = 0.0):
     from safetensors.numpy import load_file
 
     from ..data.teacher import join_teacher_rows
+    from ..integrity import verify_artifact
 
+    verify_artifact(folder)  # damaged since it was written: the file and `--force teacher`
     try:
         rows = load_file(str(folder / "rows.safetensors"))
         info = json.loads((folder / "meta.json").read_text())

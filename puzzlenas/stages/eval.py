@@ -100,19 +100,20 @@ def evaluate_models(cfg: RunConfig, run_dir: Path, names: list[str], device, dty
     from ..model.info import count_model_params, layer_costs
     from ..model.modeling import DeciLMForCausalLM
     from ..progress import progress
+    from ..integrity import load_model_checked
 
     dataset = load_data(cfg, run_dir, teacher=False)  # the test split never holds teacher text
     batches = validation_batches(dataset, cfg.eval.tokens, cfg.eval.batch_size, split="test")
     tokenizer = AutoTokenizer.from_pretrained(RunDir(run_dir).parent)
     throughput_dtype = getattr(torch, cfg.costs.dtype)
-    parent = DeciLMForCausalLM.from_pretrained(RunDir(run_dir).parent, dtype=dtype).to(device).eval()
+    parent = load_model_checked(RunDir(run_dir).parent, dtype).to(device).eval()
     parent_hidden = [final_hidden(parent, b.to(device)) for b in batches]  # (B, T, C) each, computed once
     genres = GenreEval(cfg, tokenizer, parent, dataset.seq_len)
     chat = ChatQualityEval(cfg, tokenizer, parent, device)
     results = {}
     for n in progress(names, desc="[eval] models", unit="model"):  # one child on the device at a time, next to the parent (large parents fit)
         model = parent if n == "parent" else \
-            DeciLMForCausalLM.from_pretrained(run_dir / n, dtype=dtype).to(device).eval()
+            load_model_checked(run_dir / n, dtype).to(device).eval()
         results[n] = lm_metrics({n: model}, parent, batches, cfg.eval.logits_chunk, parent_hidden)[n]
         if cfg.eval.tasks:
             from ..eval.tasks import evaluate_tasks

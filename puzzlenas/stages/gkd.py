@@ -69,6 +69,7 @@ def distill_child(cfg: RunConfig, run_dir: Path, record: dict, teacher, dataset,
     from ..checkpoint import atomic_write_json
     from ..dist import barrier, distributed_rank
     from ..gkd import GKDTrainer, shard_layers
+    from ..integrity import load_model_checked
     from ..model.modeling import DeciLMForCausalLM
     from ..model.parent import copy_tokenizer_files
     from ..train import full_model_state
@@ -80,7 +81,7 @@ def distill_child(cfg: RunConfig, run_dir: Path, record: dict, teacher, dataset,
         shutil.rmtree(out)
     barrier(world)
     child_dir = assemble.STAGE.folder(run_dir, record)
-    child = DeciLMForCausalLM.from_pretrained(child_dir, dtype=torch.float32)  # on the CPU
+    child = load_model_checked(child_dir, torch.float32)  # on the CPU; unreadable or non-finite weights named
     if mode == "fsdp":
         shard_layers(child)  # the shards go to this rank's device
     child = child.to(device)
