@@ -250,7 +250,7 @@ def generation(out: dict) -> None:
 # =============================================================================================
 # --quick: the fused fast path vs the fast path before it, in one short device call
 # =============================================================================================
-QUICK = {"device": "cuda", "batch": B, "iters": 20}  # --cpu-dry-run: cpu, 4 rows, 2 rounds (checks the script)
+QUICK = {"device": "cuda", "batch": B, "iters": 20, "compile_mode": None}  # --cpu-dry-run: cpu, 4 rows, 2 rounds (checks the script)
 
 
 def quick_kernel(out: dict) -> None:
@@ -282,12 +282,12 @@ def _one_split(step):
     from puzzlenas.model import kernels
 
     def call() -> None:
-        saved = kernels.TRITON_CONFIG["programs"]
-        kernels.TRITON_CONFIG["programs"] = 1
+        saved = kernels.TRITON_CONFIG["one_split_from"]
+        kernels.TRITON_CONFIG["one_split_from"] = 1
         try:
             step()
         finally:
-            kernels.TRITON_CONFIG["programs"] = saved
+            kernels.TRITON_CONFIG["one_split_from"] = saved
     return call
 
 
@@ -299,14 +299,15 @@ def quick_decode(out: dict, kv: int, key: str) -> None:
     with torch.device(QUICK["device"]):
         model = DeciLMForCausalLM(DeciLMConfig.from_blocks(blocks(kv), **SMOL)).to(torch.bfloat16).eval()
     L, fills = N + M, [N, 640, N + M - 1]
-    old, new = FastRunner(model, B, L, fused=False), FastRunner(model, B, L, fused=True)
+    old = FastRunner(model, B, L, fused=False)
+    new = FastRunner(model, B, L, fused=True, compile_mode=QUICK["compile_mode"])
     tok = torch.zeros(B, dtype=torch.long, device=QUICK["device"])
     variants = {"old": (old, lambda: old.decode_step(tok)), "new": (new, lambda: new.decode_step(tok)),
                 "new_one_split": (new, _one_split(lambda: new.decode_step(tok)))}
     fns = [f for runner, step in variants.values() for f in at_fills(step, runner.cache.lengths, fills)]
     t0 = time.time()
     times = time_interleaved(fns, torch.device(QUICK["device"]), iters=QUICK["iters"], calls_per_sample=4)
-    res: dict = {"compile_and_time_s": time.time() - t0}
+    res: dict = {"compile_and_time_s": time.time() - t0, "new_compile_mode": QUICK["compile_mode"]}
     need = model_bytes_read(model, N + (M + 1) / 2, B)
     floor = need["total"] / out["copy_bandwidth_Bps"] if "copy_bandwidth_Bps" in out else None
     for i, name in enumerate(variants):
@@ -359,8 +360,12 @@ def main() -> None:
     parser.add_argument("--sections", default="correctness,bandwidth,tune,parent,blocks,generation")
     parser.add_argument("--quick", action="store_true",
                         help="the fused fast path vs the fast path before it only (sections quick_*; < 90 s)")
+    parser.add_argument("--compile-mode", default=None,
+                        help="--quick: torch.compile mode of the new path, e.g. max-autotune-no-cudagraphs "
+                             "(GEMMs tuned per shape: minutes of compiling, not in the 90 s)")
     parser.add_argument("--cpu-dry-run", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    QUICK["compile_mode"] = args.compile_mode
     if args.quick:
         args.sections = "quick_kernel,bandwidth,quick_parent,quick_kv1,quick_forward"
     if args.cpu_dry_run:  # the quick sections' plumbing on a CPU (no timing worth reading)

@@ -70,6 +70,10 @@ def test_split_plan_covers_the_buffer_in_block_multiples():
         splits, split_len = split_plan(batch, heads, L)
         assert split_len % 64 == 0 and (splits - 1) * split_len < L <= splits * split_len
     assert split_plan(256, 3, 1152)[0] == 2 and split_plan(1, 3, 2304)[0] == 36
+    # one split (no merge) from a number of (row, KV head) pairs on: the whole buffer in block multiples
+    assert split_plan(256, 3, 1152, one_split_from=768) == (1, 1152)
+    assert split_plan(256, 1, 1100, one_split_from=768) == split_plan(256, 1, 1100)
+    assert split_plan(4, 1, 100, one_split_from=1) == (1, 128)
 
 
 def test_greedy_generate_equals_transformers_generate_and_stops_at_eos():

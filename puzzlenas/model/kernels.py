@@ -194,13 +194,20 @@ def _kernels():
 
 # Launch settings of the split-KV kernel (benchmarks/fast_decode.py sweeps them on the device;
 # `programs`: how many (row, KV head, split) programs to aim for at the full buffer).
-TRITON_CONFIG = {"block_n": 32, "num_warps": 2, "programs": 1024}  # best of 27 on an H200 (RESULTS.md)
+# `one_split_from`: from this many (row, KV head) pairs on, one split per pair, so no merge kernel
+# (0: never; `fast_decode.py --quick` times the parent both ways before it is turned on).
+TRITON_CONFIG = {"block_n": 32, "num_warps": 2, "programs": 1024,  # best of 27 on an H200 (RESULTS.md)
+                 "one_split_from": 0}
 
 
-def split_plan(batch: int, kv_heads: int, max_len: int, block_n: int = 64, programs: int = 1024) -> tuple[int, int]:
+def split_plan(batch: int, kv_heads: int, max_len: int, block_n: int = 64, programs: int = 1024,
+               one_split_from: int = 0) -> tuple[int, int]:
     """(splits, split length): enough programs to fill the device at the full buffer; each split
-    a multiple of block_n. Splits beyond a row's fill exit at once, so low fills cost little."""
+    a multiple of block_n. Splits beyond a row's fill exit at once, so low fills cost little.
+    one_split_from > 0: one split whenever batch x kv_heads reaches it (no merge kernel)."""
     blocks = math.ceil(max_len / block_n)
+    if 0 < one_split_from <= batch * kv_heads:
+        return 1, blocks * block_n
     splits = max(1, min(blocks, math.ceil(programs / max(1, batch * kv_heads))))
     split_len = math.ceil(blocks / splits) * block_n
     return math.ceil(max_len / split_len), split_len
@@ -255,7 +262,7 @@ def _launch(q, k, v, k_cache, v_cache, pos, scale, cos, sin, block_n, num_warps,
         k, v = k.contiguous(), v.contiguous()
     split_kernel, merge_kernel = _kernels()
     G = Hq // Hkv
-    splits, split_len = split_plan(B, Hkv, L, block_n, programs)
+    splits, split_len = split_plan(B, Hkv, L, block_n, programs, TRITON_CONFIG.get("one_split_from", 0))
     out = torch.empty(B, Hq, D, dtype=q.dtype, device=q.device)
     ieee = q.dtype == torch.float32
     rope_ = cos is not None
