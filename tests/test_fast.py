@@ -70,6 +70,10 @@ def test_split_plan_covers_the_buffer_in_block_multiples():
         splits, split_len = split_plan(batch, heads, L)
         assert split_len % 64 == 0 and (splits - 1) * split_len < L <= splits * split_len
     assert split_plan(256, 3, 1152)[0] == 2 and split_plan(1, 3, 2304)[0] == 36
+    # one split (no merge) from a number of (row, KV head) pairs on: the whole buffer in block multiples
+    assert split_plan(256, 3, 1152, one_split_from=768) == (1, 1152)
+    assert split_plan(256, 1, 1100, one_split_from=768) == split_plan(256, 1, 1100)
+    assert split_plan(4, 1, 100, one_split_from=1) == (1, 128)
 
 
 def test_greedy_generate_equals_transformers_generate_and_stops_at_eos():
@@ -99,6 +103,28 @@ def test_sampling_respects_temperature_and_top_p():
     two = torch.bincount(sample(logits, 1.0, 0.9), minlength=4)
     assert two[2:].sum() == 0 and two[1] > 0
     assert torch.equal(sample(logits[:3], 0.0, 0.9), torch.zeros(3, dtype=torch.long))
+
+
+def test_residual_adds_in_the_gemm_epilogue_equal_the_separate_adds():
+    """after_attention / linear_attention with epilogue=True (torch.addmm, as on CUDA) equal the
+    separate adds, for 2-D (decode) and 3-D (prefill) inputs; a bias falls back to the separate add."""
+    from puzzlenas.model.fast import after_attention, linear_attention
+
+    torch.manual_seed(0)
+    C, H, F, D = 16, 4, 24, 4
+    w_o, w_in, w_down, w_lin = (torch.randn(C, H * D), torch.randn(2 * F, C), torch.randn(C, F), torch.randn(C, C))
+    norm = torch.rand(C) + 0.5
+    for lead in ((5,), (2, 3)):
+        x, y = torch.randn(*lead, C), torch.randn(*lead, H, D)
+        for b_o in (None, torch.randn(C)):
+            args = (x, y, w_o, b_o, norm, 1e-5, w_in, None, w_down, None, "gated")
+            want, got = after_attention(*args, epilogue=False), after_attention(*args, epilogue=True)
+            assert got.shape == want.shape and torch.allclose(got, want, atol=1e-4, rtol=1e-5)
+        lin_args = (x, None, None, None, norm, 1e-5, w_lin, None, None, None, "linear")
+        assert torch.allclose(after_attention(*lin_args, epilogue=True), after_attention(*lin_args), atol=1e-4)
+        assert torch.allclose(linear_attention(x, norm, 1e-5, w_lin, True), linear_attention(x, norm, 1e-5, w_lin),
+                              atol=1e-4)
+        assert not torch.allclose(linear_attention(x, norm, 1e-5, w_lin), x)  # the projection is not a no-op
 
 
 def test_generate_rejects_bad_input_with_the_fix():
@@ -140,6 +166,72 @@ print("ok")
     if importlib.util.find_spec("triton") is None:
         env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[1]), TRITON_TARGET, env.get("PYTHONPATH", "")])
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and "ok" in done.stdout, done.stderr[-3000:]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None and not os.path.isdir(f"{TRITON_TARGET}/triton"),
+                    reason="needs triton (pip install triton; or PUZZLENAS_TRITON_PATH=<a --target dir>)")
+def test_triton_kernel_with_rope_inside_matches_the_reference_in_the_interpreter():
+    """The kernel that applies RoPE itself and reads q, k, v in place from the fused projection
+    (kernels.decode_attention_qkv) under TRITON_INTERPRET=1: output and the written cache equal
+    the unfused reference (RoPE in PyTorch, then attention), one split and many, fp32 and fp16;
+    then the whole fast path on it (prefill + decode steps of the heterogeneous child, fused and
+    not) against the model's plain forward."""
+    code = r"""
+import torch
+from puzzlenas.model.fast import rope_tables
+from puzzlenas.model.kernels import decode_attention_qkv_torch, decode_attention_qkv_triton
+torch.manual_seed(0)
+for B, Hq, Hkv, D, L, dtype, tol in [(3, 4, 2, 16, 40, torch.float32, 1e-5), (2, 9, 3, 64, 200, torch.float32, 1e-5),
+                                     (2, 4, 4, 16, 20, torch.float16, 2e-3), (2, 8, 1, 32, 50, torch.float16, 2e-3)]:
+    qkv = torch.randn(B, (Hq + 2 * Hkv) * D, dtype=dtype)
+    kc, vc = torch.randn(B, Hkv, L, D, dtype=dtype), torch.randn(B, Hkv, L, D, dtype=dtype)
+    pos = torch.randint(0, L, (B,)); pos[0] = L - 1
+    cos, sin = rope_tables(pos, 1.0 / 10000 ** (torch.arange(0, D, 2) / D), dtype)  # (B, 1, D)
+    want_k, want_v = kc.clone(), vc.clone()
+    want = decode_attention_qkv_torch(qkv, cos, sin, want_k, want_v, pos, Hq, D ** -0.5)
+    for programs in (1, 64):
+        kc2, vc2 = kc.clone(), vc.clone()
+        got = decode_attention_qkv_triton(qkv, cos, sin, kc2, vc2, pos, Hq, D ** -0.5, block_n=16, programs=programs)
+        err = (got.float() - want.float()).abs().max().item()
+        assert err < tol, (B, Hq, Hkv, L, dtype, programs, err)
+        cache_tol = 0 if dtype == torch.float32 else 1e-3  # fp16: RoPE rounded once (kernel) vs per op (PyTorch)
+        for mine, ref in ((kc2, want_k), (vc2, want_v)):
+            assert torch.allclose(mine.float(), ref.float(), atol=cache_tol, rtol=0), (dtype, programs)
+        rows = torch.arange(B)
+        assert not torch.equal(kc2[rows, :, pos], kc[rows, :, pos])  # the new k was written
+
+from puzzlenas.model import kernels
+from puzzlenas.model.fast import FastRunner
+from tests.test_child import MIXED_BLOCKS, make_child
+calls = []
+launch = kernels.decode_attention_qkv_triton
+kernels.decode_attention_qkv_triton = lambda *a, **k: calls.append(1) or launch(*a, **k)
+model = make_child(MIXED_BLOCKS, seed=1)
+lengths, steps = [5, 9, 7], 4
+seqs = [torch.randint(3, 128, (n + steps,)) for n in lengths]
+ids = torch.zeros(3, max(lengths), dtype=torch.long)
+for i, (s, n) in enumerate(zip(seqs, lengths)):
+    ids[i, :n] = s[:n]
+with torch.no_grad():
+    for fused in (True, False):
+        runner = FastRunner(model, batch_size=3, max_len=max(lengths) + steps, fused=fused)
+        got = [runner.prefill(ids, torch.tensor(lengths))]
+        for j in range(steps):
+            got.append(runner.decode_step(torch.stack([s[n + j] for s, n in zip(seqs, lengths)])))
+        for i, (s, n) in enumerate(zip(seqs, lengths)):
+            want = model(s[None]).logits[0, n - 1:]
+            mine = torch.stack([g[i] for g in got])
+            assert torch.allclose(mine, want, atol=1e-4, rtol=1e-4), (fused, i, (mine - want).abs().max())
+        assert len(calls) == (3 * steps if fused else 0), len(calls)  # 3 GQA layers x steps: the fused kernel ran
+        calls.clear()
+print("ok")
+"""
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    root = str(Path(__file__).resolve().parents[1])
+    extra = [root] if importlib.util.find_spec("triton") else [root, TRITON_TARGET]
+    env["PYTHONPATH"] = os.pathsep.join(extra + [env.get("PYTHONPATH", "")])
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300, cwd=root)
     assert done.returncode == 0 and "ok" in done.stdout, done.stderr[-3000:]
 
 

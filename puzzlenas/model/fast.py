@@ -7,6 +7,12 @@
 - Fused elementwise work: on CUDA the parts between attentions (RMSNorm, projections, RoPE,
   residuals, SiLU x up) are `torch.compile`d per distinct subblock shape; attention is the
   Triton split-KV kernel. On CPU everything runs eagerly with the same arithmetic.
+- `fused=True` (default) cuts a decode step's kernels further where Triton runs: RoPE of q and k
+  and the K/V cache write happen inside the attention kernel, which reads q, k, v straight from
+  the q/k/v GEMM's output (`kernels.decode_attention_qkv`); on CUDA the residual adds after the
+  down / linear projections are the GEMM's own epilogue (`torch.addmm`). The CPU path (no
+  Triton) is the same arithmetic either way. `compile_mode` picks torch.compile's mode (e.g.
+  "max-autotune-no-cudagraphs": Triton GEMMs tuned per shape; long compiles).
 - Prefill: right-padded prompts (B, T) with per-row lengths; causal SDPA (flash on CUDA).
 
 `FastRunner` holds a model's fused weights, a cache, and (CUDA) the captured decode graph;
@@ -22,7 +28,7 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from .kernels import decode_attention
+from .kernels import attention_kernel, decode_attention, decode_attention_qkv, rope, split_qkv
 from .modeling import DeciLMDecoderLayer, DeciLMForCausalLM
 
 
@@ -36,35 +42,40 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(dtype)
 
 
-def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    # x (..., heads, D); cos/sin broadcast over heads: (..., 1, D)
-    x1, x2 = x.chunk(2, dim=-1)
-    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+def qkv_proj(x, norm_w, eps: float, w_qkv, b_qkv):
+    """norm, one q/k/v GEMM: x (..., C) -> qkv (..., (Hq + 2 Hkv) D), before RoPE."""
+    return F.linear(rms_norm(x, norm_w, eps), w_qkv, b_qkv)
 
 
 def qkv_rope(x, norm_w, eps: float, w_qkv, b_qkv, cos, sin, heads: int, kv_heads: int, head_dim: int):
     """norm, one q/k/v GEMM, RoPE: x (..., C) -> q (..., Hq, D), k, v (..., Hkv, D)."""
-    qkv = F.linear(rms_norm(x, norm_w, eps), w_qkv, b_qkv)
-    q, k, v = qkv.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
-    lead = x.shape[:-1]
-    q = rope(q.reshape(*lead, heads, head_dim), cos, sin)
-    k = rope(k.reshape(*lead, kv_heads, head_dim), cos, sin)
-    return q, k, v.reshape(*lead, kv_heads, head_dim)
+    q, k, v = split_qkv(qkv_proj(x, norm_w, eps, w_qkv, b_qkv), heads, kv_heads, head_dim)
+    return rope(q, cos, sin), rope(k, cos, sin), v
 
 
-def linear_attention(x, norm_w, eps: float, w):
-    return x + F.linear(rms_norm(x, norm_w, eps), w)
+def add_linear(x, h, w, b, epilogue: bool):
+    """x + F.linear(h, w, b). epilogue (CUDA, no bias): one torch.addmm, the add done by the GEMM's
+    epilogue instead of a kernel of its own (rounded once instead of twice)."""
+    if epilogue and b is None:
+        return torch.addmm(x.reshape(-1, x.shape[-1]), h.reshape(-1, h.shape[-1]), w.t()).view(x.shape)
+    return x + F.linear(h, w, b)
 
 
-def after_attention(x, y, w_o, b_o, norm_w, eps: float, w_in, b_in, w_down, b_down, ffn_kind: str):
-    """x + o_proj(y) (y None: no attention output), then x + FFN(norm(x)) for a gated or linear FFN."""
+def linear_attention(x, norm_w, eps: float, w, epilogue: bool = False):
+    return add_linear(x, rms_norm(x, norm_w, eps), w, None, epilogue)
+
+
+def after_attention(x, y, w_o, b_o, norm_w, eps: float, w_in, b_in, w_down, b_down, ffn_kind: str,
+                    epilogue: bool = False):
+    """x + o_proj(y) (y None: no attention output), then x + FFN(norm(x)) for a gated or linear FFN.
+    epilogue: the residual adds in the GEMMs (`add_linear`)."""
     if y is not None:
-        x = x + F.linear(y.flatten(-2), w_o, b_o)
+        x = add_linear(x, y.flatten(-2), w_o, b_o, epilogue)
     if ffn_kind == "gated":
         gate, up = F.linear(rms_norm(x, norm_w, eps), w_in, b_in).chunk(2, dim=-1)
-        x = x + F.linear(F.silu(gate) * up, w_down, b_down)
+        x = add_linear(x, F.silu(gate) * up, w_down, b_down, epilogue)
     elif ffn_kind == "linear":
-        x = x + F.linear(rms_norm(x, norm_w, eps), w_in)
+        x = add_linear(x, rms_norm(x, norm_w, eps), w_in, None, epilogue)
     return x
 
 
@@ -79,14 +90,21 @@ def rope_tables(positions: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dt
     return emb.cos().to(dtype)[..., None, :], emb.sin().to(dtype)[..., None, :]
 
 
-_COMPILED: dict[tuple[str, bool], Callable] = {}
+def step_inputs(tokens: torch.Tensor, embed_w: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor):
+    """A decode step's inputs in one compiled region: x (B, C) = embedding rows, cos/sin (B, 1, D)."""
+    x = F.embedding(tokens, embed_w)
+    cos, sin = rope_tables(positions, inv_freq, x.dtype)
+    return x, cos, sin
 
 
-def compiled(fn: Callable, enabled: bool, dynamic: bool = False) -> Callable:
-    """`fn` under torch.compile (one cache per function; recompiled per distinct shapes), or `fn`."""
+_COMPILED: dict[tuple[str, bool, str | None], Callable] = {}
+
+
+def compiled(fn: Callable, enabled: bool, dynamic: bool = False, mode: str | None = None) -> Callable:
+    """`fn` under torch.compile (one cache per function and mode; recompiled per distinct shapes), or `fn`."""
     if not enabled:
         return fn
-    key = (fn.__name__, dynamic)
+    key = (fn.__name__, dynamic, mode)
     if key not in _COMPILED:
         import torch._dynamo
 
@@ -94,7 +112,7 @@ def compiled(fn: Callable, enabled: bool, dynamic: bool = False) -> Callable:
         for name in ("recompile_limit", "cache_size_limit"):
             if hasattr(torch._dynamo.config, name):
                 setattr(torch._dynamo.config, name, max(256, getattr(torch._dynamo.config, name)))
-        _COMPILED[key] = torch.compile(fn, dynamic=dynamic, fullgraph=True)
+        _COMPILED[key] = torch.compile(fn, dynamic=dynamic, fullgraph=True, mode=mode)
     return _COMPILED[key]
 
 
@@ -167,33 +185,45 @@ class KVCache:
 
 
 def run_layers(layers: Sequence[FastLayer], x: torch.Tensor, cos, sin, cache: KVCache, eps: float,
-               heads: int, head_dim: int, use_compile: bool, attention_backend: str = "auto") -> torch.Tensor:
+               heads: int, head_dim: int, use_compile: bool, attention_backend: str = "auto",
+               fused: bool = True, compile_mode: str | None = None) -> torch.Tensor:
     """One decode step (x (B, C), cos/sin (B, 1, D)) through `layers`; writes each GQA layer's
-    new k, v at cache.lengths. Does not advance the lengths."""
-    pre = compiled(qkv_rope, use_compile)
-    lin = compiled(linear_attention, use_compile)
-    post = compiled(after_attention, use_compile)
+    new k, v at cache.lengths. Does not advance the lengths. fused: RoPE and the cache write in
+    the attention kernel where Triton runs, residual adds in the GEMMs on CUDA (module docstring)."""
+    in_kernel = fused and attention_kernel(x, attention_backend) == "triton"
+    epilogue = fused and x.is_cuda
+    pre = compiled(qkv_proj if in_kernel else qkv_rope, use_compile, mode=compile_mode)
+    lin = compiled(linear_attention, use_compile, mode=compile_mode)
+    post = compiled(after_attention, use_compile, mode=compile_mode)
     pos = cache.lengths
     for layer in layers:
         y = None
         if layer.attention == "gqa":
-            q, k, v = pre(x, layer.att_norm, eps, layer.w_qkv, layer.b_qkv, cos, sin, heads, layer.kv_heads, head_dim)
-            y = decode_attention(q, k, v, cache.k[layer.cache_slot], cache.v[layer.cache_slot], pos,
-                                 backend=attention_backend)  # (B, Hq, D)
+            k_cache, v_cache = cache.k[layer.cache_slot], cache.v[layer.cache_slot]
+            if in_kernel:
+                qkv = pre(x, layer.att_norm, eps, layer.w_qkv, layer.b_qkv)  # (B, (Hq + 2 Hkv) D), before RoPE
+                y = decode_attention_qkv(qkv, cos, sin, k_cache, v_cache, pos, heads, backend="triton")
+            else:
+                q, k, v = pre(x, layer.att_norm, eps, layer.w_qkv, layer.b_qkv, cos, sin, heads, layer.kv_heads,
+                              head_dim)
+                y = decode_attention(q, k, v, k_cache, v_cache, pos, backend=attention_backend)  # (B, Hq, D)
         elif layer.attention == "linear":
-            x = lin(x, layer.att_norm, eps, layer.w_o)
+            x = lin(x, layer.att_norm, eps, layer.w_o, epilogue)
         x = post(x, y, layer.w_o if y is not None else None, layer.b_o, layer.ffn_norm, eps, layer.w_in, layer.b_in,
-                 layer.w_down, layer.b_down, layer.ffn)
+                 layer.w_down, layer.b_down, layer.ffn, epilogue)
     return x
 
 
 def prefill_layers(layers: Sequence[FastLayer], x: torch.Tensor, cos, sin, cache: KVCache, eps: float,
-                   heads: int, head_dim: int, use_compile: bool) -> torch.Tensor:
+                   heads: int, head_dim: int, use_compile: bool, fused: bool = True,
+                   compile_mode: str | None = None) -> torch.Tensor:
     """Prefill x (B, T, C) from an empty cache (causal attention over the T tokens, right padding
-    allowed: real tokens never see the padding after them); writes K/V at positions 0..T-1."""
-    pre = compiled(qkv_rope, use_compile, dynamic=True)
-    lin = compiled(linear_attention, use_compile, dynamic=True)
-    post = compiled(after_attention, use_compile, dynamic=True)
+    allowed: real tokens never see the padding after them); writes K/V at positions 0..T-1.
+    fused: residual adds in the GEMMs on CUDA."""
+    epilogue = fused and x.is_cuda
+    pre = compiled(qkv_rope, use_compile, dynamic=True, mode=compile_mode)
+    lin = compiled(linear_attention, use_compile, dynamic=True, mode=compile_mode)
+    post = compiled(after_attention, use_compile, dynamic=True, mode=compile_mode)
     B, T, _ = x.shape
     for layer in layers:
         y = None
@@ -205,9 +235,9 @@ def prefill_layers(layers: Sequence[FastLayer], x: torch.Tensor, cos, sin, cache
             y = F.scaled_dot_product_attention(q.transpose(1, 2), k, v, is_causal=True,
                                                enable_gqa=layer.kv_heads != heads).transpose(1, 2)  # (B, T, Hq, D)
         elif layer.attention == "linear":
-            x = lin(x, layer.att_norm, eps, layer.w_o)
+            x = lin(x, layer.att_norm, eps, layer.w_o, epilogue)
         x = post(x, y, layer.w_o if y is not None else None, layer.b_o, layer.ffn_norm, eps, layer.w_in, layer.b_in,
-                 layer.w_down, layer.b_down, layer.ffn)
+                 layer.w_down, layer.b_down, layer.ffn, epilogue)
     return x
 
 
@@ -217,16 +247,18 @@ def prefill_layers(layers: Sequence[FastLayer], x: torch.Tensor, cos, sin, cache
 class FastRunner:
     """A model's fused weights, a KV cache for `batch_size` rows of up to `max_len` tokens, and
     its prefill / decode steps. compile: None = on CUDA only. The model must not change while
-    a runner holds it (the fused weights are copies)."""
+    a runner holds it (the fused weights are copies). fused / compile_mode: see the module docstring
+    (fused=False: the step as before the in-kernel RoPE, for comparisons)."""
 
     def __init__(self, model: DeciLMForCausalLM, batch_size: int, max_len: int, compile: bool | None = None,
-                 attention_backend: str = "auto"):
+                 attention_backend: str = "auto", fused: bool = True, compile_mode: str | None = None):
         config = model.config
         weight = model.model.embed_tokens.weight
         self.device, self.dtype = weight.device, weight.dtype
         self.model = model
         self.compile = self.device.type == "cuda" if compile is None else compile
         self.attention_backend = attention_backend
+        self.fused, self.compile_mode = fused, compile_mode
         self.heads, self.head_dim, self.eps = config.num_attention_heads, config.head_dim, config.rms_norm_eps
         slots, kv_heads = [], []
         for block in model.blocks:
@@ -253,21 +285,28 @@ class FastRunner:
         m = self.model.model
         x = m.embed_tokens(input_ids)  # (B, T, C)
         cos, sin = rope_tables(torch.arange(T, device=self.device)[None].expand(B, T), m.rotary_emb.inv_freq, x.dtype)
-        x = prefill_layers(self.layers, x, cos, sin, self.cache, self.eps, self.heads, self.head_dim, self.compile)
+        x = prefill_layers(self.layers, x, cos, sin, self.cache, self.eps, self.heads, self.head_dim, self.compile,
+                           self.fused, self.compile_mode)
         self.cache.lengths.copy_(lengths)
         last = x[torch.arange(B, device=self.device), lengths - 1]  # (B, C)
-        return compiled(lm_head, self.compile)(last, m.norm.weight, self.eps, self.model.lm_head.weight)
+        return compiled(lm_head, self.compile, mode=self.compile_mode)(last, m.norm.weight, self.eps,
+                                                                      self.model.lm_head.weight)
 
     @torch.no_grad()
     def decode_step(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens (B,) at position cache.lengths -> logits (B, V); advances the lengths. Graph-capturable."""
         m = self.model.model
-        x = m.embed_tokens(tokens)  # (B, C)
-        cos, sin = rope_tables(self.cache.lengths, m.rotary_emb.inv_freq, x.dtype)  # (B, 1, D)
+        if self.fused:  # one compiled region instead of ~8 small kernels (eager: the same ops)
+            x, cos, sin = compiled(step_inputs, self.compile, mode=self.compile_mode)(
+                tokens, m.embed_tokens.weight, self.cache.lengths, m.rotary_emb.inv_freq)
+        else:
+            x = m.embed_tokens(tokens)  # (B, C)
+            cos, sin = rope_tables(self.cache.lengths, m.rotary_emb.inv_freq, x.dtype)  # (B, 1, D)
         x = run_layers(self.layers, x, cos, sin, self.cache, self.eps, self.heads, self.head_dim, self.compile,
-                       self.attention_backend)
+                       self.attention_backend, self.fused, self.compile_mode)
         self.cache.lengths.add_(1)
-        return compiled(lm_head, self.compile)(x, m.norm.weight, self.eps, self.model.lm_head.weight)
+        return compiled(lm_head, self.compile, mode=self.compile_mode)(x, m.norm.weight, self.eps,
+                                                                      self.model.lm_head.weight)
 
 
 # =============================================================================================

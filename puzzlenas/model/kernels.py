@@ -15,6 +15,10 @@ Two implementations with the same results:
 - a PyTorch one: on CPU it slices the cache to the longest row (a host read); on CUDA without
   Triton it reads the whole buffer under a mask (capturable, not fill-aware).
 Triton is optional: imported inside the functions that need it.
+
+`decode_attention_qkv` takes the fused q/k/v projection before RoPE instead: the Triton kernel
+then applies RoPE to q and the new k itself and reads q, k, v as strided views of the GEMM's
+output, so a decode step spends no separate kernels on RoPE or on making k, v contiguous.
 """
 
 from __future__ import annotations
@@ -73,6 +77,27 @@ def decode_attention_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_
     return y.reshape(B, Hq, D).to(q.dtype)
 
 
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding, rotate-half form: x (..., heads, D); cos/sin broadcast over heads (..., 1, D)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+def split_qkv(qkv: torch.Tensor, heads: int, kv_heads: int, head_dim: int):
+    """qkv (..., (Hq + 2 Hkv) D), the fused projection -> q (..., Hq, D), k, v (..., Hkv, D): views."""
+    q, k, v = qkv.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
+    return q.unflatten(-1, (heads, head_dim)), k.unflatten(-1, (kv_heads, head_dim)), v.unflatten(-1, (kv_heads, head_dim))
+
+
+def decode_attention_qkv_torch(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
+                               v_cache: torch.Tensor, pos: torch.Tensor, heads: int, scale: float) -> torch.Tensor:
+    """Reference of `decode_attention_qkv`: RoPE on q and k (as the unfused path: `rope`), then
+    `decode_attention_torch`. qkv (B, (Hq + 2 Hkv) D), cos/sin (B, 1, D) -> (B, Hq, D)."""
+    kv_heads, head_dim = k_cache.shape[1], k_cache.shape[-1]
+    q, k, v = split_qkv(qkv, heads, kv_heads, head_dim)
+    return decode_attention_torch(rope(q, cos, sin), rope(k, cos, sin), v, k_cache, v_cache, pos, scale)
+
+
 # =============================================================================================
 # Triton split-KV kernel
 # =============================================================================================
@@ -82,10 +107,11 @@ def _kernels():
     import triton.language as tl
 
     @triton.jit
-    def split_kernel(Q, KN, VN, KC, VC, Pos, Out, ML,
-                     s_qb, s_qh, s_nb, s_nh, s_cb, s_ch, s_cn, s_ob, s_oh, s_os, s_mb, s_mh,
+    def split_kernel(Q, KN, VN, KC, VC, Pos, Out, ML, Cos, Sin,
+                     s_qb, s_qh, s_nb, s_nh, s_cb, s_ch, s_cn, s_ob, s_oh, s_os, s_mb, s_mh, s_rb,
                      scale_log2, G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr,
-                     BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, DIRECT: tl.constexpr, IEEE: tl.constexpr):
+                     BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, DIRECT: tl.constexpr, IEEE: tl.constexpr,
+                     ROPE: tl.constexpr):
         b = tl.program_id(0)
         h = tl.program_id(1)  # KV head
         s = tl.program_id(2)  # split of the sequence
@@ -95,9 +121,19 @@ def _kernels():
         g = tl.arange(0, G_PAD)
         d = tl.arange(0, D)
         g_ok = g < G
-        q = tl.load(Q + b * s_qb + (h * G + g)[:, None] * s_qh + d[None, :], mask=g_ok[:, None], other=0.0)
+        q_ptr = Q + b * s_qb + (h * G + g)[:, None] * s_qh
+        q = tl.load(q_ptr + d[None, :], mask=g_ok[:, None], other=0.0)
         k_new = tl.load(KN + b * s_nb + h * s_nh + d)
         v_new = tl.load(VN + b * s_nb + h * s_nh + d)
+        if ROPE:  # rotate-half RoPE of q and the new k, in fp32, rounded once to the input dtype
+            d_rot = (d + D // 2) % D  # x2 for the first half, x1 for the second
+            sign = tl.where(d < D // 2, -1.0, 1.0)
+            cos = tl.load(Cos + b * s_rb + d).to(tl.float32)
+            sin = tl.load(Sin + b * s_rb + d).to(tl.float32)
+            q_rot = tl.load(q_ptr + d_rot[None, :], mask=g_ok[:, None], other=0.0).to(tl.float32)
+            q = (q.to(tl.float32) * cos[None, :] + (sign[None, :] * q_rot) * sin[None, :]).to(q.dtype)
+            k_rot = tl.load(KN + b * s_nb + h * s_nh + d_rot).to(tl.float32)
+            k_new = (k_new.to(tl.float32) * cos + (sign * k_rot) * sin).to(k_new.dtype)
         k_base = KC + b * s_cb + h * s_ch
         v_base = VC + b * s_cb + h * s_ch
         if (pos >= start) & (pos < start + SPLIT):  # this split holds the new token: write it once
@@ -158,13 +194,20 @@ def _kernels():
 
 # Launch settings of the split-KV kernel (benchmarks/fast_decode.py sweeps them on the device;
 # `programs`: how many (row, KV head, split) programs to aim for at the full buffer).
-TRITON_CONFIG = {"block_n": 32, "num_warps": 2, "programs": 1024}  # best of 27 on an H200 (RESULTS.md)
+# `one_split_from`: from this many (row, KV head) pairs on, one split per pair, so no merge kernel
+# (0: never; `fast_decode.py --quick` times the parent both ways before it is turned on).
+TRITON_CONFIG = {"block_n": 32, "num_warps": 2, "programs": 1024,  # best of 27 on an H200 (RESULTS.md)
+                 "one_split_from": 0}
 
 
-def split_plan(batch: int, kv_heads: int, max_len: int, block_n: int = 64, programs: int = 1024) -> tuple[int, int]:
+def split_plan(batch: int, kv_heads: int, max_len: int, block_n: int = 64, programs: int = 1024,
+               one_split_from: int = 0) -> tuple[int, int]:
     """(splits, split length): enough programs to fill the device at the full buffer; each split
-    a multiple of block_n. Splits beyond a row's fill exit at once, so low fills cost little."""
+    a multiple of block_n. Splits beyond a row's fill exit at once, so low fills cost little.
+    one_split_from > 0: one split whenever batch x kv_heads reaches it (no merge kernel)."""
     blocks = math.ceil(max_len / block_n)
+    if 0 < one_split_from <= batch * kv_heads:
+        return 1, blocks * block_n
     splits = max(1, min(blocks, math.ceil(programs / max(1, batch * kv_heads))))
     split_len = math.ceil(blocks / splits) * block_n
     return math.ceil(max_len / split_len), split_len
@@ -176,6 +219,33 @@ def decode_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k
                             programs: int | None = None) -> torch.Tensor:
     """Triton split-KV decode attention; same contract as `decode_attention_torch`. Launch
     settings default to TRITON_CONFIG."""
+    return _launch(q, k, v, k_cache, v_cache, pos, scale, None, None, block_n, num_warps, programs)
+
+
+def decode_attention_qkv_triton(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
+                                v_cache: torch.Tensor, pos: torch.Tensor, heads: int, scale: float,
+                                block_n: int | None = None, num_warps: int | None = None,
+                                programs: int | None = None) -> torch.Tensor:
+    """Triton split-KV decode attention with RoPE inside; same contract as
+    `decode_attention_qkv_torch`. q, k, v are read in place from `qkv` (no copies)."""
+    kv_heads, head_dim = k_cache.shape[1], k_cache.shape[-1]
+    if qkv.shape[-1] != (heads + 2 * kv_heads) * head_dim:
+        raise ValueError(f"decode_attention_qkv: qkv has {qkv.shape[-1]} features; {heads} query heads and "
+                         f"{kv_heads} KV heads of {head_dim} need {(heads + 2 * kv_heads) * head_dim}")
+    q, k, v = split_qkv(qkv, heads, kv_heads, head_dim)
+    return _launch(q, k, v, k_cache, v_cache, pos, scale, _rope_table(cos, qkv), _rope_table(sin, qkv),
+                   block_n, num_warps, programs)
+
+
+def _rope_table(t: torch.Tensor, qkv: torch.Tensor) -> torch.Tensor:
+    """cos or sin (B, 1, D) or (B, D) -> (B, D), last dimension contiguous."""
+    t = t.reshape(qkv.shape[0], t.shape[-1])
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _launch(q, k, v, k_cache, v_cache, pos, scale, cos, sin, block_n, num_warps, programs) -> torch.Tensor:
+    """q (B, Hq, D), k/v (B, Hkv, D) with any row and head strides (last dimension contiguous);
+    cos/sin (B, D) or None: RoPE applied to q and k in the kernel."""
     block_n = block_n or TRITON_CONFIG["block_n"]
     num_warps = num_warps or TRITON_CONFIG["num_warps"]
     programs = programs or TRITON_CONFIG["programs"]
@@ -186,32 +256,43 @@ def decode_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k
                          f"got Hq {Hq}, Hkv {Hkv}, D {D}")
     if k_cache.stride(-1) != 1 or v_cache.stride() != k_cache.stride():
         raise ValueError("decode_attention_triton needs K and V caches of the same strides, last dimension contiguous")
-    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    if q.stride(-1) != 1:
+        q = q.contiguous()
+    if k.stride(-1) != 1 or v.stride() != k.stride():  # the kernel reads k and v with one set of strides
+        k, v = k.contiguous(), v.contiguous()
     split_kernel, merge_kernel = _kernels()
     G = Hq // Hkv
-    splits, split_len = split_plan(B, Hkv, L, block_n, programs)
+    splits, split_len = split_plan(B, Hkv, L, block_n, programs, TRITON_CONFIG.get("one_split_from", 0))
     out = torch.empty(B, Hq, D, dtype=q.dtype, device=q.device)
     ieee = q.dtype == torch.float32
+    rope_ = cos is not None
+    cos = q if cos is None else cos  # unused pointers when ROPE is off
+    sin = q if sin is None else sin
     common = dict(G=G, G_PAD=max(16, 1 << (G - 1).bit_length()), D=D, BLOCK_N=block_n, SPLIT=split_len,
-                  IEEE=ieee, num_warps=num_warps)
+                  IEEE=ieee, ROPE=rope_, num_warps=num_warps)
+    strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1),
+               k_cache.stride(0), k_cache.stride(1), k_cache.stride(2))
     if splits == 1:
-        split_kernel[(B, Hkv, 1)](q, k, v, k_cache, v_cache, pos, out, out,
-                                  q.stride(0), q.stride(1), k.stride(0), k.stride(1),
-                                  k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-                                  out.stride(0), out.stride(1), 0, 0, 0,
+        split_kernel[(B, Hkv, 1)](q, k, v, k_cache, v_cache, pos, out, out, cos, sin, *strides,
+                                  out.stride(0), out.stride(1), 0, 0, 0, cos.stride(0),
                                   scale * LOG2E, DIRECT=True, **common)
         return out
     part = torch.empty(B, Hq, splits, D, dtype=torch.float32, device=q.device)
     ml = torch.empty(B, Hq, splits, 2, dtype=torch.float32, device=q.device)
-    split_kernel[(B, Hkv, splits)](q, k, v, k_cache, v_cache, pos, part, ml,
-                                   q.stride(0), q.stride(1), k.stride(0), k.stride(1),
-                                   k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+    split_kernel[(B, Hkv, splits)](q, k, v, k_cache, v_cache, pos, part, ml, cos, sin, *strides,
                                    part.stride(0), part.stride(1), part.stride(2), ml.stride(0), ml.stride(1),
-                                   scale * LOG2E, DIRECT=False, **common)
+                                   cos.stride(0), scale * LOG2E, DIRECT=False, **common)
     merge_kernel[(B, Hq)](part, ml, out, part.stride(0), part.stride(1), part.stride(2), ml.stride(0),
                           ml.stride(1), out.stride(0), out.stride(1), splits,
                           S_PAD=max(2, 1 << (splits - 1).bit_length()), D=D)
     return out
+
+
+def attention_kernel(q: torch.Tensor, backend: str) -> str:
+    """Which implementation `backend` ("auto", "triton", "torch") runs for tensors like q: "triton" or "torch"."""
+    if backend not in ("auto", "triton", "torch"):
+        raise ValueError(f"decode_attention backend {backend!r}; allowed: auto, triton, torch")
+    return "triton" if backend == "triton" or (backend == "auto" and use_triton_for(q)) else "torch"
 
 
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
@@ -221,8 +302,20 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache:
     return attention of q (B, Hq, D) over positions 0..pos[b] of each row: (B, Hq, D).
     backend: "auto" (Triton where it runs, else PyTorch), "triton" or "torch"."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    if backend not in ("auto", "triton", "torch"):
-        raise ValueError(f"decode_attention backend {backend!r}; allowed: auto, triton, torch")
-    if backend == "triton" or (backend == "auto" and use_triton_for(q)):
+    if attention_kernel(q, backend) == "triton":
         return decode_attention_triton(q, k, v, k_cache, v_cache, pos, scale)
     return decode_attention_torch(q, k, v, k_cache, v_cache, pos, scale)
+
+
+def decode_attention_qkv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
+                         v_cache: torch.Tensor, pos: torch.Tensor, heads: int, scale: float | None = None,
+                         backend: str = "auto") -> torch.Tensor:
+    """As `decode_attention`, from the fused projection before RoPE: qkv (B, (Hq + 2 Hkv) D) is
+    split into q, k, v, RoPE (cos/sin (B, 1, D)) is applied to q and k, the new k, v are written
+    at pos and q attends over positions 0..pos[b]: (B, Hq, D). On Triton all of it is one kernel
+    (plus the split merge); the PyTorch backend runs the same steps unfused."""
+    head_dim = k_cache.shape[-1]
+    scale = head_dim ** -0.5 if scale is None else scale
+    if attention_kernel(qkv, backend) == "triton":
+        return decode_attention_qkv_triton(qkv, cos, sin, k_cache, v_cache, pos, heads, scale)
+    return decode_attention_qkv_torch(qkv, cos, sin, k_cache, v_cache, pos, heads, scale)
