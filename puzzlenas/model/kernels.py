@@ -195,9 +195,11 @@ def _kernels():
 # Launch settings of the split-KV kernel (benchmarks/fast_decode.py sweeps them on the device;
 # `programs`: how many (row, KV head, split) programs to aim for at the full buffer).
 # `one_split_from`: from this many (row, KV head) pairs on, one split per pair, so no merge kernel
-# (0: never; `fast_decode.py --quick` times the parent both ways before it is turned on).
+# (0: never). Measured on an H200 (`fast_decode.py --quick`, RESULTS.md): 768 pairs (batch 256 x 3
+# KV heads) fill the device alone, and one split cut the parent's mean step 2.19 -> 1.99 ms at every
+# fill; 256 pairs (one KV head) still need the splits at long fills (1.86 vs 1.72 ms at 1,151).
 TRITON_CONFIG = {"block_n": 32, "num_warps": 2, "programs": 1024,  # best of 27 on an H200 (RESULTS.md)
-                 "one_split_from": 0}
+                 "one_split_from": 768}
 
 
 def split_plan(batch: int, kv_heads: int, max_len: int, block_n: int = 64, programs: int = 1024,
