@@ -112,7 +112,9 @@ def cmd_tasks(args: argparse.Namespace) -> int:
     for name in names:
         print(f"wrote {args.out / name}.yaml")
     yamls = ",".join(str((args.out / f"{n}.yaml").resolve()) for n in names)
-    print(f"lm_eval --model hf --model_args pretrained=EXPORT,trust_remote_code=True --tasks {yamls} --device cpu")
+    print("# score an export (`puzzlenas export MODEL EXPORT --runtime hf`) on them; needs pip install 'lm-eval[hf]'")
+    print(f"HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 lm_eval --model hf --model_args pretrained=EXPORT,"
+          f"trust_remote_code=True --tasks {yamls} --device cpu --batch_size 8")
     return 0
 
 

@@ -290,13 +290,36 @@ def test_export_stage_writes_one_folder_per_child(tmp_path):
     assert "DONE" not in {p.name for p in (run / "export-fast").iterdir()}
 
 
+# The `lm_eval` console script's body, run with `import puzzlenas` made to fail: lm-eval must load
+# the export through its shipped remote code alone.
+LM_EVAL_CLI = ("import sys; sys.modules['puzzlenas'] = None; sys.argv[0] = 'lm_eval'; "
+               "from lm_eval.__main__ import cli_evaluate; sys.exit(cli_evaluate())")
+
+
+def lm_eval_python() -> str:
+    """The Python whose `lm_eval` scores the export: $PUZZLENAS_LM_EVAL_PYTHON (a separate
+    environment, e.g. a fresh venv with `pip install torch 'lm-eval[hf]'` and no puzzlenas), else
+    this one; skips when that environment lacks lm-eval's `hf` model."""
+    python = os.environ.get("PUZZLENAS_LM_EVAL_PYTHON")
+    if python is None:
+        from puzzlenas.eval.tasks.harness import missing_harness_modules
+
+        if missing_harness_modules():
+            pytest.skip(f"lm-eval's hf model needs {', '.join(missing_harness_modules())}: pip install -e '.[lm-eval]'")
+        return sys.executable
+    probe = subprocess.run([python, "-I", "-c", "import lm_eval.models.huggingface"], capture_output=True, text=True)
+    if probe.returncode:
+        pytest.skip(f"PUZZLENAS_LM_EVAL_PYTHON={python} cannot import lm-eval's hf model: {probe.stderr[-300:]}")
+    return python
+
+
 @pytest.mark.slow
 def test_lm_eval_command_line_scores_an_export_on_a_local_task(child, tmp_path):
     """`lm_eval --model hf --model_args pretrained=EXPORT,trust_remote_code=True --tasks TASK.yaml`,
-    as docs/tasks.md gives it, in a process without puzzlenas: the same accuracy as our scorer.
-    Needs the full lm-eval (`pip install -e '.[lm-eval]'`: datasets, dill, evaluate ...)."""
-    for module in ("lm_eval", "datasets", "dill", "evaluate", "sqlitedict"):
-        pytest.importorskip(module)
+    as `puzzlenas tasks` prints it, in a process where `import puzzlenas` fails: the same accuracy
+    and per-request log-likelihoods as our scorer on the same model. Needs the full lm-eval
+    (`pip install -e '.[lm-eval]'`), here or in the environment $PUZZLENAS_LM_EVAL_PYTHON names."""
+    python = lm_eval_python()
     from transformers import AutoTokenizer
 
     from puzzlenas.eval import tasks as T
@@ -312,13 +335,18 @@ def test_lm_eval_command_line_scores_an_export_on_a_local_task(child, tmp_path):
     task = T.Task("toy-mc", "multiple_choice", examples, "hand", "test")
     name = T.export_lm_eval_task(task, tmp_path / "tasks")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "m"),
-           "HF_DATASETS_CACHE": str(tmp_path / "datasets")}
+           "HF_DATASETS_CACHE": str(tmp_path / "datasets"), "OMP_NUM_THREADS": "1"}
     env.pop("PYTHONPATH", None)
-    subprocess.run([sys.executable, "-m", "lm_eval", "--model", "hf", "--model_args",
-                    f"pretrained={export},trust_remote_code=True", "--tasks", str(tmp_path / "tasks" / f"{name}.yaml"),
-                    "--device", "cpu", "--batch_size", "4", "--output_path", str(tmp_path / "out")],
-                   check=True, env=env, cwd=tmp_path, timeout=600, capture_output=True)
+    run = subprocess.run([python, "-I", "-c", LM_EVAL_CLI, "--model", "hf", "--model_args",
+                          f"pretrained={export},trust_remote_code=True", "--tasks", str(tmp_path / "tasks" / f"{name}.yaml"),
+                          "--device", "cpu", "--batch_size", "4", "--output_path", str(tmp_path / "out"), "--log_samples"],
+                         env=env, cwd=tmp_path, timeout=600, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-3000:]
     result = json.loads(next((tmp_path / "out").rglob("results_*.json")).read_text())["results"][name]
-    ours = T.evaluate_task(model, AutoTokenizer.from_pretrained(export), task, batch_size=4)
+    ours = T.evaluate_task(model, AutoTokenizer.from_pretrained(export), task, batch_size=4, return_details=True)
     assert result["acc,none"] == pytest.approx(ours["acc"])
     assert result["acc_norm,none"] == pytest.approx(ours["acc_norm"])
+    samples = [json.loads(line) for line in next((tmp_path / "out").rglob(f"samples_{name}_*.jsonl")).open()]
+    assert len(samples) == len(examples)
+    for s in samples:  # request by request: lm-eval ran the exported code on the same weights
+        assert [float(r[0][0]) for r in s["resps"]] == pytest.approx(ours["details"][s["doc_id"]]["logliks"], abs=1e-4)

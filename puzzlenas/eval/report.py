@@ -58,7 +58,6 @@ class ReportContext:
     front: list[dict] = field(default_factory=list)
     front_key: str | None = None
     config_text: str = ""
-    missed_reported: list | None = None  # results.json's own "missed_targets", when the eval stage wrote one
     gkd_histories: dict[str, dict] = field(default_factory=dict)  # child name -> gkd history.json
     bld_metrics: list[dict] = field(default_factory=list)  # bld/metrics.jsonl rows
 
@@ -82,7 +81,9 @@ def target_checks(results: dict, records: list[dict], targets: list[dict]) -> li
 
     Returns rows {child, model, target, metric, scenario, wanted, predicted, measured, missed};
     a scenario the eval did not measure is left out. Only `speedup` targets are compared: the
-    eval measures speedups against the parent in the same process."""
+    eval measures speedups against the parent in the same process. Missed = the search promised
+    the speedup there (predicted >= target) and the measurement fell short: the eval stage's rule
+    (`stages/eval.flag_missed_targets`), applied here to the final child (after GKD)."""
     by_name = {t["name"]: t for t in targets}
     rows = []
     for r in (r for r in records if not r.get("peer")):
@@ -107,22 +108,21 @@ def target_checks(results: dict, records: list[dict], targets: list[dict]) -> li
             predicted = r.get("predicted_speedup", {}).get(f"{metric}_s/{scenario}")
             rows.append({"child": r["name"], "model": model, "target": r["target"], "metric": metric,
                          "scenario": scenario, "wanted": float(target["speedup"]), "predicted": predicted,
-                         "measured": float(value), "missed": float(value) < float(target["speedup"])})
+                         "measured": float(value),
+                         "missed": float(value) < float(target["speedup"]) and predicted is not None
+                         and predicted >= float(target["speedup"])})
     return rows
 
 
 def missed_lines(ctx: ReportContext) -> list[str]:
     """One line per target missed when measured (for the run's output and the report)."""
-    if ctx.missed_reported is not None:  # the eval stage's own list
-        return [m if isinstance(m, str) else _missed_text(m) for m in ctx.missed_reported]
     return [_missed_text(c) for c in target_checks(ctx.results, ctx.records, ctx.targets) if c["missed"]]
 
 
 def _missed_text(c: dict) -> str:
-    predicted = f", predicted {c['predicted']:.2f}x" if isinstance(c.get("predicted"), (int, float)) else ""
-    return (f"target {c.get('target')} missed when measured: {c.get('model', c.get('child'))} runs "
-            f"{c.get('metric', 'decode')} {c.get('measured', float('nan')):.2f}x the parent in scenario "
-            f"{c.get('scenario')}, the target asks {c.get('wanted', float('nan')):.2f}x{predicted}")
+    return (f"target {c['target']} missed when measured: {c['model']} runs {c['metric']} {c['measured']:.2f}x "
+            f"the parent in scenario {c['scenario']}, the target asks {c['wanted']:.2f}x, predicted "
+            f"{c['predicted']:.2f}x")
 
 
 def targets_section(ctx: ReportContext) -> list[str]:
@@ -705,8 +705,7 @@ def load_context(run_dir: Path, records: list[dict], unreachable: list[dict] = (
                          unreachable=list(unreachable), front=json.loads(front_path.read_text())
                          if front_path.is_file() else [], front_key=front_key,
                          config_text=config_path.read_text() if config_path.is_file() else "",
-                         missed_reported=raw.get("missed_targets") if isinstance(raw.get("missed_targets"), list)
-                         else None, gkd_histories=histories, bld_metrics=bld)
+                         gkd_histories=histories, bld_metrics=bld)
 
 
 def write_report(run_dir: Path, out: Path, records: list[dict], unreachable: list[dict] = (),

@@ -15,13 +15,26 @@ from .registry import TASK_BUILDERS, build_task
 from .task import MULTIPLE_CHOICE, Task
 
 
+# What lm-eval's `hf` model and `simple_evaluate` import beyond the wheel itself: a `--no-deps`
+# install (CI's, for the MMLU dev questions) has the wheel without them.
+HARNESS_MODULES = ("lm_eval", "accelerate", "datasets", "dill", "evaluate", "sqlitedict")
+
+
+def missing_harness_modules() -> list[str]:
+    """The modules lm-eval needs to score a Hugging Face model that are not installed."""
+    import importlib.util
+
+    return [m for m in HARNESS_MODULES if importlib.util.find_spec(m) is None]
+
+
 def _require_lm_eval() -> Any:
-    try:
-        import lm_eval
-    except ImportError as e:
+    missing = missing_harness_modules()
+    if missing:
         raise MissingDependencyError(
-            "run_lm_eval_harness needs lm-evaluation-harness, which is not installed: "
-            "pip install lm-eval") from e
+            f"run_lm_eval_harness needs lm-evaluation-harness with its `hf` extra; missing: "
+            f"{', '.join(missing)}: pip install 'lm-eval[hf]' (or pip install -e '.[lm-eval]')")
+    import lm_eval
+
     return lm_eval
 
 
@@ -33,6 +46,12 @@ def _common_delimiter(choices: list[str]) -> str:
         while not x.startswith(delim):
             delim = delim[:-1]
     return delim if all(len(c) > len(delim) for c in choices) else ""
+
+
+def _metric(name: str, aggregation: str, higher_is_better: bool) -> list[str]:
+    """One `metric_list` entry, spelled out (lm-eval warns at every run where it guesses these)."""
+    return [f"  - metric: {name}", f"    aggregation: {aggregation}",
+            f"    higher_is_better: {str(higher_is_better).lower()}"]
 
 
 def export_lm_eval_task(task: Task, out_dir: str | Path) -> str:
@@ -64,10 +83,10 @@ def export_lm_eval_task(task: Task, out_dir: str | Path) -> str:
              "doc_to_text: context", f"target_delimiter: {json.dumps(delim)}"]
     if task.kind == MULTIPLE_CHOICE:
         lines += ["output_type: multiple_choice", "doc_to_choice: choices", "doc_to_target: gold",
-                  "metric_list:", "  - metric: acc", "  - metric: acc_norm"]
+                  "metric_list:", *_metric("acc", "mean", True), *_metric("acc_norm", "mean", True)]
     else:
         lines += ["output_type: loglikelihood", "doc_to_target: target", "metric_list:",
-                  "  - metric: acc", "  - metric: perplexity"]
+                  *_metric("acc", "mean", True), *_metric("perplexity", "perplexity", False)]
     lines += ["metadata:", "  version: 1.0"]
     (out / f"{name}.yaml").write_text("\n".join(lines) + "\n", encoding="utf-8")
     return name
