@@ -105,6 +105,29 @@ def test_sampling_respects_temperature_and_top_p():
     assert torch.equal(sample(logits[:3], 0.0, 0.9), torch.zeros(3, dtype=torch.long))
 
 
+def test_the_cpu_nucleus_from_top_k_is_the_whole_sorts_nucleus(monkeypatch):
+    """On CPU the nucleus is cut from the top-k candidates when they hold top_p of the mass, else
+    from the full sort: either way the same distribution as sorting the whole vocabulary."""
+    import puzzlenas.model.fast as fast
+
+    torch.manual_seed(0)
+    V, K = 64, 8
+    peaked = torch.randn(V) * 0.5
+    peaked[:3] = torch.tensor([6.0, 5.5, 5.0])  # nucleus at 0.9: the three top tokens, within K
+    flat = torch.randn(V) * 0.1  # nucleus at 0.9: ~58 tokens, beyond K -> the full sort
+    for logits, expect_k in ((peaked, True), (flat, False)):
+        rows = logits.repeat(6000, 1)
+        top, ids = fast._descending(rows, 0.9, candidates=K)
+        assert top.shape[-1] == (K if expect_k else V)
+        assert torch.equal(ids[0], logits.argsort(descending=True)[:top.shape[-1]])
+        monkeypatch.setattr(fast, "CPU_NUCLEUS_CANDIDATES", K)
+        got = torch.bincount(fast.sample(rows, 1.0, 0.9), minlength=V).float() / len(rows)
+        monkeypatch.setattr(fast, "CPU_NUCLEUS_CANDIDATES", V)  # the whole sort, as on CUDA
+        want = torch.bincount(fast.sample(rows, 1.0, 0.9), minlength=V).float() / len(rows)
+        assert (got > 0).sum() == (want > 0).sum() or not expect_k  # the same support when cut from top-k
+        assert torch.allclose(got, want, atol=0.02)
+
+
 def test_residual_adds_in_the_gemm_epilogue_equal_the_separate_adds():
     """after_attention / linear_attention with epilogue=True (torch.addmm, as on CUDA) equal the
     separate adds, for 2-D (decode) and 3-D (prefill) inputs; a bias falls back to the separate add."""
