@@ -112,9 +112,13 @@ def distill_child(cfg: RunConfig, run_dir: Path, record: dict, teacher, dataset,
     print(f"[gkd] {record['name']}: validation loss {before['loss']:.4f} -> {after['loss']:.4f} "
           f"(KL {before['kl']:.4f} -> {after['kl']:.4f}, cosine {before['cosine']:.4f} -> {after['cosine']:.4f})")
     tokens = trainer.steps * gkd_cfg.batch_size * dataset.seq_len * world
-    read = [passes(cfg, dataset, f"GKD {record['name']}" + (f" ({1 - gkd_cfg.chat_fraction:.0%} of its rows; the "
-                                                             f"rest chat transcripts)" if chat_rows is not None else ""),
-                   round(tokens * (1 - gkd_cfg.chat_fraction)) if chat_rows is not None else tokens),
+    # the on-policy steps train on the child's samples, not on the rows (their openings are prompts)
+    read_tokens = (trainer.steps - trainer.on_policy_steps) * gkd_cfg.batch_size * dataset.seq_len * world
+    label = f"GKD {record['name']}" + (f" ({1 - gkd_cfg.chat_fraction:.0%} of its rows; the rest chat transcripts)"
+                                       if chat_rows is not None else "") + \
+        (f", off-policy steps ({trainer.on_policy_steps} on-policy steps not counted)" if trainer.on_policy_steps else "")
+    read = [passes(cfg, dataset, label, round(read_tokens * (1 - gkd_cfg.chat_fraction)) if chat_rows is not None
+                   else read_tokens),
             passes(cfg, dataset, "GKD validation", gkd_cfg.validation_tokens, "validation", first=True)]
     if rank == 0:
         print("\n".join(f"[gkd] {line}" for line in passes_lines(read).splitlines()))
