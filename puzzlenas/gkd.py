@@ -156,6 +156,22 @@ def fused_head_kl(child: DeciLMForCausalLM, parent: DeciLMForCausalLM, h_child: 
                                  cfg.kl_weight, cfg.lm_loss_weight, cfg.logits_chunk, dtype, reduce_chunk)
 
 
+def fused_head_divergence(child: DeciLMForCausalLM, parent: DeciLMForCausalLM, h_child: torch.Tensor,
+                          h_parent: torch.Tensor, predicts: torch.Tensor, cfg: "GKDConfig",
+                          mm_dtype: torch.dtype | None, reduce_chunk) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The on-policy divergence (`reduce_chunk`: onpolicy.divergence_reducer) on the final hidden
+    states, mean over the positions where `predicts` (B, T - 1) holds, i.e. whose next token the
+    child generated; prompt and padding positions never reach the head. h_child, h_parent:
+    (B, T, C) pre-norm. Returns (divergence (differentiable), divergence, 0 (detached))."""
+    rows_c = child.model.norm(h_child[:, :-1][predicts])  # (N, C): generated positions only
+    with torch.no_grad():
+        rows_p = parent.model.norm(h_parent[:, :-1][predicts])
+    labels = torch.zeros(rows_c.shape[0], dtype=torch.long, device=rows_c.device)  # unused: no LM term
+    dtype = mm_dtype or child.lm_head.weight.dtype
+    return _FusedHeadKL.apply(rows_c, child.lm_head.weight, rows_p, parent.lm_head.weight, labels,
+                              1.0, 0.0, cfg.logits_chunk, dtype, reduce_chunk)
+
+
 class GKDTrainer:
     """Distills one child from the parent; writes checkpoints and the final model to out_dir."""
 
@@ -180,6 +196,12 @@ class GKDTrainer:
                                              sharded=self.sharded)
         self.step = 0
         self.history: list[dict] = []
+        # The on-policy phase: the last on_policy_fraction of the steps (onpolicy.py).
+        self.on_policy_steps = round(cfg.on_policy_fraction * self.steps)
+        self.on_policy_start = self.steps - self.on_policy_steps
+        if self.on_policy_steps and self.sharded:
+            raise GKDError("gkd.on_policy_fraction > 0 needs the whole child on every rank to sample from it; "
+                           "use gkd.parallel=ddp (or on_policy_fraction=0)")
         if cfg.activation_checkpointing:
             child.model.gradient_checkpointing = True
         self._compile_proven = False
@@ -206,22 +228,37 @@ class GKDTrainer:
         """The teacher's stacked hidden states, the student's last hidden state and cosine term,
         and the per-chunk logit reduction of the KL: plain functions, or torch.compile'd ones
         (one graph per model: the decoder is traced whole, its loop over layers unrolled)."""
+        from .onpolicy import divergence_reducer
+
         teacher = functools.partial(teacher_hidden_states, self.parent)
         student = functools.partial(student_forward, self.child)
         reduce = reduce_logit_chunk
+        reduce_on_policy = divergence_reducer(self.cfg.on_policy_divergence)
         if compiled:
             teacher, student, reduce = (torch.compile(f, dynamic=False) for f in (teacher, student, reduce))
+            # the number of generated positions changes every step: one graph for every chunk length
+            reduce_on_policy = torch.compile(reduce_on_policy, dynamic=True)
         self.compiled = compiled
         self._teacher, self._student, self._reduce = teacher, student, reduce
+        self._reduce_on_policy = reduce_on_policy
 
     def loss_and_backward(self, batch: torch.Tensor) -> dict[str, torch.Tensor]:
         """One forward/backward of the GKD loss (gradients accumulate in the child). The first
         compiled step is where compiling happens: with gkd.compile=auto a failure there (no
         compiler, an unsupported op) switches to the eager functions and redoes the step."""
+        return self._guarded(self._loss_and_backward, batch)
+
+    def on_policy_loss_and_backward(self, ids: torch.Tensor, predicts: torch.Tensor) -> dict[str, torch.Tensor]:
+        """One forward/backward of the on-policy loss on the child's own samples: ids (B, T)
+        prompt + continuation + padding, predicts (B, T - 1) True where the next token is a
+        generated one (`onpolicy.pack_generated`)."""
+        return self._guarded(self._on_policy_loss_and_backward, ids, predicts)
+
+    def _guarded(self, step_fn, *args) -> dict[str, torch.Tensor]:
         if not self.compiled or self._compile_proven:
-            return self._loss_and_backward(batch)
+            return step_fn(*args)
         try:
-            parts = self._loss_and_backward(batch)
+            parts = step_fn(*args)
         except Exception as err:  # noqa: BLE001: any compiler failure; eager is always possible
             why = f"{type(err).__name__}: {(str(err).splitlines() or [''])[0][:300]}"
             if self.cfg.compile == "on":
@@ -229,7 +266,7 @@ class GKDTrainer:
             self.log(f"  gkd: torch.compile failed ({why}); running eagerly")
             self.child.zero_grad(set_to_none=True)
             self._set_step_functions(False)
-            return self._loss_and_backward(batch)
+            return step_fn(*args)
         self._compile_proven = True
         return parts
 
@@ -243,6 +280,35 @@ class GKDTrainer:
                                          self.autocast_dtype, self._reduce)
         (cfg.cosine_weight * cos + head).backward()
         return {"loss": (cfg.cosine_weight * cos + head).detach(), "cosine": cos.detach(), "kl": kl, "lm": lm}
+
+    def _on_policy_loss_and_backward(self, ids: torch.Tensor, predicts: torch.Tensor) -> dict[str, torch.Tensor]:
+        with torch.no_grad(), self._autocast():
+            parent_hidden = self._teacher(ids)  # (L + 1, B, T, C): the parent scores every token
+        with self._autocast():
+            h_child, _ = self._student(ids, parent_hidden)  # (B, T, C) pre-norm
+            loss, divergence, _ = fused_head_divergence(self.child, self.parent, h_child, parent_hidden[-1], predicts,
+                                                        self.cfg, self.autocast_dtype, self._reduce_on_policy)
+        loss.backward()
+        return {"loss": loss.detach(), "divergence": divergence,
+                "generated_tokens": predicts.sum().to(divergence.device, torch.float32)}
+
+    def on_policy_batch(self, batch: torch.Tensor, step: int, prompts=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The child's samples for this step: (ids (B, T), predicts (B, T - 1)) on the device, T
+        the batch's length. prompts: an onpolicy.OnPolicyPrompts (None: the openings of the
+        batch's rows, EOS from the child's config)."""
+        from .onpolicy import OnPolicyPrompts, pack_generated, sample_continuations
+
+        cfg, T = self.cfg, batch.shape[1]
+        if prompts is None:
+            eos = self.child.config.eos_token_id
+            prompts = OnPolicyPrompts(prompt_tokens=cfg.on_policy_prompt_tokens,
+                                      stop_ids=[] if eos is None else [eos] if isinstance(eos, int) else eos)
+        chosen = [p[-(T - 1):] for p in prompts.for_step(step, batch)]  # at least one token left to generate
+        max_new = max(1, min(cfg.on_policy_max_new_tokens, T - max(len(p) for p in chosen)))
+        new = sample_continuations(self.child, chosen, max_new, cfg.on_policy_temperature, cfg.on_policy_top_p,
+                                   prompts.stop_ids, prompts.sample_seed(step), log=self.log)
+        ids, predicts = pack_generated(chosen, new, T)
+        return ids.to(self.device), predicts.to(self.device)
 
     @torch.no_grad()
     def validation_loss(self, batches: list[torch.Tensor]) -> dict[str, float]:
@@ -262,7 +328,10 @@ class GKDTrainer:
         out["loss"] = self.cfg.cosine_weight * out["cosine"] + self.cfg.kl_weight * out["kl"]
         return out
 
-    def train(self, batches) -> list[dict]:
+    def train(self, batches, prompts=None) -> list[dict]:
+        """All steps from the last checkpoint on; the last `on_policy_steps` on the child's own
+        samples (prompts: an onpolicy.OnPolicyPrompts, None = openings of the batches' rows).
+        The batches are drawn in every step, so the data position stays the step."""
         self._maybe_resume()
         started, first = time.time(), self.step
         bar = progress(total=self.steps, initial=first, desc="[gkd]", unit="step")
@@ -272,8 +341,17 @@ class GKDTrainer:
             if step >= self.steps:
                 break
             bar.update(1)
-            self.child.train()
-            parts = self.loss_and_backward(batch.to(self.device))
+            on_policy = step >= self.on_policy_start
+            if on_policy:
+                if step == self.on_policy_start:
+                    self.log(f"  gkd: on-policy phase, steps {step + 1}-{self.steps} "
+                             f"({self.cfg.on_policy_divergence} divergence on the child's samples)")
+                ids, predicts = self.on_policy_batch(batch, step, prompts)
+                self.child.train()
+                parts = self.on_policy_loss_and_backward(ids, predicts)
+            else:
+                self.child.train()
+                parts = self.loss_and_backward(batch.to(self.device))
             if self.sharded:
                 sync_replicated_grads(self.child)
             elif self.world > 1:
@@ -284,7 +362,15 @@ class GKDTrainer:
             self.optimizer.zero_grad(set_to_none=True)
             self.step = step + 1
             every = max(1, self.steps // 10)
-            if self.step % every == 0 or self.step == self.steps or self.step % self.cfg.checkpoint_every == 0:
+            if on_policy:  # every step of the on-policy phase is recorded
+                values = {k: v.item() for k, v in parts.items()}
+                raise_if_non_finite({"the on-policy GKD loss": values["loss"]}, self.step, "gkd", self.cfg.lr, GKDError)
+                self.history.append({"step": self.step, "phase": "on_policy", **values,
+                                     "lr": self.scheduler.get_last_lr()[0]})
+                self.log(f"  gkd step {self.step}/{self.steps} (on-policy): {self.cfg.on_policy_divergence} "
+                         f"divergence {values['divergence']:.4f} on {values['generated_tokens']:.0f} generated tokens, "
+                         f"{time.time() - started:.0f} s")
+            elif self.step % every == 0 or self.step == self.steps or self.step % self.cfg.checkpoint_every == 0:
                 values = {k: v.item() for k, v in parts.items()}
                 raise_if_non_finite({"the GKD loss": values["loss"]}, self.step, "gkd", self.cfg.lr, GKDError)
                 self.history.append({"step": self.step, **values, "lr": self.scheduler.get_last_lr()[0]})

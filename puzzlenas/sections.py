@@ -114,6 +114,7 @@ class TeacherSection:
 # ---- bld and gkd: the optimizer fields they share ------------------------------------------
 MODES = ("decoupled", "coupled", "hybrid")
 GKD_PARALLEL = ("auto", "ddp", "fsdp")
+ON_POLICY_DIVERGENCES = ("reverse", "forward", "jsd")
 AUTOCAST = ("auto", "bf16", "off")
 
 
@@ -140,8 +141,15 @@ class OptimizerConfig:
     # nothing and a killed run resumes under the other choice.
     RUN_ONLY: ClassVar[tuple[str, ...]] = ()
 
+    def inert_fields(self) -> tuple[str, ...]:
+        """Fields left out of the repr (so of stage fingerprints) and of checkpoint fingerprints:
+        RUN_ONLY, plus (subclasses) settings added later while they change nothing, so that runs
+        made before them keep their fingerprints."""
+        return self.RUN_ONLY
+
     def __repr__(self) -> str:
-        names = [n for n in self.REPR_ORDER or tuple(f.name for f in fields(self)) if n not in self.RUN_ONLY]
+        inert = self.inert_fields()
+        names = [n for n in self.REPR_ORDER or tuple(f.name for f in fields(self)) if n not in inert]
         return f"{type(self).__qualname__}({', '.join(f'{n}={getattr(self, n)!r}' for n in names)})"
 
     def validate_optimizer(self, section: str) -> None:
@@ -221,11 +229,37 @@ class GKDConfig(OptimizerConfig):
     # weights, gradients, two Adam moments) plus the parent fit in 60% of one GPU, else fsdp
     # (on the CPU: ddp). The parent is prepared once for every child.
     parallel: str = "auto"
+    # On-policy phase (generalized KD): the last on_policy_fraction of GKD's steps, the child
+    # samples continuations of prompts from the run's data (openings of its training rows,
+    # topic x text-kind seeds of the teacher corpus, chat requests for instruct parents) and is
+    # trained on the divergence between parent and child on the generated tokens only. 0 = off.
+    on_policy_fraction: float = 0.0
+    # reverse = KL(child || parent) (default: mode-seeking, the on-policy distillation literature's
+    # choice; on its own samples it pushes the child off continuations the parent would not
+    # write, such as a loop), forward = KL(parent || child) (as the off-policy phase), jsd =
+    # Jensen-Shannon with beta 0.5 (bounded).
+    on_policy_divergence: str = "reverse"
+    on_policy_temperature: float = 1.0  # the child's sampling
+    on_policy_top_p: float = 0.95
+    on_policy_max_new_tokens: int = 96  # per prompt (and never past data.seq_len with the prompt)
+    on_policy_prompt_tokens: int = 32  # tokens of a training row's opening used as a prompt
+    # Share of the prompts that are chat requests in the parent's chat template, when the parent
+    # has one and the GKD mix holds chat rows (gkd.chat_fraction > 0 or a teacher source).
+    on_policy_chat_share: float = 0.5
     REPR_ORDER = ("tokens", "batch_size", "lr", "min_lr_fraction", "warmup_fraction", "weight_decay", "betas",
                   "grad_clip", "cosine_weight", "kl_weight", "lm_loss_weight", "logits_chunk", "compile",
                   "activation_checkpointing", "checkpoint_every", "autocast", "validation_tokens", "chat_fraction",
-                  "chat_requests", "chat_max_new_tokens", "chat_temperature", "chat_batch_size", "parallel")
+                  "chat_requests", "chat_max_new_tokens", "chat_temperature", "chat_batch_size", "parallel",
+                  "on_policy_fraction", "on_policy_divergence", "on_policy_temperature", "on_policy_top_p",
+                  "on_policy_max_new_tokens", "on_policy_prompt_tokens", "on_policy_chat_share")
     RUN_ONLY = ("parallel",)
+    ON_POLICY = ("on_policy_fraction", "on_policy_divergence", "on_policy_temperature", "on_policy_top_p",
+                 "on_policy_max_new_tokens", "on_policy_prompt_tokens", "on_policy_chat_share")
+
+    def inert_fields(self) -> tuple[str, ...]:
+        # With the on-policy phase off its settings change nothing: runs made before it existed
+        # keep their stage and checkpoint fingerprints.
+        return self.RUN_ONLY + (self.ON_POLICY if not self.on_policy_fraction else ())
 
     def validate(self) -> None:
         self.validate_optimizer("gkd")
@@ -242,6 +276,17 @@ class GKDConfig(OptimizerConfig):
                                                    self.chat_batch_size) < 1 or self.chat_temperature <= 0:
             raise ValueError("gkd.chat_fraction in [0, 1]; chat_requests, chat_max_new_tokens, chat_batch_size "
                              ">= 1; chat_temperature > 0")
+        if not 0 <= self.on_policy_fraction <= 1:
+            raise ValueError(f"gkd.on_policy_fraction = {self.on_policy_fraction!r}: must be in [0, 1] (0 = off)")
+        if self.on_policy_divergence not in ON_POLICY_DIVERGENCES:
+            raise ValueError(f"gkd.on_policy_divergence = {self.on_policy_divergence!r}; allowed: "
+                             f"{', '.join(ON_POLICY_DIVERGENCES)}")
+        if not (0 < self.on_policy_temperature <= 10 and 0 < self.on_policy_top_p <= 1):
+            raise ValueError("gkd.on_policy_temperature must be in (0, 10] and gkd.on_policy_top_p in (0, 1]")
+        if min(self.on_policy_max_new_tokens, self.on_policy_prompt_tokens) < 1 or \
+                not 0 <= self.on_policy_chat_share <= 1:
+            raise ValueError("gkd.on_policy_max_new_tokens and on_policy_prompt_tokens must be >= 1, "
+                             "on_policy_chat_share in [0, 1]")
 
 
 # ---- scores -------------------------------------------------------------------------------------

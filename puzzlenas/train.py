@@ -34,9 +34,15 @@ class TrainingError(RuntimeError):
 
 def settings_fingerprint(*parts: Any) -> str:
     """A short stable hash of settings (dataclasses, dicts, numbers, strings) for checkpoints."""
-    data = [{k: v for k, v in dataclasses.asdict(p).items() if k not in getattr(p, "RUN_ONLY", ())}
+    data = [{k: v for k, v in dataclasses.asdict(p).items() if k not in _inert(p)}
             if dataclasses.is_dataclass(p) else p for p in parts]
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _inert(section) -> tuple[str, ...]:
+    """A section's fields that change nothing computed (sections.OptimizerConfig.inert_fields)."""
+    inert = getattr(section, "inert_fields", None)
+    return inert() if callable(inert) else getattr(section, "RUN_ONLY", ())
 
 
 # =============================================================================================

@@ -49,11 +49,12 @@ def run(cfg: RunConfig, run_dir: Path) -> Path:
     if mode != "fsdp" or cfg.gkd.chat_fraction:  # the chat transcripts are written by the whole parent
         teacher = teacher.to(device)
     chat_rows = chat_rows_for(cfg, run_dir, teacher, dataset.seq_len, rank, world) if cfg.gkd.chat_fraction else None
+    prompts = on_policy_prompts_for(cfg, run_dir, teacher, dataset.seq_len, rank) if cfg.gkd.on_policy_fraction else None
     if mode == "fsdp":
         shard_layers(teacher)  # once, for every child (a second fully_shard of a module fails)
         teacher = teacher.to(device)
     for record in todo:
-        distill_child(cfg, run_dir, record, teacher, dataset, chat_rows, mode, device)
+        distill_child(cfg, run_dir, record, teacher, dataset, chat_rows, mode, device, prompts)
         if device.type == "cuda":
             import torch
 
@@ -62,8 +63,9 @@ def run(cfg: RunConfig, run_dir: Path) -> Path:
 
 
 def distill_child(cfg: RunConfig, run_dir: Path, record: dict, teacher, dataset, chat_rows, mode: str,
-                  device) -> None:
-    """One child through GKD on every rank; rank 0 writes gkd-<name>/ (via .tmp, DONE last)."""
+                  device, prompts=None) -> None:
+    """One child through GKD on every rank; rank 0 writes gkd-<name>/ (via .tmp, DONE last).
+    prompts: the on-policy phase's (onpolicy.OnPolicyPrompts), None without that phase."""
     import torch
 
     from ..checkpoint import atomic_write_json
@@ -102,19 +104,31 @@ def distill_child(cfg: RunConfig, run_dir: Path, record: dict, teacher, dataset,
           f"{f' x {world} ranks' if world > 1 else ''}")
     val = validation_batches(dataset, cfg.gkd.validation_tokens, cfg.gkd.batch_size)
     before = trainer.validation_loss(val)
-    steps = trainer.train(batches)
+    if trainer.on_policy_steps:
+        print(f"[gkd] {record['name']}: the last {trainer.on_policy_steps} steps on-policy, prompts: "
+              f"{prompts.kinds() if prompts is not None else 'openings of training rows'}")
+    steps = trainer.train(batches, prompts)
     after = trainer.validation_loss(val)
     print(f"[gkd] {record['name']}: validation loss {before['loss']:.4f} -> {after['loss']:.4f} "
           f"(KL {before['kl']:.4f} -> {after['kl']:.4f}, cosine {before['cosine']:.4f} -> {after['cosine']:.4f})")
     tokens = trainer.steps * gkd_cfg.batch_size * dataset.seq_len * world
-    read = [passes(cfg, dataset, f"GKD {record['name']}" + (f" ({1 - gkd_cfg.chat_fraction:.0%} of its rows; the "
-                                                             f"rest chat transcripts)" if chat_rows is not None else ""),
-                   round(tokens * (1 - gkd_cfg.chat_fraction)) if chat_rows is not None else tokens),
+    # the on-policy steps train on the child's samples, not on the rows (their openings are prompts)
+    read_tokens = (trainer.steps - trainer.on_policy_steps) * gkd_cfg.batch_size * dataset.seq_len * world
+    label = f"GKD {record['name']}" + (f" ({1 - gkd_cfg.chat_fraction:.0%} of its rows; the rest chat transcripts)"
+                                       if chat_rows is not None else "") + \
+        (f", off-policy steps ({trainer.on_policy_steps} on-policy steps not counted)" if trainer.on_policy_steps else "")
+    read = [passes(cfg, dataset, label, round(read_tokens * (1 - gkd_cfg.chat_fraction)) if chat_rows is not None
+                   else read_tokens),
             passes(cfg, dataset, "GKD validation", gkd_cfg.validation_tokens, "validation", first=True)]
     if rank == 0:
         print("\n".join(f"[gkd] {line}" for line in passes_lines(read).splitlines()))
     history = {"validation_before": before, "validation_after": after, "steps": steps, "tokens": tokens,
                "passes": read}
+    if trainer.on_policy_steps:  # its per-step losses are in "steps" (phase "on_policy")
+        phase = [h for h in steps if h.get("phase") == "on_policy"]
+        history["on_policy"] = {"steps": trainer.on_policy_steps, "first_step": trainer.on_policy_start + 1,
+                                "divergence": gkd_cfg.on_policy_divergence,
+                                "generated_tokens_rank0": round(sum(h["generated_tokens"] for h in phase))}
     state = full_model_state(child) if mode == "fsdp" else None  # a collective: every rank calls it
     if rank == 0:
         final = child
@@ -141,6 +155,41 @@ def child_gkd_config(cfg: RunConfig, record: dict):
     if record.get("peer") == "shortgpt" and cfg.peers.equal_tokens:
         return dataclasses.replace(cfg.gkd, tokens=cfg.gkd.tokens + cfg.bld.tokens)
     return cfg.gkd
+
+
+def on_policy_prompts_for(cfg: RunConfig, run_dir: Path, teacher, seq_len: int, rank: int):
+    """The on-policy phase's prompts for this rank: the teacher corpus' topic x text-kind seeds and
+    the openings of the training rows, and for a parent with a chat template, when the GKD mix
+    holds chat rows (gkd.chat_fraction > 0 or a teacher source that writes chat answers), chat
+    requests in its template (over the topics and the training documents) at
+    gkd.on_policy_chat_share. Prompts longer than half a row are left out."""
+    from transformers import AutoTokenizer
+
+    from ..data.chat import chat_requests
+    from ..data.teacher import TeacherConfig, prompt_pool, stop_ids
+    from ..onpolicy import OnPolicyPrompts
+
+    g = cfg.gkd
+    tokenizer = AutoTokenizer.from_pretrained(RunDir(run_dir).parent)
+    has_template = bool(getattr(tokenizer, "chat_template", None))
+    mix_has_chat = g.chat_fraction > 0 or (teacher_stage.STAGE.active(cfg) and cfg.teacher.chat_share > 0)
+    pool = prompt_pool(tokenizer, None, TeacherConfig(seed=cfg.seed))  # topics only: no corpus read here
+    fits = seq_len // 2
+
+    def short(ids):
+        return [list(p) for p in ids if 0 < len(p) <= fits]
+
+    chat = []
+    if has_template and mix_has_chat and g.on_policy_chat_share > 0:
+        def render(request: str) -> list[int]:
+            text = tokenizer.apply_chat_template([{"role": "user", "content": request}], tokenize=False,
+                                                 add_generation_prompt=True)
+            return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+        chat = short([p.ids for p in pool["chat"]] + [render(r) for r in chat_requests(cfg.data, 256, cfg.seed)])
+    return OnPolicyPrompts(seeds=short(p.ids for p in pool["topic"]), chat=chat, chat_share=g.on_policy_chat_share,
+                           prompt_tokens=min(g.on_policy_prompt_tokens, fits), stop_ids=stop_ids(teacher, tokenizer),
+                           seed=cfg.seed, rank=rank)
 
 
 def chat_rows_for(cfg: RunConfig, run_dir: Path, teacher, seq_len: int, rank: int, world: int):
