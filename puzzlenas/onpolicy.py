@@ -65,19 +65,6 @@ def divergence_reducer(kind: str) -> Callable:
     return reduce_chunk
 
 
-def divergence_per_position(logits_child: torch.Tensor, logits_parent: torch.Tensor, kind: str) -> torch.Tensor:
-    """The divergence at every position, (..., V) -> (...), from its definition (autograd-friendly;
-    the reference the fused reduction is tested against)."""
-    logq, logp = torch.log_softmax(logits_child.float(), -1), torch.log_softmax(logits_parent.float(), -1)
-    p, q = logp.exp(), logq.exp()
-    if kind == "forward":
-        return (p * (logp - logq)).sum(-1)
-    if kind == "reverse":
-        return (q * (logq - logp)).sum(-1)
-    m = JSD_BETA * p + (1 - JSD_BETA) * q
-    return JSD_BETA * (p * (logp - m.log())).sum(-1) + (1 - JSD_BETA) * (q * (logq - m.log())).sum(-1)
-
-
 # ---- sequences: prompt + the child's continuation, padded ------------------------------------
 def pack_generated(prompts: Sequence[Sequence[int]], continuations: Sequence[Sequence[int]], length: int,
                    pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

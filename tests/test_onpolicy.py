@@ -12,11 +12,25 @@ import pytest
 import torch
 
 from puzzlenas.gkd import GKDConfig, GKDError, GKDTrainer, fused_head_divergence, trunk_hidden_states
-from puzzlenas.onpolicy import (OnPolicyPrompts, divergence_per_position, divergence_reducer, pack_generated)
+from puzzlenas.onpolicy import JSD_BETA, OnPolicyPrompts, divergence_reducer, pack_generated
 from puzzlenas.train import settings_fingerprint
 from tests.test_child import make_child
 
 B, T = 3, 20
+
+
+# The reference the fused reduction is tested against: each divergence from its definition, by autograd.
+def divergence_per_position(logits_child: torch.Tensor, logits_parent: torch.Tensor, kind: str) -> torch.Tensor:
+    """The divergence at every position, (..., V) -> (...), from its definition (autograd-friendly;
+    the reference the fused reduction is tested against)."""
+    logq, logp = torch.log_softmax(logits_child.float(), -1), torch.log_softmax(logits_parent.float(), -1)
+    p, q = logp.exp(), logq.exp()
+    if kind == "forward":
+        return (p * (logp - logq)).sum(-1)
+    if kind == "reverse":
+        return (q * (logq - logp)).sum(-1)
+    m = JSD_BETA * p + (1 - JSD_BETA) * q
+    return JSD_BETA * (p * (logp - m.log())).sum(-1) + (1 - JSD_BETA) * (q * (logq - m.log())).sum(-1)
 
 
 @pytest.fixture(autouse=True)
