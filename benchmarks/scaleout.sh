@@ -9,7 +9,8 @@
 #      times, peak memory per GPU (nvidia-smi samples) and the example's full budgets extrapolated
 #      to 8 GPUs from the measured per-token rates -> $OUT/8b.log, 8b_memory.csv, scaleout_8b.txt
 # Usage there:   OUT=folder bash benchmarks/scaleout.sh            (both parts)
-#                OUT=folder PART=8b bash benchmarks/scaleout.sh    (one part: default | 8b)
+#                OUT=folder PART=8b bash benchmarks/scaleout.sh    (one part: default | default-1gpu |
+#                                                                   default-2gpu | 8b)
 # Checked on the CPU (gloo) with a scaled-down shape:
 #   OUT=/tmp/o PART=8b SHAPE=tiny SEQ_LEN=128 CPU_CHECK=1 bash benchmarks/scaleout.sh
 # Knobs (env): NPROC (2), SHAPE (8b | tiny), SEQ_LEN (4096), BLD_STEPS (4), GKD_STEPS (16),
@@ -54,10 +55,18 @@ gpu_memory() {
   SAMPLER=$!
 }
 
-if [ "$PART" = all ] || [ "$PART" = default ]; then
-  rm -rf "$RUNS/scaleout-1gpu" "$RUNS/scaleout-2gpu"
-  launch default_1gpu 1 --run-dir "$RUNS/scaleout-1gpu"
-  launch default_2gpu "$NPROC" --run-dir "$RUNS/scaleout-2gpu"
+# Each run has a teacher-text cache of its own (a second run would read the first one's shards).
+# PART=default-1gpu and default-2gpu run one side each (one device call each: each is ~5-8 min);
+# the second prints the comparison when the first one's log is in $RUNS.
+if [ "$PART" = all ] || [ "$PART" = default ] || [ "$PART" = default-1gpu ]; then
+  rm -rf "$RUNS/scaleout-1gpu" "$RUNS/cache-1gpu"
+  launch default_1gpu 1 --run-dir "$RUNS/scaleout-1gpu" --set "data.cache_dir=$RUNS/cache-1gpu"
+  cp "$OUT/default_1gpu.log" "$RUNS/default_1gpu.log"
+fi
+if [ "$PART" = all ] || [ "$PART" = default ] || [ "$PART" = default-2gpu ]; then
+  rm -rf "$RUNS/scaleout-2gpu" "$RUNS/cache-2gpu"
+  launch default_2gpu "$NPROC" --run-dir "$RUNS/scaleout-2gpu" --set "data.cache_dir=$RUNS/cache-2gpu"
+  cp "$RUNS/default_1gpu.log" "$OUT/default_1gpu.log" 2>/dev/null
   $PY benchmarks/scaleout_report.py default "$OUT/default_1gpu.log" "$OUT/default_2gpu.log" "$NPROC" \
     | tee "$OUT/scaleout_default.txt"
 fi

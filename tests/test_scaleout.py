@@ -4,6 +4,7 @@ child from its two-rank checkpoint and finishes; every child holds its weights a
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -20,8 +21,12 @@ from tests.conftest import pipeline_config
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def two_rank_config(inputs: dict) -> dict:
+def two_rank_config(inputs: dict, cache: Path | None = None) -> dict:
     cfg = pipeline_config(inputs)
+    if cache is not None:  # a teacher corpus, its shards written by both ranks
+        cfg["data"]["sources"] = cfg["data"]["sources"] + ["teacher:3k"]
+        cfg["data"]["cache_dir"] = str(cache)
+        cfg["teacher"] = {"max_new_tokens": 24, "batch_size": 16, "shard_samples": 32, "validation_fraction": 0.2}
     cfg["search"]["targets"] = [{"name": "fast", "metric": "decode", "speedup": 1.3},
                                 {"name": "small", "params": 60000}]
     # 16 steps per child over 2 ranks, a checkpoint every 3: a kill during GKD finds one to resume
@@ -80,7 +85,7 @@ def test_two_rank_pipeline_killed_during_gkd_resumes_and_every_child_loads(tmp_p
     from puzzlenas.pipeline import STAGE_NAMES
 
     config = tmp_path / "cfg.yaml"
-    config.write_text(yaml.safe_dump(two_rank_config(tiny_run_inputs)))
+    config.write_text(yaml.safe_dump(two_rank_config(tiny_run_inputs, tmp_path / "cache")))
     run = tmp_path / "run"
 
     first = torchrun(config, run)
@@ -99,6 +104,18 @@ def test_two_rank_pipeline_killed_during_gkd_resumes_and_every_child_loads(tmp_p
     for stage in ("parent", "bld", "scores", "search"):
         assert f"[{stage}] done already" in out, stage
     assert (run / "report" / "DONE").is_file() and (run / "eval" / "DONE").is_file()
+    # eval split its models over the ranks (each wrote its own models' results)
+    assert "rank 1/2: " in out and len(list((run / "eval" / "models").glob("*.json"))) == 5, out
+
+    # the teacher shards were written by both ranks, and one rank reads them into the same rows
+    from puzzlenas.pipeline import run_pipeline
+
+    meta = json.loads((run / "teacher" / "meta.json").read_text())
+    assert meta["ranks"] == 2 and meta["shards"] >= 2
+    one = run_pipeline(config, run_dir=tmp_path / "one-rank", until="teacher")
+    again = json.loads((one / "teacher" / "meta.json").read_text())
+    assert again["shards_reused"] == again["shards"] == meta["shards"]
+    assert (one / "teacher" / "rows.safetensors").read_bytes() == (run / "teacher" / "rows.safetensors").read_bytes()
 
     names = ["fast", "small"]
     for name in names:

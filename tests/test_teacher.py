@@ -92,11 +92,12 @@ def test_dedup_drops_exact_and_near_duplicates():
     index = T.NearDuplicateIndex(jaccard=0.7)
     a = rng.integers(0, 5000, 200).tolist()
     b = rng.integers(0, 5000, 200).tolist()
-    assert index.add_if_new(a) is None and index.add_if_new(b) is None
+    assert index.add_if_new(a) is None and index.add_if_new(b, index.signature(b)) is None
     assert index.add_if_new(list(a)) == "duplicate"
     near = list(a)
     near[100] = 77777  # one token changed: 5 of ~196 shingles differ
     assert index.add_if_new(near) == "near_duplicate"
+    assert index.add_if_new(near, T.NearDuplicateIndex(jaccard=0.7).signature(near)) == "near_duplicate"
     assert index.add_if_new(rng.integers(0, 5000, 200).tolist()) is None
 
 
@@ -202,11 +203,33 @@ def test_degenerate_and_duplicate_samples_are_dropped(tiny, tmp_path):
         batches.append(seed)
         return [varied, list(varied), [5, 6, 7] * 7, [stops[0]]]
 
-    index = T.NearDuplicateIndex(cfg.near_duplicate_jaccard)
     prompts = [T.Prompt("topic", (3, 4))] * 8
-    samples, kinds, spans, stats = T._generate_shard(model, prompts, cfg, [2], 0, index, fake)
-    assert stats["drops"] == {"duplicate": 1, "near_duplicate": 2, "repetitive": 2, "too_short": 2}
-    assert len(samples) == 1 and samples[0][:2] == [3, 4] and spans == [(2, 42)] and len(batches) == 2
+    shard = T._generate_shard(model, prompts, cfg, [2], 0, fake)
+    assert shard.stats["drops"] == {"duplicate": 1, "near_duplicate": 2, "repetitive": 2, "too_short": 2}
+    assert len(shard.samples) == 1 and shard.samples[0][:2] == [3, 4] and shard.spans == [(2, 42)]
+    assert len(batches) == 2
+    index = T.NearDuplicateIndex(cfg.near_duplicate_jaccard, cfg.seed)  # the stored signature is the text's own
+    assert shard.signatures == [index.signature(shard.samples[0][2:42])]
+
+
+def test_shards_joined_in_order_drop_what_an_earlier_shard_holds(tiny, tmp_path):
+    """Each shard is deduplicated alone (torchrun ranks write shards at once); joining them in
+    index order drops a sample that repeats an earlier shard's, from its stored signature."""
+    model, tokenizer = tiny
+    # 4 unconditional samples of 30 tokens per shard: 120 tokens, then 90 new per shard -> 3 shards
+    cfg = _small_cfg(tokens=300, shard_samples=4, batch_size=4, unconditional_share=1, document_share=0,
+                     topic_share=0)
+    repeated = [(7 * i) % 90 + 10 for i in range(30)]
+
+    def fake(model, prompts, max_new, temperature, top_p, stops, seed):
+        rng = np.random.default_rng(seed)  # every shard: the same repeated sample and three of its own
+        return [list(repeated)] + [rng.integers(10, 99, 30).tolist() for _ in prompts[1:]]
+
+    corpus = T.generate_teacher_corpus(model, tokenizer, cfg, tmp_path, progress=False, generate=fake,
+                                       log=lambda s: None)
+    shards = corpus.meta["shards"]
+    assert shards == 3 and corpus.samples.count(repeated) == 1
+    assert corpus.meta["drops"]["duplicate"] == shards - 1 and len(corpus.samples) == 4 * shards - (shards - 1)
 
 
 def test_chat_seeds_use_the_template_and_keep_the_end_of_turn(tiny, tmp_path):

@@ -18,9 +18,11 @@ Sampling: temperature 1.0 with nucleus sampling (top_p 0.95). Degenerate samples
 near duplicates (:class:`NearDuplicateIndex`: MinHash over token 5-gram shingles, candidates
 verified by their Jaccard similarity).
 
-Cache: ``<cache_dir>/teacher-<key>/shard-NNNNN.safetensors``. Shards are generated in order, each
-from prompts and seeds that depend only on (seed, shard index), and each is written atomically:
-a killed generation resumes at the first missing shard. The key covers what determines the
+Cache: ``<cache_dir>/teacher-<key>/shard-NNNNN.safetensors``. Each shard is made from prompts and
+seeds that depend only on (seed, shard index), deduplicated within itself, and written atomically
+with its samples' MinHash signatures; the corpus joins shards in index order, dropping samples that
+duplicate an earlier shard's. A killed generation resumes at the first missing shard, and torchrun
+ranks write different shards of a round at once. The key covers what determines the
 shards (parent weights, tokenizer, prompt pool, sampling and filter settings, seed) but not the
 token count: asking for more tokens extends the cache, asking for fewer reads a prefix of it.
 
@@ -56,7 +58,7 @@ __all__ = [
 ]
 
 # Bump when prompts, sampling, filtering or the shard layout change: old caches are then not reused.
-TEACHER_FORMAT_VERSION = 2  # 2: MinHash on uint64 multiply-xorshift
+TEACHER_FORMAT_VERSION = 3  # 2: MinHash on uint64 multiply-xorshift; 3: shards deduplicated alone, joined in order
 
 # --------------------------------------------------------------------------------------------
 # Seeds: topics x text kinds
@@ -363,7 +365,8 @@ class NearDuplicateIndex:
         self.jaccard = jaccard
         self.exact: set[bytes] = set()
         self.bands: dict[tuple, list[int]] = {}
-        self.sets: list[set[int]] = []
+        self._tokens: list[list[int]] = []  # every recorded sample, in order
+        self._sets: list[set[int] | None] = []  # their shingle sets, computed when first needed
 
     def _signature(self, sh: set[int]) -> list[int]:
         # k hash functions at once, multiply-xorshift on uint64 (wrapping): (k, S) -> min over S.
@@ -375,22 +378,35 @@ class NearDuplicateIndex:
             h ^= h >> np.uint64(29)
         return h.min(axis=1).tolist()
 
-    def add_if_new(self, tokens: Sequence[int]) -> str | None:
-        """Record ``tokens`` and return None, or return "duplicate" / "near_duplicate"."""
+    def signature(self, tokens: Sequence[int]) -> list[int]:
+        """The MinHash signature of ``tokens`` (shards store it: joining shards then costs lookups,
+        not hashing; the same for every index of the same seed)."""
+        return self._signature(_shingles(tokens))
+
+    def _shingle_set(self, i: int) -> set[int]:
+        if self._sets[i] is None:
+            self._sets[i] = _shingles(self._tokens[i])
+        return self._sets[i]
+
+    def add_if_new(self, tokens: Sequence[int], signature: Sequence[int] | None = None) -> str | None:
+        """Record ``tokens`` and return None, or return "duplicate" / "near_duplicate".
+        signature: ``self.signature(tokens)`` when the caller has it already."""
         digest = hashlib.sha1(np.asarray(tokens, dtype=np.int64).tobytes()).digest()
         if digest in self.exact:
             return "duplicate"
-        sh = _shingles(tokens)
-        sig = self._signature(sh)
+        sh = None
+        sig = list(signature) if signature is not None else self._signature(sh := _shingles(tokens))
         keys = [(i, tuple(sig[i * _MINHASH_ROWS:(i + 1) * _MINHASH_ROWS])) for i in range(_MINHASH_BANDS)]
-        for cand in {c for key in keys for c in self.bands.get(key, ())}:
-            other = self.sets[cand]
+        for cand in sorted({c for key in keys for c in self.bands.get(key, ())}):
+            sh = sh if sh is not None else _shingles(tokens)  # shingle sets only where a band collides
+            other = self._shingle_set(cand)
             if len(sh & other) / len(sh | other) >= self.jaccard:
                 return "near_duplicate"
         self.exact.add(digest)
         for key in keys:
-            self.bands.setdefault(key, []).append(len(self.sets))
-        self.sets.append(sh)
+            self.bands.setdefault(key, []).append(len(self._tokens))
+        self._tokens.append(list(tokens))
+        self._sets.append(sh)
         return None
 
 
@@ -523,8 +539,21 @@ def _cache_key(parent_fp: str, tokenizer, pool: dict[str, list[Prompt]], cfg: Te
             "tokenizer": {k: tok[k] for k in ("vocab_size", "eos_token_id", "vocab_sha1")}}
 
 
-def _read_shard(path: Path, key: str) -> tuple[list[list[int]], list[str], list[tuple[int, int]], dict] | None:
-    """A shard's samples, kinds, generated spans and stats; None when missing, torn or of another key."""
+@dataclass
+class Shard:
+    """One cached shard: its samples (prompt + generated tokens), their seed kinds, the (start, end)
+    of the generated text in each (what the filters and dedup saw), the MinHash signature of that
+    text, and the shard's statistics."""
+
+    samples: list[list[int]]
+    kinds: list[str]
+    spans: list[tuple[int, int]]
+    signatures: list[list[int]]
+    stats: dict
+
+
+def _read_shard(path: Path, key: str) -> Shard | None:
+    """A shard; None when missing, torn or of another key."""
     from safetensors.torch import load_file
 
     if not path.is_file():
@@ -537,32 +566,37 @@ def _read_shard(path: Path, key: str) -> tuple[list[list[int]], list[str], list[
         flat, lengths = t["tokens"].tolist(), t["lengths"].tolist()
         kinds = [SEED_KINDS[c] for c in t["kinds"].tolist()]
         spans = [tuple(s) for s in t["spans"].tolist()]
+        signatures = t["signatures"].numpy().view(np.uint64).tolist()  # (n, 32) stored as int64
     except Exception:  # torn or foreign file: regenerate it  # noqa: BLE001
         return None
     offsets = np.cumsum([0] + lengths)
-    return [flat[offsets[i]:offsets[i + 1]] for i in range(len(lengths))], kinds, spans, meta
+    samples = [flat[offsets[i]:offsets[i + 1]] for i in range(len(lengths))]
+    return Shard(samples, kinds, spans, signatures, meta)
 
 
-def _write_shard(path: Path, samples: list[list[int]], kinds: list[str], spans: list[tuple[int, int]],
-                 meta: dict) -> None:
+def _write_shard(path: Path, shard: Shard) -> None:
     from ..checkpoint import atomic_save_tensors
 
-    flat = [t for s in samples for t in s]
+    flat = [t for s in shard.samples for t in s]
+    k = _MINHASH_BANDS * _MINHASH_ROWS
+    signatures = np.asarray(shard.signatures, dtype=np.uint64).reshape(len(shard.samples), k).view(np.int64)
     atomic_save_tensors({
         "tokens": torch.tensor(flat, dtype=torch.int32),
-        "lengths": torch.tensor([len(s) for s in samples], dtype=torch.int32),
-        "kinds": torch.tensor([_KIND_CODE[k] for k in kinds], dtype=torch.int8),
-        # (start, end) of the generated text inside each sample: what the filters and dedup saw
-        "spans": torch.tensor(spans, dtype=torch.int32).reshape(len(samples), 2),
-        "meta_json": torch.tensor(list(json.dumps(meta).encode()), dtype=torch.uint8),
+        "lengths": torch.tensor([len(s) for s in shard.samples], dtype=torch.int32),
+        "kinds": torch.tensor([_KIND_CODE[k] for k in shard.kinds], dtype=torch.int8),
+        "spans": torch.tensor(shard.spans, dtype=torch.int32).reshape(len(shard.samples), 2),
+        "signatures": torch.from_numpy(signatures.copy()),
+        "meta_json": torch.tensor(list(json.dumps(shard.stats).encode()), dtype=torch.uint8),
     }, path)
 
 
 def _generate_shard(model, prompts: list[Prompt], cfg: TeacherConfig, stops: list[int], shard: int,
-                    index: NearDuplicateIndex, generate: Callable
-                    ) -> tuple[list[list[int]], list[str], list[tuple[int, int]], dict]:
-    """Generate one shard's prompts in batches, filter, deduplicate against everything kept so far."""
-    samples, kinds, spans = [], [], []
+                    generate: Callable) -> Shard:
+    """Generate one shard's prompts in batches, filter, deduplicate within the shard (against other
+    shards when the shards are joined: :func:`generate_teacher_corpus`), so that a shard depends on
+    its index alone and torchrun ranks can write different shards at once."""
+    index = NearDuplicateIndex(cfg.near_duplicate_jaccard, cfg.seed)
+    samples, kinds, spans, signatures = [], [], [], []
     drops: dict[str, int] = {}
     generated = 0
     started = time.perf_counter()
@@ -574,7 +608,9 @@ def _generate_shard(model, prompts: list[Prompt], cfg: TeacherConfig, stops: lis
             generated += len(new)
             stopped = bool(new) and new[-1] in stops
             text = new[:-1] if stopped else new
-            reason = degenerate_reason(text, cfg) or index.add_if_new(text)
+            reason = degenerate_reason(text, cfg)
+            signature = index.signature(text) if reason is None else None
+            reason = reason or index.add_if_new(text, signature)
             if reason:
                 drops[reason] = drops.get(reason, 0) + 1
                 continue
@@ -588,24 +624,34 @@ def _generate_shard(model, prompts: list[Prompt], cfg: TeacherConfig, stops: lis
             samples.append(sample)
             kinds.append(prompt.kind)
             spans.append((start, start + len(text)))
+            signatures.append(signature)
     seconds = time.perf_counter() - started
     stats = {"shard": shard, "prompts": len(prompts), "kept": len(samples), "drops": drops,
              "generated_tokens": generated, "kept_tokens": sum(len(s) for s in samples),
              "seconds": round(seconds, 3), "generated_tokens_per_s": round(generated / max(seconds, 1e-9), 1)}
-    return samples, kinds, spans, stats
+    return Shard(samples, kinds, spans, signatures, stats)
 
 
 def generate_teacher_corpus(model, tokenizer, cfg: TeacherConfig, cache_dir: str | Path, *, data_cfg=None,
                             parent_fingerprint: str | None = None, log: Callable[[str], None] = print,
-                            progress: bool = True, generate: Callable | None = None) -> TeacherCorpus:
+                            progress: bool = True, generate: Callable | None = None,
+                            rank: int = 0, world: int = 1) -> TeacherCorpus:
     """At least ``cfg.tokens`` tokens of parent-written text (whole samples), from the cache when
     it holds them, generating (and caching) the missing shards otherwise.
 
     data_cfg: the run's :class:`~puzzlenas.data.config.DataConfig`, whose training documents seed
     ``document`` prompts (None: no document seeds). parent_fingerprint: an identity of the parent
     weights when the caller has one (else they are hashed). generate: a function with
-    :func:`generate_batch`'s signature (a faster engine)."""
+    :func:`generate_batch`'s signature (a faster engine).
+
+    rank, world: under torchrun every rank calls this with its own copy of the parent; shards go
+    in rounds of ``world``, rank r writing shard ``round + r`` (on a folder every rank sees), then
+    every rank joins them in index order, dropping samples that duplicate an earlier shard's,
+    until the corpus holds the tokens asked for. The corpus is the same for any number of ranks;
+    a round's surplus shards stay in the cache for a run that asks for more."""
     from tqdm.auto import tqdm
+
+    from ..dist import barrier
 
     cfg.validate()
     generate = generate or generate_batch
@@ -616,50 +662,65 @@ def generate_teacher_corpus(model, tokenizer, cfg: TeacherConfig, cache_dir: str
     key_inputs = _cache_key(parent_fingerprint or weights_fingerprint(model), tokenizer, pool, cfg, stops)
     key = hashlib.sha1(json.dumps(key_inputs, sort_keys=True).encode()).hexdigest()[:16]
     folder = Path(cache_dir).expanduser() / f"teacher-{key}"
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "key.json").write_text(json.dumps(key_inputs, indent=1, sort_keys=True))
+    if rank == 0:
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "key.json").write_text(json.dumps(key_inputs, indent=1, sort_keys=True))
+    barrier(world)
 
-    index = NearDuplicateIndex(cfg.near_duplicate_jaccard, cfg.seed)
+    index = NearDuplicateIndex(cfg.near_duplicate_jaccard, cfg.seed)  # across shards, in index order
     samples: list[list[int]] = []
     kinds: list[str] = []
     shard_stats: list[dict] = []
-    bar = tqdm(total=cfg.tokens, unit="tok", desc="teacher corpus", disable=not progress)
-    shard, reused = 0, 0
+    joined_drops: dict[str, int] = {}
+    bar = tqdm(total=cfg.tokens, unit="tok", desc="teacher corpus", disable=not progress or rank != 0)
+    first, reused, tokens = 0, 0, 0
     try:
-        while sum(len(s) for s in samples) < cfg.tokens:
-            path = folder / f"shard-{shard:05d}.safetensors"
-            cached = _read_shard(path, key)
-            if cached is not None:
-                got, got_kinds, spans, stats = cached
-                for s, (a, b) in zip(got, spans):  # the dedup index as generating this shard left it
-                    index.add_if_new(s[a:b])
-                reused += 1
-            else:
-                prompts = _shard_prompts(pool, shares, cfg, shard)
-                got, got_kinds, spans, stats = _generate_shard(model, prompts, cfg, stops, shard, index, generate)
-                stats["key"] = key
-                _write_shard(path, got, got_kinds, spans, stats)
-                log(f"teacher shard {shard}: kept {stats['kept']}/{stats['prompts']} samples "
-                    f"({stats['kept_tokens']:,} tokens; dropped {stats['drops'] or 'none'}), "
-                    f"{stats['generated_tokens_per_s']:,.0f} generated tokens/s")
-            samples += got
-            kinds += got_kinds
-            shard_stats.append(stats)
-            bar.update(min(sum(len(s) for s in got), max(cfg.tokens - bar.n, 0)))
-            shard += 1
-            if shard > 20 and not samples:
-                raise RuntimeError(f"teacher: {shard} shards kept no sample; the filters drop everything "
+        while tokens < cfg.tokens:
+            paths = [folder / f"shard-{s:05d}.safetensors" for s in range(first, first + world)]
+            cached = [_read_shard(p, key) is not None for p in paths]
+            barrier(world)  # every rank has seen which shards were cached before any is written
+            if not cached[rank]:
+                shard = _generate_shard(model, _shard_prompts(pool, shares, cfg, first + rank), cfg, stops,
+                                        first + rank, generate)
+                shard.stats["key"] = key
+                _write_shard(paths[rank], shard)
+                st = shard.stats
+                log(f"teacher shard {first + rank}: kept {st['kept']}/{st['prompts']} samples "
+                    f"({st['kept_tokens']:,} tokens; dropped {st['drops'] or 'none'}), "
+                    f"{st['generated_tokens_per_s']:,.0f} generated tokens/s")
+            barrier(world)  # the round's shards are written
+            for path, was_cached in zip(paths, cached):
+                if tokens >= cfg.tokens:
+                    break
+                shard = _read_shard(path, key)
+                if shard is None:
+                    raise RuntimeError(f"teacher: {path} is missing or unreadable after its rank wrote it; the "
+                                       f"cache folder must be one that every rank sees (data.cache_dir)")
+                for sample, (a, b), kind, sig in zip(shard.samples, shard.spans, shard.kinds, shard.signatures):
+                    reason = index.add_if_new(sample[a:b], sig)  # a duplicate of an earlier shard's sample
+                    if reason:
+                        joined_drops[reason] = joined_drops.get(reason, 0) + 1
+                        continue
+                    samples.append(sample)
+                    kinds.append(kind)
+                    tokens += len(sample)
+                shard_stats.append(shard.stats)
+                reused += was_cached
+                bar.update(min(sum(len(s) for s in shard.samples), max(cfg.tokens - bar.n, 0)))
+            first += world
+            if first > 20 and not samples:
+                raise RuntimeError(f"teacher: {first} shards kept no sample; the filters drop everything "
                                    f"(see {folder}); loosen min_distinct_ratio / max_repeated_span")
     finally:
         bar.close()
-    total = sum(len(s) for s in samples)
     gen_s = sum(s["seconds"] for s in shard_stats)
-    meta = {"key": key, "key_inputs": key_inputs, "tokens_requested": cfg.tokens, "tokens": total,
-            "samples": len(samples), "shards": shard, "shards_reused": reused,
+    meta = {"key": key, "key_inputs": key_inputs, "tokens_requested": cfg.tokens, "tokens": tokens,
+            "samples": len(samples), "shards": len(shard_stats), "shards_reused": reused,
             "kinds": {k: kinds.count(k) for k in SEED_KINDS},
-            "drops": _sum_drops(shard_stats), "generate_seconds": round(gen_s, 3),
-            "generated_tokens_per_s": round(sum(s["generated_tokens"] for s in shard_stats) / max(gen_s, 1e-9), 1)}
-    log(f"teacher corpus: {total:,} tokens in {len(samples):,} samples from {shard} shards "
+            "drops": _sum_drops(shard_stats + [{"drops": joined_drops}]), "generate_seconds": round(gen_s, 3),
+            "generated_tokens_per_s": round(sum(s["generated_tokens"] for s in shard_stats) / max(gen_s, 1e-9), 1),
+            "ranks": world}
+    log(f"teacher corpus: {tokens:,} tokens in {len(samples):,} samples from {len(shard_stats)} shards "
         f"({reused} reused from {folder})")
     return TeacherCorpus(samples, kinds, meta, folder)
 

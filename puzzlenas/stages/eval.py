@@ -23,23 +23,38 @@ def model_names(cfg: RunConfig, run_dir: Path) -> list[str]:
 
 STAGE = Stage("eval", config=("gkd", "eval", "costs"), upstream=(search.STAGE, peers.STAGE),
               extra_inputs=lambda cfg, run_dir: {n: run_dir / n for n in model_names(cfg, run_dir)},
-              checks_own_work=True)
+              checks_own_work=True, all_ranks=True)
+
+
+def models_of_rank(todo: list[str], rank: int, world: int) -> list[str]:
+    """This rank's share of the models to evaluate (todo[0] is the parent, which rank 0 evaluates):
+    the children dealt round-robin from rank 1 on, so that rank 0's parent counts as one model.
+    Every rank still loads the parent: each child is measured against it (hidden states, chat
+    transcripts, throughput in alternation) on the child's own device."""
+    children = todo[1:]
+    mine = [c for i, c in enumerate(children) if (i + 1) % world == rank]
+    return ([todo[0]] if rank == 0 else []) + mine
 
 
 def run(cfg: RunConfig, run_dir: Path) -> Path:
     """Write eval/results.json and table.txt; each model's results are kept in eval/models/<name>.json
     under a fingerprint of the model, the eval settings and the device, so adding or changing
-    children evaluates only those."""
+    children evaluates only those. Under torchrun the models are split over the ranks (each rank
+    writes its models' files, on its own GPU); rank 0 writes the tables once every rank is done."""
     import torch
 
     from ..checkpoint import atomic_write_json, atomic_write_text
     from ..config import config_hash
-    from ..dist import resolve_device
+    from ..dist import barrier, distributed_rank, resolve_device
     from ..eval.metrics import retention
 
     paths = RunDir(run_dir)
     out = paths.eval
-    out.mkdir(parents=True, exist_ok=True)
+    rank, world = distributed_rank()
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "models").mkdir(exist_ok=True)
+    barrier(world)
     device = resolve_device(cfg.device)
     dtype = getattr(torch, cfg.parent_dtype)
     names = model_names(cfg, run_dir)
@@ -50,24 +65,29 @@ def run(cfg: RunConfig, run_dir: Path) -> Path:
                                 "data": data.STAGE.fingerprint(cfg),  # the test split the metrics are on
                                 "genres": genre_fp})
                 for n in names}
-    results, session_parent = {}, {}
-    for n in names:
-        cached = read_json(out / "models" / f"{n}.json")
-        if cached and cached.get("fingerprint") == model_fp[n]:
-            results[n], session_parent[n] = cached["result"], cached.get("parent_throughput")
+    results, session_parent = read_kept(out, names, model_fp)
     todo = [n for n in names if n not in results]
     if todo:
         kept = len(names) - len(todo)
         todo = ["parent"] + [n for n in todo if n != "parent"]  # speedups: the parent measured in the same process
-        print(f"[eval] {len(todo)} of {len(names)} models to evaluate ({kept} kept from eval/models)")
+        mine = models_of_rank(todo, rank, world)
+        print(f"[eval] {len(todo)} of {len(names)} models to evaluate ({kept} kept from eval/models)"
+              + (f"; rank {rank}/{world}: {', '.join(mine) or 'none'}" if world > 1 else ""))
 
         def keep(n: str, r: dict, parent_throughput: dict | None) -> None:  # after each: a killed eval resumes
-            results[n], session_parent[n] = r, parent_throughput
             atomic_write_json(out / "models" / f"{n}.json", {"fingerprint": model_fp[n], "result": r,
-                                                              "parent_throughput": session_parent[n]})
+                                                              "parent_throughput": parent_throughput})
 
-        (out / "models").mkdir(exist_ok=True)
-        evaluate_models(cfg, run_dir, todo, device, dtype, keep)
+        if mine:
+            evaluate_models(cfg, run_dir, mine, device, dtype, keep)
+    barrier(world)  # every rank's models written
+    if rank != 0:
+        return out
+    results, session_parent = read_kept(out, names, model_fp)
+    missing = [n for n in names if n not in results]
+    if missing:
+        raise RuntimeError(f"eval: no result for {', '.join(missing)} in {out / 'models'} after every rank finished; "
+                           f"rerun `puzzlenas run` (eval resumes with the models it lacks)")
     results = {n: results[n] for n in names}
     for n in results:
         if n != "parent":
@@ -87,10 +107,21 @@ def run(cfg: RunConfig, run_dir: Path) -> Path:
     return out
 
 
+def read_kept(out: Path, names: list[str], model_fp: dict[str, str]) -> tuple[dict, dict]:
+    """The results kept in eval/models/ that were made from these models and settings, and the
+    parent's throughput measured alongside each."""
+    results, session_parent = {}, {}
+    for n in names:
+        cached = read_json(out / "models" / f"{n}.json")
+        if cached and cached.get("fingerprint") == model_fp[n]:
+            results[n], session_parent[n] = cached["result"], cached.get("parent_throughput")
+    return results, session_parent
+
+
 def evaluate_models(cfg: RunConfig, run_dir: Path, names: list[str], device, dtype,
                     keep: Callable[[str, dict, dict | None], None]) -> None:
-    """Metrics, tasks, samples, sizes and throughput of each named model (names[0] is the parent);
-    keep(name, result, the parent's throughput measured with it) after each."""
+    """Metrics, tasks, samples, sizes and throughput of each named model (the parent, when named,
+    first); keep(name, result, the parent's throughput measured with it) after each."""
     import torch
     from transformers import AutoTokenizer
 
@@ -128,7 +159,7 @@ def evaluate_models(cfg: RunConfig, run_dir: Path, names: list[str], device, dty
         results[n]["params"] = count_model_params(model)
         results[n]["kv_bytes_per_token"] = sum(c.kv_cache_bytes_per_token for c in layer_costs(model.config,
                                                                                                 cfg.costs.dtype))
-        parent_throughput = results["parent"].get("throughput")
+        parent_throughput = results.get("parent", {}).get("throughput")
         if cfg.eval.throughput:
             # A child is timed in alternation with the parent (measure_generations), so that its
             # speedup holds on a busy machine; the parent's own figures are from its timing alone.

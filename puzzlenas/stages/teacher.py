@@ -40,7 +40,7 @@ def teacher_spec(cfg: RunConfig) -> str | None:
 
 
 STAGE = Stage("teacher", config=("teacher",), upstream=(data.STAGE,), when=lambda cfg: teacher_spec(cfg) is not None,
-              unasked="no teacher source in data.sources (e.g. teacher:1M)")
+              unasked="no teacher source in data.sources (e.g. teacher:1M)", all_ranks=True)
 
 
 def held_out(index: int, seed: int, fraction: float) -> bool:
@@ -59,8 +59,8 @@ def pick_generate(engine: str):
 
 def run(cfg: RunConfig, run_dir: Path) -> Path:
     """Generate (or read from the cache) the teacher corpus; write its rows into teacher/. Under
-    torchrun the pipeline runs it on rank 0 while the other ranks wait (a stage not declared
-    all_ranks)."""
+    torchrun every rank generates its share of the shards on its own GPU (data/teacher.py:
+    generate_teacher_corpus); rank 0 alone writes teacher/."""
     return write_corpus(cfg, run_dir)
 
 
@@ -71,11 +71,12 @@ def write_corpus(cfg: RunConfig, run_dir: Path) -> Path:
 
     from ..checkpoint import atomic_save_tensors, atomic_write_json, atomic_write_text
     from ..data.teacher import TeacherConfig, generate_teacher_corpus, pack_samples, resolve_teacher_tokens
+    from ..dist import distributed_rank
     from .common import load_data, load_parent_for
 
     paths = RunDir(run_dir)
     out = run_dir / STAGE.name
-    out.mkdir(parents=True, exist_ok=True)
+    rank, world = distributed_rank()
     section = cfg.teacher
     spec = teacher_spec(cfg)
     corpus_data = load_data(cfg, run_dir, teacher=False)
@@ -88,9 +89,13 @@ def write_corpus(cfg: RunConfig, run_dir: Path) -> Path:
     generate = pick_generate(section.engine)
     started = time.time()
     corpus = generate_teacher_corpus(parent, tokenizer, teacher_cfg, Path(cfg.data.cache_dir).expanduser(),
-                                     data_cfg=cfg.data, log=lambda m: print(f"[teacher] {m}"), generate=generate)
+                                     data_cfg=cfg.data, log=lambda m: print(f"[teacher] {m}"), generate=generate,
+                                     rank=rank, world=world)
     seconds = time.time() - started
     del parent
+    if rank != 0:  # rank 0 writes teacher/; the pipeline's barrier holds the others until it has
+        return out
+    out.mkdir(parents=True, exist_ok=True)
     val_idx = [i for i in range(len(corpus.samples)) if held_out(i, section.seed, section.validation_fraction)]
     val_set = set(val_idx)
     train_samples = [s for i, s in enumerate(corpus.samples) if i not in val_set]
