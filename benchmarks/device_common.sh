@@ -2,7 +2,7 @@
 # packages carried by gpu_setup.sh on the path, and timed `puzzlenas run`s whose logs and stage
 # times land in $OUT.
 export PYTHONPATH=/tmp/site:.
-quiet() { grep -v -e "it/s]" -e "s/it]"; }  # progress bars out of the logs
+quiet() { grep --line-buffered -v -e "it/s]" -e "s/it]"; }  # progress bars out of the logs
 
 # timed_run NAME ARGS...: `puzzlenas run ARGS` into $OUT/NAME.log; its total and per-stage seconds
 # appended to $OUT/times.txt

@@ -19,7 +19,7 @@
 set -uo pipefail
 [ -f benchmarks/device_common.sh ] && source benchmarks/device_common.sh
 export PYTHONPATH="${PYTHONPATH:-}:." PYTHONUNBUFFERED=1  # unbuffered: the stamps are when a line was printed
-quiet() { grep -v -e "it/s]" -e "s/it]"; }
+quiet() { grep --line-buffered -v -e "it/s]" -e "s/it]"; }  # line-buffered: stamps are when a line came
 PY=${PYTHON:-python3}
 NPROC=${NPROC:-2}
 RUNS=${RUNS:-~/runs}

@@ -18,7 +18,8 @@ from pathlib import Path
 
 import yaml
 
-STAGE_LINE = re.compile(r"^([0-9.]+) \[([a-z]+)\] ([0-9.]+) s$")
+# "[stage] N s"; runs made before only rank 0 printed it may hold two ranks' lines run together
+STAGE_LINE = re.compile(r"^([0-9.]+) \[([a-z]+)\] ([0-9.]+) s(?:\[[a-z]+\] [0-9.]+ s)?$")
 BLD_ROUND = re.compile(r"\[bld\] rank (\d+): round of \d+ jobs in ([0-9.]+) s")
 GKD_RATE = re.compile(r"gkd step (\d+)/(\d+): .* ([0-9,]+) tokens/s")
 GPUS_EXTRAPOLATED = 8

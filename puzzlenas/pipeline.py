@@ -77,13 +77,15 @@ def run_stages(cfg, config_path, run_dir: Path, until: str | None, force, overri
     with log_to(RunDir(run_dir).log, f"config {config_path or 'default preset'}, overrides {list(overrides)}, "
                                      f"until {until}, force {list(force)}"
                                      + (f", {world} ranks" if world > 1 else "")):
-        print(f"puzzlenas run {cfg.name}: parent {cfg.parent} -> {run_dir}")
+        rank = distributed_rank()[0]
+        if rank == 0:  # under torchrun the run's own lines once, from rank 0 (two ranks' prints interleave)
+            print(f"puzzlenas run {cfg.name}: parent {cfg.parent} -> {run_dir}")
         for name in STAGE_NAMES:
             module = stage_module(name)
             if name in force:
                 forget(module.STAGE, cfg, run_dir)
             started = time.time()
-            if run_stage(module, cfg, run_dir, show_table=name == until):
+            if run_stage(module, cfg, run_dir, show_table=name == until) and rank == 0:
                 print(f"[{name}] {time.time() - started:.1f} s")
             if name == until:
                 break
