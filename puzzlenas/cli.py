@@ -228,7 +228,19 @@ def build_export_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def passive_cpu_threads() -> None:
+    """On a machine without an NVIDIA GPU, idle OpenMP threads sleep instead of spinning
+    (OMP_WAIT_POLICY=PASSIVE, unless the user set it): with another process busy on a 2-core
+    machine, spinning threads made every parallel region wait for a time slice, the parent's CPU
+    decode step ran 4x slower (101 -> 404 ms) and children's measured speedups were distorted
+    (RESULTS.md: "CPU timings on a busy machine"); passive threads cost ~5% on an idle machine.
+    Read by the OpenMP runtime when torch loads: set before the first torch import."""
+    if "torch" not in sys.modules and not Path("/dev/nvidiactl").exists():
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
 def main(argv: list[str] | None = None) -> int:
+    passive_cpu_threads()
     from .dist import FailedOnRankZero
 
     argv = list(sys.argv[1:] if argv is None else argv)
