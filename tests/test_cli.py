@@ -137,3 +137,20 @@ def test_tasks_writes_offline_lm_eval_yamls_and_the_command(tmp_path, capsys):
     assert "dataset_path: json" in yaml_path.read_text()
     assert len((tmp_path / "t" / "puzzlenas_news_continuation.jsonl").read_text().splitlines()) == 5
     assert f"--tasks {yaml_path.resolve()} " in out and "pretrained=EXPORT,trust_remote_code=True" in out
+
+
+@pytest.mark.skipif(__import__("pathlib").Path("/dev/nvidiactl").exists(), reason="only machines without an NVIDIA GPU")
+def test_cpu_runs_let_idle_openmp_threads_sleep_unless_the_user_chose():
+    """Spinning OpenMP threads beside a busy process made CPU timings 4x slower and their ratios
+    meaningless (RESULTS.md): the CLI asks for passive ones before torch loads, never over a
+    user's own setting."""
+    import os
+
+    code = ("import os, sys; from puzzlenas.cli import passive_cpu_threads; passive_cpu_threads(); "
+            "import torch; print(os.environ.get('OMP_WAIT_POLICY'), 'torch' in sys.modules)")
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert out.stdout.split() == ["PASSIVE", "True"], out.stderr
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env={**env, "OMP_WAIT_POLICY": "ACTIVE"})
+    assert out.stdout.split() == ["ACTIVE", "True"], out.stderr

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -104,6 +105,9 @@ def test_two_rank_pipeline_killed_during_gkd_resumes_and_every_child_loads(tmp_p
     for stage in ("parent", "bld", "scores", "search"):
         assert f"[{stage}] done already" in out, stage
     assert (run / "report" / "DONE").is_file() and (run / "eval" / "DONE").is_file()
+    # the run's own lines once (rank 0): two ranks' prints ran together on one line before
+    assert re.findall(r"^\[eval\] [0-9.]+ s$", out, re.M) and "s[eval]" not in out, out
+    assert len(re.findall(r"^\[eval\] [0-9.]+ s$", out, re.M)) == 1, out
     # eval split its models over the ranks (each wrote its own models' results)
     assert "rank 1/2: " in out and len(list((run / "eval" / "models").glob("*.json"))) == 5, out
 
