@@ -365,7 +365,7 @@ class NearDuplicateIndex:
         self.jaccard = jaccard
         self.exact: set[bytes] = set()
         self.bands: dict[tuple, list[int]] = {}
-        self._tokens: list[list[int]] = []  # every recorded sample, in order
+        self._tokens: list[Sequence[int]] = []  # every recorded sample, in order
         self._sets: list[set[int] | None] = []  # their shingle sets, computed when first needed
 
     def _signature(self, sh: set[int]) -> list[int]:
@@ -405,7 +405,7 @@ class NearDuplicateIndex:
         self.exact.add(digest)
         for key in keys:
             self.bands.setdefault(key, []).append(len(self._tokens))
-        self._tokens.append(list(tokens))
+        self._tokens.append(tokens)  # kept by reference (callers pass samples they no longer change)
         self._sets.append(sh)
         return None
 
@@ -677,22 +677,24 @@ def generate_teacher_corpus(model, tokenizer, cfg: TeacherConfig, cache_dir: str
     try:
         while tokens < cfg.tokens:
             paths = [folder / f"shard-{s:05d}.safetensors" for s in range(first, first + world)]
-            cached = [_read_shard(p, key) is not None for p in paths]
+            cached = [_read_shard(p, key) for p in paths]  # None: missing, torn or of another key
             barrier(world)  # every rank has seen which shards were cached before any is written
-            if not cached[rank]:
-                shard = _generate_shard(model, _shard_prompts(pool, shares, cfg, first + rank), cfg, stops,
-                                        first + rank, generate)
-                shard.stats["key"] = key
-                _write_shard(paths[rank], shard)
-                st = shard.stats
+            made = None
+            if cached[rank] is None:
+                made = _generate_shard(model, _shard_prompts(pool, shares, cfg, first + rank), cfg, stops,
+                                       first + rank, generate)
+                made.stats["key"] = key
+                _write_shard(paths[rank], made)
+                st = made.stats
                 log(f"teacher shard {first + rank}: kept {st['kept']}/{st['prompts']} samples "
                     f"({st['kept_tokens']:,} tokens; dropped {st['drops'] or 'none'}), "
                     f"{st['generated_tokens_per_s']:,.0f} generated tokens/s")
             barrier(world)  # the round's shards are written
-            for path, was_cached in zip(paths, cached):
+            for i, path in enumerate(paths):
                 if tokens >= cfg.tokens:
                     break
-                shard = _read_shard(path, key)
+                # read from disk only what another rank wrote in this round
+                shard = cached[i] or (made if i == rank else _read_shard(path, key))
                 if shard is None:
                     raise RuntimeError(f"teacher: {path} is missing or unreadable after its rank wrote it; the "
                                        f"cache folder must be one that every rank sees (data.cache_dir)")
@@ -705,7 +707,7 @@ def generate_teacher_corpus(model, tokenizer, cfg: TeacherConfig, cache_dir: str
                     kinds.append(kind)
                     tokens += len(sample)
                 shard_stats.append(shard.stats)
-                reused += was_cached
+                reused += cached[i] is not None
                 bar.update(min(sum(len(s) for s in shard.samples), max(cfg.tokens - bar.n, 0)))
             first += world
             if first > 20 and not samples:
