@@ -9,7 +9,10 @@ child, its LM head included) + 2 x the frozen parent's matmul parameters x token
 head included) + causal attention (3 x forward for the child, 1 x for the parent); the KL's and
 the cosine's elementwise work is not counted. MFU = model FLOPs / time / 989 TFLOP/s.
 
-    python benchmarks/gkd_throughput.py --out gkd.json [--deadline 270]
+    python benchmarks/gkd_throughput.py --out gkd.json [--deadline 270] [--skip-bld] [--runs blocks|session4]
+
+warmup_s of a compiled row is its compile time (the first 3 steps); set TORCHINDUCTOR_CACHE_DIR to
+an empty folder to measure it cold.
 """
 
 from __future__ import annotations
@@ -64,6 +67,10 @@ def gkd_flops(parent, child, tokens: int) -> float:
 
 
 def time_gkd(label: str, trainer_cls, cfg, parent, child, batch: int, steps: int, warmup: int) -> dict:
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()  # every row compiles its own graphs (the disk caches stay: see the docstring)
+    counters.clear()
     with tempfile.TemporaryDirectory() as d:
         trainer = trainer_cls(child, parent, cfg, Path(d), T, log=print)
         data = [torch.randint(0, 49152, (batch, T), device="cuda") for _ in range(warmup + steps)]
@@ -86,7 +93,8 @@ def time_gkd(label: str, trainer_cls, cfg, parent, child, batch: int, steps: int
             "tokens_per_s": round(tokens / seconds), "tflops": round(flops / seconds / 1e12, 1),
             "mfu": round(flops / seconds / PEAK, 4), "warmup_s": round(warm_s, 1),
             "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 1),
-            "loss": round(parts["loss"].item(), 4), "compiled": getattr(trainer, "compiled", False)}
+            "loss": round(parts["loss"].item(), 4), "compiled": getattr(trainer, "compiled", False),
+            "graphs": counters["stats"]["unique_graphs"]}
 
 
 def time_bld_round(parent, stack_jobs: int, steps: int) -> dict:
@@ -116,11 +124,30 @@ def time_bld_round(parent, stack_jobs: int, steps: int) -> dict:
             "mean_nmse_final": round(sum(r["nmse_final"] for r in trained) / len(trained), 5)}
 
 
+def whole_model_trainer():
+    """GKDTrainer as it compiled before: the teacher's and the student's whole forward as one
+    graph each (the layer loop unrolled), for comparison with the per-block-kind graphs."""
+    import functools
+
+    from puzzlenas.gkd import GKDTrainer, student_forward, teacher_hidden_states
+
+    class WholeModelGKDTrainer(GKDTrainer):
+        def _set_step_functions(self, compiled: bool) -> None:
+            super()._set_step_functions(compiled)
+            if compiled:
+                self._teacher = torch.compile(functools.partial(teacher_hidden_states, self.parent), dynamic=False)
+                self._student = torch.compile(functools.partial(student_forward, self.child), dynamic=False)
+
+    return WholeModelGKDTrainer
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default="gkd.json")
     parser.add_argument("--deadline", type=float, default=270.0)
     parser.add_argument("--skip-bld", action="store_true")
+    parser.add_argument("--runs", choices=("session4", "blocks"), default="blocks",
+                        help="session4: old path vs whole-model compile; blocks: eager vs per-block-kind vs whole")
     args = parser.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = True
     begin = time.perf_counter()
@@ -140,10 +167,16 @@ def main() -> None:
             print(result["bld_round"][-1], flush=True)
             save()
     from puzzlenas.gkd import GKDConfig, GKDTrainer
-    runs = [("old (main)", "old", 16, {}), ("new eager", "new", 16, {"compile": "off"}),
-            ("new compiled", "new", 64, {"compile": "on", "logits_chunk": 8192}),
-            ("new compiled", "new", 16, {"compile": "on", "logits_chunk": 8192}),
-            ("new compiled", "new", 128, {"compile": "on", "logits_chunk": 8192})]
+    chunk = {"logits_chunk": 8192}
+    runs = {"session4": [("old (main)", "old", 16, {}), ("new eager", "new", 16, {"compile": "off"}),
+                         ("new compiled", "new", 64, {"compile": "on", **chunk}),
+                         ("new compiled", "new", 16, {"compile": "on", **chunk}),
+                         ("new compiled", "new", 128, {"compile": "on", **chunk})],
+            # layers compiled per block kind (main) vs the whole model as one graph (before)
+            "blocks": [("eager", "new", 64, {"compile": "off", **chunk}),
+                       ("compiled per block kind", "new", 64, {"compile": "on", **chunk}),
+                       ("compiled per block kind", "new", 128, {"compile": "on", **chunk}),
+                       ("compiled whole model", "whole", 64, {"compile": "on", **chunk})]}[args.runs]
     for label, which, batch, changes in runs:
         if time.perf_counter() - begin > args.deadline:
             break
@@ -152,7 +185,8 @@ def main() -> None:
                 from puzzlenas.gkd_old import GKDConfig as OldConfig, GKDTrainer as OldTrainer
                 cfg, cls = OldConfig(batch_size=batch, tokens=10**9, lr=3e-4), OldTrainer
             else:
-                cfg, cls = dataclasses.replace(GKDConfig(batch_size=batch, tokens=10**9, lr=3e-4), **changes), GKDTrainer
+                cfg = dataclasses.replace(GKDConfig(batch_size=batch, tokens=10**9, lr=3e-4), **changes)
+                cls = whole_model_trainer() if which == "whole" else GKDTrainer
             row = time_gkd(label, cls, cfg, parent, child, batch, steps=8, warmup=3)
         except Exception as err:  # keep what was measured
             row = {"path": label, "batch": [batch, T], "error": f"{type(err).__name__}: {str(err)[:500]}"}

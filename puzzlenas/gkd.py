@@ -7,8 +7,8 @@ with no LM loss by default (the paper: adding it dropped MT-Bench from 8.74 to 7
 The teacher runs once per batch under no_grad (in its own dtype, bf16 on GPU). The KL runs in
 chunks of tokens on the final hidden states, each chunk's logits reduced and turned into
 gradients at once (`_FusedHeadKL`), so (batch, seq, vocab) logits never exist whole. On one GPU
-the student's and the teacher's forward and the per-chunk reduction are torch.compile'd
-(`gkd.compile`). bf16 autocast and optional activation checkpointing on GPU; checkpoints every
+the decoder layers (one graph per block kind, shared by student and teacher) and the per-chunk
+reduction are torch.compile'd (`gkd.compile`). bf16 autocast and optional activation checkpointing on GPU; checkpoints every
 N steps and resume. With several ranks the data is split by rank and the child is either
 replicated on every rank with its gradients averaged (data parallel) or, when it does not fit
 one device, sharded with the parent over the ranks with FSDP2 (`fully_shard`); `choose_parallel`
@@ -32,7 +32,7 @@ from .train import (TrainingCheckpoint, TrainingError, adamw, autocast, autocast
                     lr_scheduler, raise_if_non_finite, settings_fingerprint)
 from .sections import GKDConfig  # noqa: F401  (re-exported)
 
-COMPILE_MIN_TOKENS = 16_000_000  # gkd.compile=auto compiles runs of at least this many tokens
+COMPILE_MIN_TOKENS = 4_000_000  # gkd.compile=auto compiles runs of at least this many tokens
 
 
 class GKDError(TrainingError):
@@ -49,19 +49,40 @@ def hidden_cosine_loss(child_hidden, parent_hidden) -> torch.Tensor:
     return torch.stack(terms).sum()
 
 
-def trunk_hidden_states(model: DeciLMForCausalLM, input_ids: torch.Tensor) -> list[torch.Tensor]:
+def call_layer(layer, x: torch.Tensor, ctx) -> torch.Tensor:
+    """One decoder layer on (B, T, C). Compiled once (`compiled_layer_call`), it serves every
+    layer: torch.compile keeps one graph per distinct block kind and reuses it for every layer
+    of that kind, since parameters are graph inputs (regional compilation)."""
+    return layer(x, ctx)
+
+
+def compiled_layer_call():
+    """`call_layer` under torch.compile, with room for one graph per block kind and grad mode (the
+    default limit, 8, would send the ninth kind to eager frame by frame)."""
+    import torch._dynamo.config as dynamo_config
+
+    name = "recompile_limit" if hasattr(dynamo_config, "recompile_limit") else "cache_size_limit"  # torch < 2.7
+    setattr(dynamo_config, name, max(getattr(dynamo_config, name), 128))
+    return torch.compile(call_layer, dynamic=False)
+
+
+def trunk_hidden_states(model: DeciLMForCausalLM, input_ids: torch.Tensor, layer_call=call_layer) -> list[torch.Tensor]:
     """The residual stream of a full causal batch: [embedding output, after layer 1, ..., after
     the last layer] (pre final norm), each (B, T, C). The decoder without the HF output objects
-    and KV-cache plumbing, so that torch.compile traces it whole."""
+    and KV-cache plumbing; each layer runs through `layer_call` (eager, or compiled per block
+    kind). A layer with neither subblock is the identity and is skipped: traced alone it would be
+    an empty graph, which torch.compile answers by never compiling that function again."""
     inner = model.model
     x = inner.embed_tokens(input_ids)  # (B, T, C)
     ctx = causal_context(model, input_ids, x.dtype)
     hidden = [x]
     for layer in inner.layers:
-        if inner.gradient_checkpointing and inner.training:
-            x = torch.utils.checkpoint.checkpoint(layer, x, ctx, use_reentrant=False)
+        if layer.self_attn is None and layer.mlp is None:
+            pass
+        elif inner.gradient_checkpointing and inner.training:
+            x = torch.utils.checkpoint.checkpoint(layer_call, layer, x, ctx, use_reentrant=False)
         else:
-            x = layer(x, ctx)
+            x = layer_call(layer, x, ctx)
         hidden.append(x)
     return hidden
 
@@ -126,15 +147,15 @@ def reduce_logit_chunk(zc: torch.Tensor, zp: torch.Tensor, labels: torch.Tensor,
     return kl, lm, grad
 
 
-def teacher_hidden_states(parent: DeciLMForCausalLM, input_ids: torch.Tensor) -> torch.Tensor:
+def teacher_hidden_states(parent: DeciLMForCausalLM, input_ids: torch.Tensor, layer_call=call_layer) -> torch.Tensor:
     """The parent's residual streams stacked: (L + 1, B, T, C) (call under no_grad)."""
-    return torch.stack(trunk_hidden_states(parent, input_ids))
+    return torch.stack(trunk_hidden_states(parent, input_ids, layer_call))
 
 
-def student_forward(child: DeciLMForCausalLM, input_ids: torch.Tensor,
-                    parent_hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def student_forward(child: DeciLMForCausalLM, input_ids: torch.Tensor, parent_hidden: torch.Tensor,
+                    layer_call=call_layer) -> tuple[torch.Tensor, torch.Tensor]:
     """(the child's pre-norm final hidden state (B, T, C), the per-layer cosine term)."""
-    hidden = trunk_hidden_states(child, input_ids)
+    hidden = trunk_hidden_states(child, input_ids, layer_call)
     return hidden[-1], hidden_cosine_loss(hidden, parent_hidden)
 
 
@@ -219,23 +240,25 @@ class GKDTrainer:
             return False
         # auto: a GPU, the whole child on it (one GPU or data parallel; not FSDP2-sharded models;
         # on the CPU compiling costs more than it saves), and a run long enough to repay the
-        # compile: ~2 minutes for the bundled pair on an H200, which the 3x faster steps earn
-        # back after ~10M tokens (benchmarks/RESULTS.md).
+        # compile of each new block kind (benchmarks/RESULTS.md, "GKD compiled per block kind").
         long_enough = self.cfg.tokens >= COMPILE_MIN_TOKENS
         return self.cfg.compile == "on" or (self.device.type == "cuda" and not self.sharded and long_enough)
 
     def _set_step_functions(self, compiled: bool) -> None:
         """The teacher's stacked hidden states, the student's last hidden state and cosine term,
-        and the per-chunk logit reduction of the KL: plain functions, or torch.compile'd ones
-        (one graph per model: the decoder is traced whole, its loop over layers unrolled)."""
+        and the per-chunk logit reduction of the KL: plain functions, or with the decoder layers
+        and the reduction torch.compile'd. Layers compile per block kind, not per model: the
+        bundled pair's whole-model graphs took ~2 minutes per child shape (RESULTS.md), one graph
+        per kind takes seconds and serves every child holding that kind."""
         from .onpolicy import divergence_reducer
 
-        teacher = functools.partial(teacher_hidden_states, self.parent)
-        student = functools.partial(student_forward, self.child)
+        layer_call = compiled_layer_call() if compiled else call_layer
+        teacher = functools.partial(teacher_hidden_states, self.parent, layer_call=layer_call)
+        student = functools.partial(student_forward, self.child, layer_call=layer_call)
         reduce = reduce_logit_chunk
         reduce_on_policy = divergence_reducer(self.cfg.on_policy_divergence)
         if compiled:
-            teacher, student, reduce = (torch.compile(f, dynamic=False) for f in (teacher, student, reduce))
+            reduce = torch.compile(reduce, dynamic=False)
             # the number of generated positions changes every step: one graph for every chunk length
             reduce_on_policy = torch.compile(reduce_on_policy, dynamic=True)
         self.compiled = compiled

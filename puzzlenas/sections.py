@@ -210,9 +210,9 @@ class GKDConfig(OptimizerConfig):
     kl_weight: float = 1.0  # KL(parent || child) on the logits
     lm_loss_weight: float = 0.0  # next-token cross-entropy; off by default (METHOD.md section 7)
     logits_chunk: int = 1024  # token rows of logits materialized at once (per model, fp32 reductions)
-    # torch.compile the student's and the teacher's forward and the KL's per-chunk reduction:
-    # auto = on a single CUDA device for runs of >= 16M tokens (compiling takes ~2 min; falls
-    # back to eager, saying so, if it fails), on = wherever (a failure is an error), off = eager.
+    # torch.compile the decoder layers (one graph per block kind) and the KL's per-chunk reduction:
+    # auto = on a single CUDA device for runs of >= 4M tokens (falls back to eager, saying so, if
+    # compiling fails), on = wherever (a failure is an error), off = eager.
     compile: str = "auto"
     activation_checkpointing: bool = False
     validation_tokens: int = 16384  # held-out tokens on which the GKD loss is reported before / after
