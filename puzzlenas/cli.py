@@ -8,6 +8,7 @@ import argparse
 import errno
 import os
 import sys
+import time
 from pathlib import Path
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -239,8 +240,51 @@ def passive_cpu_threads() -> None:
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
+def cpu_busy_fraction(seconds: float = 0.3, stat: str = "/proc/stat") -> float | None:
+    """Share of the machine's CPU time (0..1) spent busy over `seconds`, from the aggregate `cpu`
+    line of /proc/stat sampled twice (idle and iowait count as idle); None where it cannot be read."""
+    def sample() -> tuple[int, int] | None:
+        try:
+            fields = [int(v) for v in Path(stat).read_text().splitlines()[0].split()[1:]]
+        except (OSError, ValueError, IndexError):
+            return None
+        idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
+        return sum(fields[:8]), idle
+
+    first = sample()
+    time.sleep(seconds)
+    second = sample()
+    if first is None or second is None or second[0] <= first[0]:
+        return None
+    total, idle = second[0] - first[0], second[1] - first[1]
+    return max(0.0, min(1.0, 1 - idle / total))
+
+
+def threads_for_idle_cores(log=print, busy_fraction=cpu_busy_fraction) -> None:
+    """On a machine without an NVIDIA GPU, torch's CPU threads default to the cores that other
+    processes leave idle (OMP_NUM_THREADS, unless the user set it). A thread that shares a core
+    with a busy process stalls every parallel region it takes part in: beside one busy process
+    on 2 cores, 2 threads measured children's speedups 10-15% off their predictions from run to
+    run (RESULTS.md), while one thread on the free core times them as an idle machine does.
+    Sampled once, before torch loads (it reads OMP_NUM_THREADS then)."""
+    if "torch" in sys.modules or "OMP_NUM_THREADS" in os.environ or Path("/dev/nvidiactl").exists():
+        return
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    machine_cores = os.cpu_count() or cores
+    busy = busy_fraction()
+    if busy is None or cores < 2:
+        return
+    busy_cores = round(busy * machine_cores)
+    threads = max(1, min(cores, machine_cores - busy_cores))
+    if threads < cores:
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+        log(f"puzzlenas: {busy_cores} of {machine_cores} cores busy with other processes: torch uses {threads} "
+            f"thread{'s' if threads > 1 else ''} (set OMP_NUM_THREADS to choose)")
+
+
 def main(argv: list[str] | None = None) -> int:
     passive_cpu_threads()
+    threads_for_idle_cores()
     from .dist import FailedOnRankZero
 
     argv = list(sys.argv[1:] if argv is None else argv)

@@ -154,3 +154,34 @@ def test_cpu_runs_let_idle_openmp_threads_sleep_unless_the_user_chose():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          env={**env, "OMP_WAIT_POLICY": "ACTIVE"})
     assert out.stdout.split() == ["ACTIVE", "True"], out.stderr
+
+
+def test_cpu_threads_default_to_the_cores_other_processes_leave_idle(tmp_path):
+    """Beside a busy process, torch takes the idle cores only (a thread sharing a busy core stalls
+    every parallel region and distorts timings); never over the user's OMP_NUM_THREADS."""
+    import os
+
+    from puzzlenas.cli import cpu_busy_fraction
+
+    code = ("import os, sys; from puzzlenas.cli import threads_for_idle_cores; "
+            "os.sched_getaffinity = lambda pid: set(range(4)); os.cpu_count = lambda: 4; "
+            "threads_for_idle_cores(busy_fraction=lambda: float(sys.argv[1])); "
+            "import torch; print(os.environ.get('OMP_NUM_THREADS'), torch.get_num_threads())")
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+
+    def threads(busy: str, **extra) -> list[str]:
+        out = subprocess.run([sys.executable, "-c", code, busy], capture_output=True, text=True,
+                             env={**env, **extra})
+        return out.stdout.split()[-2:]
+
+    if not __import__("pathlib").Path("/dev/nvidiactl").exists():
+        assert threads("0.5") == ["2", "2"]  # two of four cores busy: two threads
+        assert threads("0.8") == ["1", "1"]  # never fewer than one
+        assert threads("0.1")[0] == "None"  # an idle machine: torch keeps its own default
+        assert threads("0.5", OMP_NUM_THREADS="3")[0] == "3"  # the user's choice stays
+    stat = tmp_path / "stat"
+    stat.write_text("cpu  100 0 100 800 0 0 0 0 0 0\ncpu0 1 2 3\n")
+    assert cpu_busy_fraction(0.0, str(stat)) is None  # no time passed between the samples
+    assert cpu_busy_fraction(0.0, str(tmp_path / "missing")) is None
+    busy = cpu_busy_fraction(0.05)
+    assert busy is None or 0.0 <= busy <= 1.0
