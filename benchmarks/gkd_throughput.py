@@ -9,7 +9,7 @@ child, its LM head included) + 2 x the frozen parent's matmul parameters x token
 head included) + causal attention (3 x forward for the child, 1 x for the parent); the KL's and
 the cosine's elementwise work is not counted. MFU = model FLOPs / time / 989 TFLOP/s.
 
-    python benchmarks/gkd_throughput.py --out gkd.json [--deadline 270] [--skip-bld] [--runs blocks|session4]
+    python benchmarks/gkd_throughput.py --out gkd.json [--deadline 270] [--skip-bld] [--runs blocks|session4|cosine]
 
 warmup_s of a compiled row is its compile time (the first 3 steps); set TORCHINDUCTOR_CACHE_DIR to
 an empty folder to measure it cold.
@@ -141,13 +141,34 @@ def whole_model_trainer():
     return WholeModelGKDTrainer
 
 
+def cosine_outside_trainer():
+    """GKDTrainer as it was before session 8: the layers compiled per block kind, the per-layer
+    cosine terms made afterwards, eagerly, from the list of hidden states."""
+    import functools
+
+    from puzzlenas.gkd import GKDTrainer, call_layer, compiled_layer_call, hidden_cosine_loss, trunk_hidden_states
+
+    def student(child, input_ids, parent_hidden, layer_call):
+        hidden = trunk_hidden_states(child, input_ids, layer_call)
+        return hidden[-1], hidden_cosine_loss(hidden, parent_hidden)
+
+    class CosineOutsideGKDTrainer(GKDTrainer):
+        def _set_step_functions(self, compiled: bool) -> None:
+            super()._set_step_functions(compiled)
+            layer_call = compiled_layer_call() if compiled else call_layer
+            self._student = functools.partial(student, self.child, layer_call=layer_call)
+
+    return CosineOutsideGKDTrainer
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default="gkd.json")
     parser.add_argument("--deadline", type=float, default=270.0)
     parser.add_argument("--skip-bld", action="store_true")
-    parser.add_argument("--runs", choices=("session4", "blocks"), default="blocks",
-                        help="session4: old path vs whole-model compile; blocks: eager vs per-block-kind vs whole")
+    parser.add_argument("--runs", choices=("session4", "blocks", "cosine"), default="blocks",
+                        help="session4: old path vs whole-model compile; blocks: eager vs per-block-kind vs whole; "
+                             "cosine: per-block-kind graphs with the cosine terms outside (before) and inside")
     args = parser.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = True
     begin = time.perf_counter()
@@ -176,7 +197,11 @@ def main() -> None:
             "blocks": [("eager", "new", 64, {"compile": "off", **chunk}),
                        ("compiled per block kind", "new", 64, {"compile": "on", **chunk}),
                        ("compiled per block kind", "new", 128, {"compile": "on", **chunk}),
-                       ("compiled whole model", "whole", 64, {"compile": "on", **chunk})]}[args.runs]
+                       ("compiled whole model", "whole", 64, {"compile": "on", **chunk})],
+            # session 8: each student layer's cosine term inside its per-kind graph (main) vs after
+            "cosine": [("per block kind, cosine eager (before)", "cosine_outside", 64, {"compile": "on", **chunk}),
+                       ("per block kind, cosine in the graphs (main)", "new", 64, {"compile": "on", **chunk}),
+                       ("per block kind, cosine in the graphs (main)", "new", 128, {"compile": "on", **chunk})]}[args.runs]
     for label, which, batch, changes in runs:
         if time.perf_counter() - begin > args.deadline:
             break
@@ -186,7 +211,7 @@ def main() -> None:
                 cfg, cls = OldConfig(batch_size=batch, tokens=10**9, lr=3e-4), OldTrainer
             else:
                 cfg = dataclasses.replace(GKDConfig(batch_size=batch, tokens=10**9, lr=3e-4), **changes)
-                cls = whole_model_trainer() if which == "whole" else GKDTrainer
+                cls = {"whole": whole_model_trainer, "cosine_outside": cosine_outside_trainer}.get(which, lambda: GKDTrainer)()
             row = time_gkd(label, cls, cfg, parent, child, batch, steps=8, warmup=3)
         except Exception as err:  # keep what was measured
             row = {"path": label, "batch": [batch, T], "error": f"{type(err).__name__}: {str(err)[:500]}"}

@@ -7,8 +7,8 @@ with no LM loss by default (the paper: adding it dropped MT-Bench from 8.74 to 7
 The teacher runs once per batch under no_grad (in its own dtype, bf16 on GPU). The KL runs in
 chunks of tokens on the final hidden states, each chunk's logits reduced and turned into
 gradients at once (`_FusedHeadKL`), so (batch, seq, vocab) logits never exist whole. On one GPU
-the decoder layers (one graph per block kind, shared by student and teacher) and the per-chunk
-reduction are torch.compile'd (`gkd.compile`). bf16 autocast and optional activation checkpointing on GPU; checkpoints every
+the decoder layers (one graph per block kind; a student layer's graph also makes its cosine term)
+and the per-chunk reduction are torch.compile'd (`gkd.compile`). bf16 autocast and optional activation checkpointing on GPU; checkpoints every
 N steps and resume. With several ranks the data is split by rank and the child is either
 replicated on every rank with its gradients averaged (data parallel) or, when it does not fit
 one device, sharded with the parent over the ranks with FSDP2 (`fully_shard`); `choose_parallel`
@@ -41,11 +41,15 @@ class GKDError(TrainingError):
 
 
 
+def layer_cosine_term(child_hidden: torch.Tensor, parent_hidden: torch.Tensor) -> torch.Tensor:
+    """mean over tokens of 1 - cos(child, parent) for one depth, in fp32; (B, T, C) each -> scalar."""
+    return (1 - F.cosine_similarity(child_hidden.float(), parent_hidden.float(), dim=-1)).mean()
+
+
 def hidden_cosine_loss(child_hidden, parent_hidden) -> torch.Tensor:
     """sum over layers of mean over tokens of 1 - cos; the embedding output (index 0) is skipped.
     Either argument: a sequence of (B, T, C) tensors or one stacked (L + 1, B, T, C) tensor."""
-    terms = [(1 - F.cosine_similarity(c.float(), p.float(), dim=-1)).mean()
-             for c, p in zip(child_hidden[1:], parent_hidden[1:])]
+    terms = [layer_cosine_term(c, p) for c, p in zip(child_hidden[1:], parent_hidden[1:])]
     return torch.stack(terms).sum()
 
 
@@ -56,28 +60,41 @@ def call_layer(layer, x: torch.Tensor, ctx) -> torch.Tensor:
     return layer(x, ctx)
 
 
-def compiled_layer_call():
-    """`call_layer` under torch.compile, with room for one graph per block kind and grad mode (the
-    default limit, 8, would send the ninth kind to eager frame by frame)."""
+def call_layer_distilled(layer, x: torch.Tensor, ctx, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A student layer and its cosine term against the teacher's residual stream at the same depth
+    (target (B, T, C)): (the layer's output (B, T, C), scalar). Compiled, the term's fp32 casts and
+    reductions fuse into the layer's graph instead of ~10 eager passes over (B, T, C) per layer."""
+    out = layer(x, ctx)
+    return out, layer_cosine_term(out, target)
+
+
+def compiled_layer_call(fn=call_layer):
+    """`fn` (call_layer or call_layer_distilled) under torch.compile, with room for one graph per
+    block kind and grad mode (the default limit, 8, would send the ninth kind to eager frame by frame)."""
     import torch._dynamo.config as dynamo_config
 
     name = "recompile_limit" if hasattr(dynamo_config, "recompile_limit") else "cache_size_limit"  # torch < 2.7
     setattr(dynamo_config, name, max(getattr(dynamo_config, name), 128))
-    return torch.compile(call_layer, dynamic=False)
+    return torch.compile(fn, dynamic=False)
+
+
+def is_identity(layer) -> bool:
+    """A layer with neither subblock: traced alone it would be an empty graph, which torch.compile
+    answers by never compiling that function again, so the loops below skip it."""
+    return layer.self_attn is None and layer.mlp is None
 
 
 def trunk_hidden_states(model: DeciLMForCausalLM, input_ids: torch.Tensor, layer_call=call_layer) -> list[torch.Tensor]:
     """The residual stream of a full causal batch: [embedding output, after layer 1, ..., after
     the last layer] (pre final norm), each (B, T, C). The decoder without the HF output objects
     and KV-cache plumbing; each layer runs through `layer_call` (eager, or compiled per block
-    kind). A layer with neither subblock is the identity and is skipped: traced alone it would be
-    an empty graph, which torch.compile answers by never compiling that function again."""
+    kind); identity layers are skipped."""
     inner = model.model
     x = inner.embed_tokens(input_ids)  # (B, T, C)
     ctx = causal_context(model, input_ids, x.dtype)
     hidden = [x]
     for layer in inner.layers:
-        if layer.self_attn is None and layer.mlp is None:
+        if is_identity(layer):
             pass
         elif inner.gradient_checkpointing and inner.training:
             x = torch.utils.checkpoint.checkpoint(layer_call, layer, x, ctx, use_reentrant=False)
@@ -153,10 +170,26 @@ def teacher_hidden_states(parent: DeciLMForCausalLM, input_ids: torch.Tensor, la
 
 
 def student_forward(child: DeciLMForCausalLM, input_ids: torch.Tensor, parent_hidden: torch.Tensor,
-                    layer_call=call_layer) -> tuple[torch.Tensor, torch.Tensor]:
-    """(the child's pre-norm final hidden state (B, T, C), the per-layer cosine term)."""
-    hidden = trunk_hidden_states(child, input_ids, layer_call)
-    return hidden[-1], hidden_cosine_loss(hidden, parent_hidden)
+                    layer_call=call_layer_distilled) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the child's pre-norm final hidden state (B, T, C), the per-layer cosine term), the same as
+    `hidden_cosine_loss(trunk_hidden_states(child, ...), parent_hidden)`, with each layer's term made
+    by `layer_call` (call_layer_distilled, eager or compiled) beside the layer. parent_hidden:
+    (L + 1, B, T, C) or a sequence of L + 1 (B, T, C) tensors."""
+    inner = child.model
+    x = inner.embed_tokens(input_ids)  # (B, T, C)
+    ctx = causal_context(child, input_ids, x.dtype)
+    terms = []
+    for depth, layer in enumerate(inner.layers, start=1):
+        target = parent_hidden[depth]  # (B, T, C): the teacher after its layer `depth`
+        if is_identity(layer):
+            terms.append(layer_cosine_term(x, target))
+            continue
+        if inner.gradient_checkpointing and inner.training:
+            x, term = torch.utils.checkpoint.checkpoint(layer_call, layer, x, ctx, target, use_reentrant=False)
+        else:
+            x, term = layer_call(layer, x, ctx, target)
+        terms.append(term)
+    return x, torch.stack(terms).sum()
 
 
 def fused_head_kl(child: DeciLMForCausalLM, parent: DeciLMForCausalLM, h_child: torch.Tensor,
@@ -253,8 +286,9 @@ class GKDTrainer:
         from .onpolicy import divergence_reducer
 
         layer_call = compiled_layer_call() if compiled else call_layer
+        distilled_call = compiled_layer_call(call_layer_distilled) if compiled else call_layer_distilled
         teacher = functools.partial(teacher_hidden_states, self.parent, layer_call=layer_call)
-        student = functools.partial(student_forward, self.child, layer_call=layer_call)
+        student = functools.partial(student_forward, self.child, layer_call=distilled_call)
         reduce = reduce_logit_chunk
         reduce_on_policy = divergence_reducer(self.cfg.on_policy_divergence)
         if compiled:
