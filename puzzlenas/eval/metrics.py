@@ -29,25 +29,35 @@ if TYPE_CHECKING:
 def complete(model: DeciLMForCausalLM, tokenizer, prompt: str, chat: bool, max_new_tokens: int,
              temperature: float = 0.0) -> str:
     """One completion of `prompt` (greedy unless temperature > 0), decoded without the prompt."""
-    if chat and getattr(tokenizer, "chat_template", None):
-        prompt = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                               add_generation_prompt=True)
+    return complete_many(model, tokenizer, [(prompt, chat)], max_new_tokens, temperature)[0]
+
+
+def complete_many(model: DeciLMForCausalLM, tokenizer, prompts: list[tuple[str, bool]], max_new_tokens: int,
+                  temperature: float = 0.0) -> list[str]:
+    """Completions of (prompt, through the chat template?) pairs, all in one batch on the fast path
+    (fused weights, attention over the filled cache, compiled + graphed on CUDA, eager on CPU), as
+    an engine runs the model: one decode step serves every prompt, where one at a time a CPU
+    re-read the weights for each (5 report samples: ~5x the steps). Greedy unless temperature > 0;
+    each row stops at the model's EOS as transformers' generate does."""
     from ..model.fast import generate
 
-    ids = tokenizer(prompt)["input_ids"]
-    # The fast path (fused weights, attention over the filled cache, compiled + graphed on CUDA,
-    # eager on CPU): as an engine runs the model. Stops at the model's EOS as transformers' generate does.
+    texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
+             if chat and getattr(tokenizer, "chat_template", None) else p for p, chat in prompts]
+    ids = [tokenizer(t)["input_ids"] for t in texts]
     eos = getattr(model.generation_config, "eos_token_id", None) if hasattr(model, "generation_config") else None
     eos = eos if eos is not None else (model.config.eos_token_id if model.config.eos_token_id is not None
                                        else tokenizer.eos_token_id)
-    result = generate(model, [ids], max_new_tokens, temperature=temperature, eos_token_id=eos, batch_size=1)
-    return tokenizer.decode(result.tokens[0], skip_special_tokens=True)
+    result = generate(model, ids, max_new_tokens, temperature=temperature, eos_token_id=eos, batch_size=len(ids))
+    return [tokenizer.decode(tokens, skip_special_tokens=True) for tokens in result.tokens]
 
 
 def sample_completions(model: DeciLMForCausalLM, tokenizer, cfg: EvalConfig) -> list[dict]:
-    """The eval config's chat and plain prompts, each completed greedily."""
-    return [{"prompt": p, "chat": chat, "completion": complete(model, tokenizer, p, chat, cfg.sample_tokens)}
-            for chat, prompts in ((True, cfg.chat_prompts), (False, cfg.plain_prompts)) for p in prompts]
+    """The eval config's chat and plain prompts, each completed greedily (in one batch)."""
+    prompts = [(p, True) for p in cfg.chat_prompts] + [(p, False) for p in cfg.plain_prompts]
+    if not prompts:
+        return []
+    texts = complete_many(model, tokenizer, prompts, cfg.sample_tokens)
+    return [{"prompt": p, "chat": chat, "completion": text} for (p, chat), text in zip(prompts, texts)]
 
 
 @torch.no_grad()
