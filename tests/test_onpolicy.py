@@ -152,13 +152,14 @@ def test_off_by_default_leaves_gkd_and_the_fingerprints_as_before(tmp_path):
     # Recorded on main before the on-policy settings existed (commit 36d9dec): runs made then resume.
     assert repr(GKDConfig()).endswith("chat_temperature=0.7, chat_batch_size=128)")
     assert settings_fingerprint(GKDConfig(), 128, "x") == "ce5e5360105b5a65"
-    # the CPU preset as it was then (its margin, library, GKD tokens and targets have changed since,
-    # which is not what this checks)
+    # the CPU preset as it was then (its margin, library, teacher corpus, GKD tokens and targets have
+    # changed since, which is not what this checks)
     old_targets = ("search.targets=[{name: decode-1.25x, scenario: b8-p64-g32, metric: decode, speedup: 1.25, "
                    "candidates: 4}, {name: decode-1.5x, scenario: b8-p64-g32, metric: decode, speedup: 1.5, "
                    "candidates: 4}]")
     cfg = load_run_config("puzzlenas/presets/cpu.yaml", ["search.time_margin=0.06", "library.kv_heads=null",
-                                                         "gkd.tokens=6144", old_targets])
+                                                         "gkd.tokens=6144", 'data.sources=[default, "teacher:12k"]',
+                                                         old_targets])
     assert gkd_stage.STAGE.fingerprint(cfg, {"name": "decode-1.25x"}) == "2f875239257a741a"
     assert eval_stage.STAGE.fingerprint(cfg) == "777e8567dc6d6737"
     # With the phase off its other settings change nothing, and GKD trains as before.
