@@ -80,14 +80,22 @@ def test_trunk_and_cosine_term_equal_the_hf_forward():
     assert cos.item() == pytest.approx(expected.item(), rel=1e-6) and cos.item() > 0.1
 
 
-def test_a_gkd_step_has_the_gradient_of_the_plain_loss(tmp_path):
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "activation-checkpointing"])
+def test_a_gkd_step_has_the_gradient_of_the_plain_loss(tmp_path, checkpointing, monkeypatch):
+    real, calls = torch.utils.checkpoint.checkpoint, []
+    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", lambda *a, **k: calls.append(1) or real(*a, **k))
     parent, child = pair()
     ids = torch.randint(0, 128, (2, 8))
-    cfg = GKDConfig(logits_chunk=4, lm_loss_weight=0.3, batch_size=2, tokens=16)
+    cfg = GKDConfig(logits_chunk=4, lm_loss_weight=0.3, batch_size=2, tokens=16,
+                    activation_checkpointing=checkpointing)
     trainer = GKDTrainer(child, parent, cfg, tmp_path, 8, log=lambda *a: None)
     assert not trainer.compiled  # compile=auto stays eager on the CPU
+    child.train()
     parts = trainer.loss_and_backward(ids)
     fast = grads(child)
+    layers = sum(not (layer.self_attn is None and layer.mlp is None) for layer in child.model.layers)
+    assert len(calls) == (layers if checkpointing else 0)  # each student layer but the identity ones recomputed
+    child.model.gradient_checkpointing = False
     ref_loss, cos, kl, lm = plain_loss(child, parent, ids, cfg)
     ref_loss.backward()
     plain = grads(child)
