@@ -8,8 +8,8 @@ The teacher runs once per batch under no_grad (in its own dtype, bf16 on GPU). T
 chunks of tokens on the final hidden states, each chunk's logits reduced and turned into
 gradients at once (`_FusedHeadKL`), so (batch, seq, vocab) logits never exist whole. On one GPU
 the decoder layers (one graph per block kind; a student layer's graph also makes its cosine term)
-and the per-chunk reduction are torch.compile'd (`gkd.compile`). bf16 autocast and optional activation checkpointing on GPU; checkpoints every
-N steps and resume. With several ranks the data is split by rank and the child is either
+and the per-chunk reduction are torch.compile'd (`gkd.compile`). bf16 autocast and optional
+activation checkpointing on GPU; checkpoints every N steps and resume. With several ranks the data is split by rank and the child is either
 replicated on every rank with its gradients averaged (data parallel) or, when it does not fit
 one device, sharded with the parent over the ranks with FSDP2 (`fully_shard`); `choose_parallel`
 picks by size (`gkd.parallel`).
@@ -84,22 +84,26 @@ def is_identity(layer) -> bool:
     return layer.self_attn is None and layer.mlp is None
 
 
+def run_layer(model: DeciLMForCausalLM, layer_call, layer, x: torch.Tensor, ctx, *extra):
+    """layer_call(layer, x, ctx, *extra), recomputed in backward when the model trains with
+    activation checkpointing (`gkd.activation_checkpointing`)."""
+    inner = model.model
+    if inner.gradient_checkpointing and inner.training:
+        return torch.utils.checkpoint.checkpoint(layer_call, layer, x, ctx, *extra, use_reentrant=False)
+    return layer_call(layer, x, ctx, *extra)
+
+
 def trunk_hidden_states(model: DeciLMForCausalLM, input_ids: torch.Tensor, layer_call=call_layer) -> list[torch.Tensor]:
     """The residual stream of a full causal batch: [embedding output, after layer 1, ..., after
     the last layer] (pre final norm), each (B, T, C). The decoder without the HF output objects
     and KV-cache plumbing; each layer runs through `layer_call` (eager, or compiled per block
     kind); identity layers are skipped."""
-    inner = model.model
-    x = inner.embed_tokens(input_ids)  # (B, T, C)
+    x = model.model.embed_tokens(input_ids)  # (B, T, C)
     ctx = causal_context(model, input_ids, x.dtype)
     hidden = [x]
-    for layer in inner.layers:
-        if is_identity(layer):
-            pass
-        elif inner.gradient_checkpointing and inner.training:
-            x = torch.utils.checkpoint.checkpoint(layer_call, layer, x, ctx, use_reentrant=False)
-        else:
-            x = layer_call(layer, x, ctx)
+    for layer in model.model.layers:
+        if not is_identity(layer):
+            x = run_layer(model, layer_call, layer, x, ctx)
         hidden.append(x)
     return hidden
 
@@ -175,20 +179,16 @@ def student_forward(child: DeciLMForCausalLM, input_ids: torch.Tensor, parent_hi
     `hidden_cosine_loss(trunk_hidden_states(child, ...), parent_hidden)`, with each layer's term made
     by `layer_call` (call_layer_distilled, eager or compiled) beside the layer. parent_hidden:
     (L + 1, B, T, C) or a sequence of L + 1 (B, T, C) tensors."""
-    inner = child.model
-    x = inner.embed_tokens(input_ids)  # (B, T, C)
+    x = child.model.embed_tokens(input_ids)  # (B, T, C)
     ctx = causal_context(child, input_ids, x.dtype)
     terms = []
-    for depth, layer in enumerate(inner.layers, start=1):
+    for depth, layer in enumerate(child.model.layers, start=1):
         target = parent_hidden[depth]  # (B, T, C): the teacher after its layer `depth`
         if is_identity(layer):
             terms.append(layer_cosine_term(x, target))
-            continue
-        if inner.gradient_checkpointing and inner.training:
-            x, term = torch.utils.checkpoint.checkpoint(layer_call, layer, x, ctx, target, use_reentrant=False)
         else:
-            x, term = layer_call(layer, x, ctx, target)
-        terms.append(term)
+            x, term = run_layer(child, layer_call, layer, x, ctx, target)
+            terms.append(term)
     return x, torch.stack(terms).sum()
 
 
