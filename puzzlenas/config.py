@@ -57,6 +57,11 @@ class RunConfig:
         check_name("name", self.name)  # runs/<name>/: never "..", never outside runs/
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
             raise ConfigError(f"device = {self.device!r}; allowed: auto, cpu, cuda, cuda:N")
+        names = [t.name for t in self.search.targets]
+        unknown = [t for t in self.peers.targets if t not in names]
+        if unknown:
+            raise ConfigError(f"peers.targets names {unknown}, not a search target; the targets are {names} "
+                              "(or leave peers.targets empty for peers at every target)")
 
 
 def from_dict(cls: type, data: dict[str, Any], path: str = "") -> Any:

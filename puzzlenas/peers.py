@@ -121,13 +121,16 @@ def decoupled_scores(scores: list[dict]) -> list[dict]:
 
 def build_peers(scores: list[dict], table: dict, parent_blocks: list[BlockConfig], space, search: SearchConfig,
                 methods: list[str], influence: list[float] | None, objective: str, dtype: str, num_heads: int,
-                hidden: int) -> tuple[list[dict], list[dict]]:
-    """(records of the peers that fit, one per method and target; the ones that cannot fit, with why)."""
+                hidden: int, only_targets: list[str] | None = None) -> tuple[list[dict], list[dict]]:
+    """(records of the peers that fit, one per method and target; the ones that cannot fit, with why).
+    only_targets: the names of the targets that get peers (None or empty: every target)."""
     layers, meaning = layer_choices(decoupled_scores(scores), table, len(parent_blocks), objective,
                                     DTYPE_BYTES[dtype])
     index = [{c.name: j for j, c in enumerate(layer)} for layer in layers]
     records, unreachable = [], []
     for target in search.targets:
+        if only_targets and target.name not in only_targets:
+            continue
         variants = target_variants(target)  # scenario_mode best: a peer may fit in any one scenario
         problems = [SearchProblem(layers, target_constraints(v, table, parent_blocks, dtype, search.time_margin))
                     for v in variants]

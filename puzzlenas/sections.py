@@ -454,6 +454,9 @@ class PeersConfig:
     """Which peers to build at every search target (none by default: each costs one GKD per target)."""
 
     methods: list[str] = field(default_factory=list)  # any of shortgpt, minitron_width, uniform_kv
+    # The search targets (by name) that get peers; empty = every target. Each peer costs one GKD:
+    # the GPU preset compares at its hardest target only, to spend the minutes on Puzzle's children.
+    targets: list[str] = field(default_factory=list)
     tokens: int = 32768  # held-out (validation) tokens for ShortGPT's Block Influence
     batch_size: int = 8
     # Equal training tokens: Puzzle's blocks and the uniform peers' saw bld.tokens in BLD before
@@ -467,6 +470,8 @@ class PeersConfig:
             raise ValueError(f"peers.methods has unknown {bad}; allowed: {', '.join(PEER_METHODS)}")
         if len(set(self.methods)) != len(self.methods):
             raise ValueError(f"peers.methods lists a method twice: {self.methods}")
+        if len(set(self.targets)) != len(self.targets):
+            raise ValueError(f"peers.targets lists a target twice: {self.targets}")
         if self.tokens < 1 or self.batch_size < 1:
             raise ValueError("peers.tokens and peers.batch_size must be >= 1")
 

@@ -191,6 +191,19 @@ def test_peers_on_a_synthetic_instance_match_the_hand_solution():
         assert u["best_speedup"] == pytest.approx(33 / 23) and "1.43x" in u["why"]
     assert set(by) == {"uniform_kv-t1.2", "minitron_width-t1.2", "shortgpt-t1.2", "shortgpt-t2"}
     assert all(r["peer"] == r["method"] and len(r["block_configs"]) == 4 for r in records)
+    # peers.targets: the same peers at the named target only, and nothing said about the others
+    only, unreachable_only = build_peers(scores, table, parent_blocks, space, search, ALL, [0.3, 0.1, 0.2, 0.4],
+                                         "kl", "bfloat16", 8, 48, only_targets=["t2"])
+    assert [r["name"] for r in only] == ["shortgpt-t2"] and only[0]["names"] == by["shortgpt-t2"]["names"]
+    assert {u["target"] for u in unreachable_only} == {"t2"}
+
+
+def test_peers_targets_must_name_search_targets(tmp_path):
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump({"peers": {"methods": ["shortgpt"], "targets": ["decode-3x"]},
+                                    "search": {"targets": [{"name": "decode-2x", "speedup": 2.0}]}}))
+    with pytest.raises(ConfigError, match=r"peers.targets names \['decode-3x'\].*\['decode-2x'\]"):
+        load_run_config(path)
 
 
 def test_peers_with_a_parameter_budget_name_the_budget_they_miss():

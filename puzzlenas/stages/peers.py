@@ -48,7 +48,7 @@ def run(cfg: RunConfig, run_dir: Path) -> Path:
     records, unreachable = build_peers(scores.read_scores(run_dir), costs.read_costs(run_dir), config.blocks,
                                        read_space(paths.space), cfg.search, cfg.peers.methods, influence,
                                        cfg.scoring.objective, cfg.costs.dtype, config.num_attention_heads,
-                                       config.hidden_size)
+                                       config.hidden_size, cfg.peers.targets)
     write_jsonl(paths.peer_solutions, records)
     atomic_write_json(paths.unreachable, unreachable)
     text = peers_table(records, unreachable)
