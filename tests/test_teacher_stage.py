@@ -109,7 +109,8 @@ def gpu_preset_at_tiny_scale(inputs, cache) -> dict:
     for section in ("library", "scoring", "costs", "search", "serving"):
         cfg[section] = tiny[section]
     cfg["bld"] = {**preset["bld"], **tiny["bld"]}
-    cfg["peers"] = {**preset["peers"], "tokens": 256}
+    # The preset names its own targets for the peers; here the tiny run's speedup target stands in.
+    cfg["peers"] = {**preset["peers"], "tokens": 256, "targets": ["fast"] if preset["peers"].get("targets") else []}
     cfg["gkd"] = {**preset["gkd"], "tokens": 2048, "checkpoint_every": 4, "validation_tokens": 512,
                   "batch_size": 16}
     cfg["eval"] = {**preset["eval"], **tiny["eval"], "genres": preset["eval"]["genres"], "genre_tokens": 128,
@@ -135,6 +136,8 @@ def test_gpu_preset_options_end_to_end(tmp_path, tiny_run_inputs):
     assert teacher["kinds"]["chat"] > 0 and teacher["chat_template"]
     results = json.loads((run_dir / "eval" / "results.json").read_text())
     assert any(n.startswith("gkd-shortgpt") for n in results)
+    if cfg["peers"]["targets"]:  # peers at the named target only
+        assert {n for n in results if "shortgpt" in n} == {"child-shortgpt-fast", "gkd-shortgpt-fast"}
     for name, r in results.items():
         assert set(r["genres"]) == {"dialogue", "legal", "readme"}, name
         for m in r["genres"].values():
