@@ -14,5 +14,7 @@ timed_run() {
   grep -E "^\[[a-z]+\] [0-9.]+ s$" "$OUT/$name.log" | sed "s/^/  /" | tee -a "$OUT/times.txt"
 }
 
-# copy_run FROM TO: a run directory copied with hard links (stages replace files, never edit them)
-copy_run() { rm -rf "$2" && cp -al "$1" "$2"; }
+# copy_run FROM TO: a run directory copied with hard links (stages replace files, never edit them);
+# the LOCK file is not linked: a shared inode would be one flock, and runs in the two copies would
+# refuse each other
+copy_run() { rm -rf "$2" && cp -al "$1" "$2" && rm -f "$2/LOCK"; }

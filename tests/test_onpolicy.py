@@ -159,7 +159,8 @@ def test_off_by_default_leaves_gkd_and_the_fingerprints_as_before(tmp_path):
                    "candidates: 4}]")
     cfg = load_run_config("puzzlenas/presets/cpu.yaml", ["search.time_margin=0.06", "library.kv_heads=null",
                                                          "gkd.tokens=6144", 'data.sources=[default, "teacher:12k"]',
-                                                         "gkd.lr=5.0e-5", "gkd.cosine_weight=1.0", old_targets])
+                                                         "gkd.lr=5.0e-5", "gkd.cosine_weight=1.0", "gkd.checkpoint_every=2",
+                                                         old_targets])
     assert gkd_stage.STAGE.fingerprint(cfg, {"name": "decode-1.25x"}) == "2f875239257a741a"
     assert eval_stage.STAGE.fingerprint(cfg) == "777e8567dc6d6737"
     # With the phase off its other settings change nothing, and GKD trains as before.
