@@ -464,6 +464,12 @@ class PeersConfig:
     # False: every child gets gkd.tokens (equal GKD tokens only).
     equal_tokens: bool = True
 
+    def __repr__(self) -> str:
+        # What the stage fingerprints hash: `targets` left out while empty (every target, as before
+        # the setting existed), so runs made then keep their peers and the peers' GKD.
+        names = [f.name for f in fields(self) if f.name != "targets" or self.targets]
+        return f"{type(self).__qualname__}({', '.join(f'{n}={getattr(self, n)!r}' for n in names)})"
+
     def validate(self) -> None:
         bad = [m for m in self.methods if m not in PEER_METHODS]
         if bad:

@@ -221,14 +221,17 @@ def test_peers_with_a_parameter_budget_name_the_budget_they_miss():
 def test_the_peers_depend_on_the_budgets_not_on_how_puzzle_picks(tmp_path):
     from puzzlenas.stages.peers import STAGE as peers_stage
 
-    def fp(**target):
+    def fp(peer_targets=None, **target):
         path = tmp_path / "cfg.yaml"
-        path.write_text(yaml.safe_dump({"peers": {"methods": ["shortgpt"]},
+        peers = {"methods": ["shortgpt"], **({"targets": peer_targets} if peer_targets is not None else {})}
+        path.write_text(yaml.safe_dump({"peers": peers,
                                         "search": {"targets": [{"name": "t", "speedup": 2.0, **target}]}}))
         return peers_stage.fingerprint(load_run_config(path))
 
     assert fp() == fp(candidates=4) == fp(solutions=2)
     assert fp() != fp(memory_gib=10.0)
+    # peers.targets: empty is every target, as before the setting existed; naming targets is a new peers stage
+    assert fp() == fp(peer_targets=[]) != fp(peer_targets=["t"])
 
 
 def two_scenario_instance():
