@@ -118,8 +118,25 @@ ON_POLICY_DIVERGENCES = ("reverse", "forward", "jsd")
 AUTOCAST = ("auto", "bf16", "off")
 
 
-@dataclass
-class OptimizerConfig:
+class InertFieldsRepr:
+    """A section whose repr (what stage fingerprints hash) leaves out `inert_fields()`: settings
+    that change nothing computed, or were added later and still hold the value that reproduces
+    the old behaviour, so runs made before them keep their fingerprints. Subclasses are
+    dataclasses declared with repr=False."""
+
+    REPR_ORDER: ClassVar[tuple[str, ...]] = ()  # the historical field order, when it differs
+
+    def inert_fields(self) -> tuple[str, ...]:
+        return ()
+
+    def __repr__(self) -> str:
+        inert = self.inert_fields()
+        names = [n for n in self.REPR_ORDER or tuple(f.name for f in fields(self)) if n not in inert]
+        return f"{type(self).__qualname__}({', '.join(f'{n}={getattr(self, n)!r}' for n in names)})"
+
+
+@dataclass(repr=False)
+class OptimizerConfig(InertFieldsRepr):
     """AdamW with warmup and cosine decay, checkpoints and autocast: the fields BLD and GKD share."""
 
     tokens: int = 1_000_000  # training tokens (BLD: seen by each job; GKD: all ranks together)
@@ -134,8 +151,8 @@ class OptimizerConfig:
     autocast: str = "auto"  # auto (bf16 on CUDA, off on CPU) | bf16 | off
 
     # Stage fingerprints hash a section as its repr, and runs made before this base class existed
-    # must keep resuming: each subclass lists every field in its historical order (a test checks).
-    REPR_ORDER: ClassVar[tuple[str, ...]] = ()
+    # must keep resuming: each subclass lists every field in its historical order in REPR_ORDER
+    # (a test checks).
     # Fields that choose how training runs on the hardware, not what it computes: left out of the
     # repr (so of stage fingerprints) and of checkpoint fingerprints, so changing them redoes
     # nothing and a killed run resumes under the other choice.
@@ -146,11 +163,6 @@ class OptimizerConfig:
         RUN_ONLY, plus (subclasses) settings added later while they change nothing, so that runs
         made before them keep their fingerprints."""
         return self.RUN_ONLY
-
-    def __repr__(self) -> str:
-        inert = self.inert_fields()
-        names = [n for n in self.REPR_ORDER or tuple(f.name for f in fields(self)) if n not in inert]
-        return f"{type(self).__qualname__}({', '.join(f'{n}={getattr(self, n)!r}' for n in names)})"
 
     def validate_optimizer(self, section: str) -> None:
         if self.autocast not in AUTOCAST:
@@ -449,9 +461,10 @@ class SearchConfig:
 PEER_METHODS = ("shortgpt", "minitron_width", "uniform_kv")
 
 
-@dataclass
-class PeersConfig:
-    """Which peers to build at every search target (none by default: each costs one GKD per target)."""
+@dataclass(repr=False)
+class PeersConfig(InertFieldsRepr):
+    """Which peers to build, at every search target or the named ones (none by default: each costs
+    one GKD per target)."""
 
     methods: list[str] = field(default_factory=list)  # any of shortgpt, minitron_width, uniform_kv
     # The search targets (by name) that get peers; empty = every target. Each peer costs one GKD:
@@ -464,11 +477,10 @@ class PeersConfig:
     # False: every child gets gkd.tokens (equal GKD tokens only).
     equal_tokens: bool = True
 
-    def __repr__(self) -> str:
-        # What the stage fingerprints hash: `targets` left out while empty (every target, as before
-        # the setting existed), so runs made then keep their peers and the peers' GKD.
-        names = [f.name for f in fields(self) if f.name != "targets" or self.targets]
-        return f"{type(self).__qualname__}({', '.join(f'{n}={getattr(self, n)!r}' for n in names)})"
+    def inert_fields(self) -> tuple[str, ...]:
+        # empty targets = every target, as before the setting existed: runs made then keep their
+        # peers and the peers' GKD
+        return () if self.targets else ("targets",)
 
     def validate(self) -> None:
         bad = [m for m in self.methods if m not in PEER_METHODS]
