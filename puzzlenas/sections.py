@@ -258,12 +258,18 @@ class GKDConfig(OptimizerConfig):
     # Share of the prompts that are chat requests in the parent's chat template, when the parent
     # has one and the GKD mix holds chat rows (gkd.chat_fraction > 0 or a teacher source).
     on_policy_chat_share: float = 0.5
+    # Share of every GKD training batch's rows that are teacher text (with a teacher source in
+    # data.sources; 0: drawn by their token share, as teacher.train_share 0), for GKD alone:
+    # None = teacher.train_share, the share BLD reads too. GKD is where the child learns what it
+    # keeps on text of other genres (issue 11), and changing teacher.train_share instead redoes
+    # every teacher-dependent stage (library, BLD, scores, search).
+    teacher_share: float | None = None
     REPR_ORDER = ("tokens", "batch_size", "lr", "min_lr_fraction", "warmup_fraction", "weight_decay", "betas",
                   "grad_clip", "cosine_weight", "kl_weight", "lm_loss_weight", "logits_chunk", "compile",
                   "activation_checkpointing", "checkpoint_every", "autocast", "validation_tokens", "chat_fraction",
                   "chat_requests", "chat_max_new_tokens", "chat_temperature", "chat_batch_size", "parallel",
                   "on_policy_fraction", "on_policy_divergence", "on_policy_temperature", "on_policy_top_p",
-                  "on_policy_max_new_tokens", "on_policy_prompt_tokens", "on_policy_chat_share")
+                  "on_policy_max_new_tokens", "on_policy_prompt_tokens", "on_policy_chat_share", "teacher_share")
     RUN_ONLY = ("parallel",)
     ON_POLICY = ("on_policy_fraction", "on_policy_divergence", "on_policy_temperature", "on_policy_top_p",
                  "on_policy_max_new_tokens", "on_policy_prompt_tokens", "on_policy_chat_share")
@@ -271,7 +277,9 @@ class GKDConfig(OptimizerConfig):
     def inert_fields(self) -> tuple[str, ...]:
         # With the on-policy phase off its settings change nothing: runs made before it existed
         # keep their stage and checkpoint fingerprints.
-        return self.RUN_ONLY + (self.ON_POLICY if not self.on_policy_fraction else ())
+        # teacher_share None (teacher.train_share) reproduces the runs made before the field.
+        return self.RUN_ONLY + (self.ON_POLICY if not self.on_policy_fraction else ()) + \
+            (("teacher_share",) if self.teacher_share is None else ())
 
     def validate(self) -> None:
         self.validate_optimizer("gkd")
@@ -288,6 +296,9 @@ class GKDConfig(OptimizerConfig):
                                                    self.chat_batch_size) < 1 or self.chat_temperature <= 0:
             raise ValueError("gkd.chat_fraction in [0, 1]; chat_requests, chat_max_new_tokens, chat_batch_size "
                              ">= 1; chat_temperature > 0")
+        if self.teacher_share is not None and not 0.0 <= self.teacher_share <= 1.0:
+            raise ValueError(f"gkd.teacher_share = {self.teacher_share!r}: must be in [0, 1] (or null: "
+                             f"teacher.train_share)")
         if not 0 <= self.on_policy_fraction <= 1:
             raise ValueError(f"gkd.on_policy_fraction = {self.on_policy_fraction!r}: must be in [0, 1] (0 = off)")
         if self.on_policy_divergence not in ON_POLICY_DIVERGENCES:

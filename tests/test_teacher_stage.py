@@ -90,6 +90,13 @@ def test_teacher_rows_join_train_and_validation_never_test(tmp_path, tiny_run_in
     cfg.teacher.train_share = 0.5
     for batch in train_batches(cfg, joined, 4, 4 * 32 * 3, seed=0):
         assert sum(r.numpy().astype(np.int32).tobytes() in teacher_rows for r in batch) == 2
+    # gkd.teacher_share: GKD's own share (the stage passes it), the passes counted at that share
+    from puzzlenas.stages.common import passes
+
+    for batch in train_batches(cfg, joined, 4, 4 * 32 * 3, seed=0, teacher_share=1.0):
+        assert sum(r.numpy().astype(np.int32).tobytes() in teacher_rows for r in batch) == 4
+    read = passes(cfg, joined, "gkd", 1000, teacher_share=0.75)["sources"]
+    assert read[spec][0] == 750 and sum(v[0] for k, v in read.items() if k != spec) == 250
 
 
 def gpu_preset_at_tiny_scale(inputs, cache) -> dict:
@@ -155,3 +162,13 @@ def test_gpu_preset_options_end_to_end(tmp_path, tiny_run_inputs):
     for heading in ("## Out-of-genre text", "## Chat quality", "## Passes over each source"):
         assert heading in report
     assert "out-of-genre text" in (run_dir / "eval" / "table.txt").read_text()
+
+
+def test_gkd_teacher_share_is_checked_and_inert_while_unset():
+    from puzzlenas.sections import GKDConfig
+
+    with pytest.raises(ValueError, match=r"gkd.teacher_share = 1.5: must be in \[0, 1\]"):
+        GKDConfig(teacher_share=1.5).validate()
+    GKDConfig(teacher_share=1.0).validate()
+    assert "teacher_share" not in repr(GKDConfig())  # runs made before the field keep their fingerprints
+    assert "teacher_share=0.75" in repr(GKDConfig(teacher_share=0.75))

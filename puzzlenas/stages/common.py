@@ -101,13 +101,15 @@ def solutions(run_dir: Path, cfg: RunConfig) -> list[dict]:
     return records
 
 
-def train_batches(cfg: RunConfig, dataset, batch_size: int, tokens: int, seed: int, rank: int = 0, world: int = 1):
+def train_batches(cfg: RunConfig, dataset, batch_size: int, tokens: int, seed: int, rank: int = 0, world: int = 1,
+                  teacher_share: float | None = None):
     """`tokens` training tokens in (B, T) batches (data/batches.token_batches); with teacher rows
-    and teacher.train_share > 0, round(share x B) rows of every batch are the teacher's."""
+    and a teacher share > 0 (`teacher_share`, default teacher.train_share), round(share x B) rows
+    of every batch are the teacher's."""
     from ..data.batches import token_batches
 
     info = dataset.meta.get("teacher")
-    share = cfg.teacher.train_share if info else 0.0
+    share = (cfg.teacher.train_share if teacher_share is None else teacher_share) if info else 0.0
     if not share:
         return token_batches(dataset.train, batch_size, tokens, seed=seed, rank=rank, world_size=world)
     from ..data.chat import MixedBatches
@@ -125,19 +127,20 @@ def source_tokens(dataset, split: str) -> dict[str, int]:
 
 
 def passes(cfg: RunConfig, dataset, what: str, tokens: int, split: str = "train", first: bool = False,
-           share: dict[str, float] | None = None) -> dict:
+           share: dict[str, float] | None = None, teacher_share: float | None = None) -> dict:
     """How many passes over each source of `split` reading `tokens` tokens made: {what, split,
     tokens, sources: {source: [tokens read, tokens in the split, passes]}}.
 
     first: the first `tokens` of the split in order (validation reads), else drawn at random
     (training); share: each source's share of the rows read, when not its share of the split
-    (teacher.train_share)."""
+    (teacher_share, default teacher.train_share: the teacher rows' share of every batch)."""
     available = source_tokens(dataset, split)
     total = sum(available.values()) or 1
-    if share is None and split == "train" and dataset.meta.get("teacher") and cfg.teacher.train_share:
+    teacher_share = cfg.teacher.train_share if teacher_share is None else teacher_share
+    if share is None and split == "train" and dataset.meta.get("teacher") and teacher_share:
         spec = dataset.meta["teacher"]["spec"]
         corpus = total - available.get(spec, 0)
-        share = {s: (cfg.teacher.train_share if s == spec else (1 - cfg.teacher.train_share) * n / max(corpus, 1))
+        share = {s: (teacher_share if s == spec else (1 - teacher_share) * n / max(corpus, 1))
                  for s, n in available.items()}
     if first:  # whole rows from the start: the corpus part in source order, teacher rows interleaved
         read = prefix_source_tokens(dataset, split, tokens)

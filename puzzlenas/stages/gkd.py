@@ -89,7 +89,7 @@ def distill_child(cfg: RunConfig, run_dir: Path, record: dict, teacher, dataset,
     child = child.to(device)
     gkd_cfg = child_gkd_config(cfg, record)
     batches = train_batches(cfg, dataset, gkd_cfg.batch_size, max(gkd_cfg.tokens, 1), seed=cfg.seed + 1,
-                            rank=rank, world=world)
+                            rank=rank, world=world, teacher_share=gkd_cfg.teacher_share)
     if chat_rows is not None:
         from ..data.chat import MixedBatches
 
@@ -118,7 +118,7 @@ def distill_child(cfg: RunConfig, run_dir: Path, record: dict, teacher, dataset,
                                        if chat_rows is not None else "") + \
         (f", off-policy steps ({trainer.on_policy_steps} on-policy steps not counted)" if trainer.on_policy_steps else "")
     read = [passes(cfg, dataset, label, round(read_tokens * (1 - gkd_cfg.chat_fraction)) if chat_rows is not None
-                   else read_tokens),
+                   else read_tokens, teacher_share=gkd_cfg.teacher_share),
             passes(cfg, dataset, "GKD validation", gkd_cfg.validation_tokens, "validation", first=True)]
     if rank == 0:
         print("\n".join(f"[gkd] {line}" for line in passes_lines(read).splitlines()))

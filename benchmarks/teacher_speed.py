@@ -1,0 +1,101 @@
+"""Where the teacher stage's time goes: one batch of the GPU preset's shape (512 prompts, 256 new
+tokens) on the fast path with the preset's sampling, then the same with cheaper sampling, and the
+filters (degenerate check, MinHash) per sample. Reads a run directory's parent (the parent stage's
+output) and the teacher corpus' prompt pool. Prints a table and writes JSON.
+
+    python benchmarks/teacher_speed.py RUN_DIR --out teacher_speed.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+
+def timed(fn, device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    t0 = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - t0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("run_dir")
+    ap.add_argument("--out", default="teacher_speed.json")
+    ap.add_argument("--batch", type=int, default=512)
+    ap.add_argument("--new", type=int, default=256)
+    args = ap.parse_args()
+
+    from transformers import AutoTokenizer
+
+    from puzzlenas.config import load_run_config
+    from puzzlenas.data.teacher import NearDuplicateIndex, TeacherConfig, degenerate_reason, prompt_pool
+    from puzzlenas.model import fast
+    from puzzlenas.model.modeling import DeciLMForCausalLM
+
+    run = args.run_dir
+    cfg = load_run_config(f"{run}/config.yaml")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = DeciLMForCausalLM.from_pretrained(f"{run}/parent", dtype=torch.bfloat16).to(device).eval()
+    tok = AutoTokenizer.from_pretrained(f"{run}/parent")
+    tcfg = TeacherConfig(tokens=10_000_000, batch_size=args.batch)
+    pool = prompt_pool(tok, cfg.data, tcfg)
+    prompts = [list(p.ids) for kind in pool.values() for p in kind][: args.batch]
+    stops = [tok.eos_token_id]
+    rows = {}
+
+    def gen(temperature, top_p):
+        return fast.generate(model, prompts, args.new, temperature, top_p, eos_token_id=stops,
+                             batch_size=len(prompts), seed=0)
+
+    gen(1.0, 0.95)  # compile, warm
+    for name, t, p in (("T1 top-p 0.95 (preset)", 1.0, 0.95), ("T1 top-p 1.0", 1.0, 1.0), ("greedy", 0.0, 1.0)):
+        result = [None]
+        s = timed(lambda: result.__setitem__(0, gen(t, p)), device)
+        r = result[0]
+        rows[name] = {"seconds": round(s, 3), "generated_tokens": r.generated_tokens,
+                      "tokens_per_s": round(r.generated_tokens / s), "ms_per_step": round(1000 * s / args.new, 3)}
+        print(f"{name:26s} {s:7.2f} s  {r.generated_tokens:8d} tokens  {r.generated_tokens / s:9.0f} tok/s  "
+              f"{1000 * s / args.new:6.2f} ms/step", flush=True)
+        if p == 0.95:
+            outs = r.tokens  # the filters below run on the preset's samples
+
+    # the pieces of one decode step, timed in a loop of 50
+    runner = fast.FastRunner(model, len(prompts), 64 + 64)  # room for the 50 timed steps
+    ids = torch.full((len(prompts), 64), tok.eos_token_id, device=device)
+    logits = runner.prefill(ids)
+    token = logits.argmax(-1)
+    n = 50
+    runner.cache.lengths.fill_(64)
+    step_s = timed(lambda: [runner.decode_step(token) for _ in range(n)], device) / n
+    sample_s = timed(lambda: [fast.sample(logits, 1.0, 0.95) for _ in range(n)], device) / n
+    sort_s = timed(lambda: [logits.float().sort(-1, descending=True) for _ in range(n)], device) / n
+    plain_s = timed(lambda: [fast.sample(logits, 1.0, 1.0) for _ in range(n)], device) / n
+    rows["pieces_ms (eager, no graph)"] = {"decode_step": round(1000 * step_s, 3), "sample_top_p": round(1000 * sample_s, 3),
+                                           "sort": round(1000 * sort_s, 3), "sample_no_top_p": round(1000 * plain_s, 3)}
+    print(rows["pieces_ms (eager, no graph)"], flush=True)
+
+    index = NearDuplicateIndex(tcfg.near_duplicate_jaccard, 0)
+    t0 = time.perf_counter()
+    for o in outs:
+        reason = degenerate_reason(o, tcfg)
+        if reason is None:
+            index.add_if_new(o, index.signature(o))
+    filt = time.perf_counter() - t0
+    rows["filters_ms_per_sample"] = round(1000 * filt / len(outs), 3)
+    print(f"filters: {1000 * filt / len(outs):.2f} ms per sample", flush=True)
+    rows["device"] = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    rows["torch"] = torch.__version__
+    with open(args.out, "w") as f:
+        json.dump(rows, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
