@@ -56,7 +56,12 @@ def main() -> None:
                              batch_size=len(prompts), seed=0)
 
     gen(1.0, 0.95)  # compile, warm
-    for name, t, p in (("T1 top-p 0.95 (preset)", 1.0, 0.95), ("T1 top-p 1.0", 1.0, 1.0), ("greedy", 0.0, 1.0)):
+    variants = (("T1 top-p 0.95 (preset)", 1.0, 0.95, "sort"), ("T1 top-p 0.95, threshold kernel", 1.0, 0.95, "threshold"),
+                ("T1 top-p 1.0", 1.0, 1.0, "sort"), ("greedy", 0.0, 1.0, "sort"))
+    for name, t, p, nucleus in variants:
+        fast.NUCLEUS = nucleus
+        if nucleus != "sort":
+            gen(t, p)  # compile the kernel, capture its graph
         result = [None]
         s = timed(lambda: result.__setitem__(0, gen(t, p)), device)
         r = result[0]
@@ -64,8 +69,9 @@ def main() -> None:
                       "tokens_per_s": round(r.generated_tokens / s), "ms_per_step": round(1000 * s / args.new, 3)}
         print(f"{name:26s} {s:7.2f} s  {r.generated_tokens:8d} tokens  {r.generated_tokens / s:9.0f} tok/s  "
               f"{1000 * s / args.new:6.2f} ms/step", flush=True)
-        if p == 0.95:
+        if p == 0.95 and nucleus == "sort":
             outs = r.tokens  # the filters below run on the preset's samples
+    fast.NUCLEUS = "sort"
 
     # the pieces of one decode step, timed in a loop of 50
     runner = fast.FastRunner(model, len(prompts), 64 + 64)  # room for the 50 timed steps
@@ -80,7 +86,20 @@ def main() -> None:
     plain_s = timed(lambda: [fast.sample(logits, 1.0, 1.0) for _ in range(n)], device) / n
     rows["pieces_ms (eager, no graph)"] = {"decode_step": round(1000 * step_s, 3), "sample_top_p": round(1000 * sample_s, 3),
                                            "sort": round(1000 * sort_s, 3), "sample_no_top_p": round(1000 * plain_s, 3)}
-    print(rows["pieces_ms (eager, no graph)"], flush=True)
+    if device.type == "cuda":
+        from puzzlenas.model.nucleus import nucleus_sample
+
+        kernel_s = timed(lambda: [nucleus_sample(logits, 1.0, 0.95) for _ in range(n)], device) / n
+        rows["pieces_ms (eager, no graph)"]["threshold_kernel_top_p"] = round(1000 * kernel_s, 3)
+        # every token the kernel draws lies in its row's nucleus as the sort defines it
+        probs = torch.softmax(logits.float(), -1)
+        sorted_p, _ = probs.sort(-1, descending=True)
+        last = ((sorted_p.cumsum(-1) - sorted_p) < 0.95).sum(-1) - 1  # index of the nucleus' last token
+        floor = sorted_p.gather(-1, last[:, None])[:, 0]  # (B,) the smallest probability inside
+        drawn = torch.stack([nucleus_sample(logits, 1.0, 0.95) for _ in range(20)], 1)  # (B, 20)
+        inside = probs.gather(-1, drawn) >= floor[:, None] * (1 - 1e-5)
+        rows["threshold_kernel_draws_inside_nucleus"] = float(inside.float().mean())
+    print(rows["pieces_ms (eager, no graph)"], rows.get("threshold_kernel_draws_inside_nucleus"), flush=True)
 
     index = NearDuplicateIndex(tcfg.near_duplicate_jaccard, 0)
     t0 = time.perf_counter()

@@ -267,3 +267,48 @@ def test_compiled_graphed_decode_matches_eager_on_cuda():
     eager = generate(model.float(), prompts, max_new_tokens=12, temperature=0.0, eos_token_id=-1, use_graph=False)
     agree = sum(a == b for x, y in zip(fast.tokens, eager.tokens) for a, b in zip(x, y))
     assert agree >= 0.8 * fast.generated_tokens  # bf16 vs fp32 may flip near-ties
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None and not os.path.isdir(f"{TRITON_TARGET}/triton"),
+                    reason="needs triton (pip install triton; or PUZZLENAS_TRITON_PATH=<a --target dir>)")
+def test_threshold_nucleus_kernel_draws_only_inside_the_sorted_nucleus_in_the_interpreter():
+    """model/nucleus.py under TRITON_INTERPRET=1: every draw lies in the nucleus the sort defines
+    (at two temperatures, rows longer than a chunk), several tokens of it are drawn, their
+    frequencies follow the renormalized probabilities, and a tiny top_p gives the argmax."""
+    code = r"""
+import torch
+from puzzlenas.model.nucleus import nucleus_sample
+torch.manual_seed(0)
+V, B = 40, 120
+logits = torch.randn(V)
+for temperature, top_p in ((1.0, 0.8), (0.5, 0.9)):
+    p = torch.softmax(logits / temperature, -1)
+    sp, order = p.sort(descending=True)
+    keep = (sp.cumsum(0) - sp) < top_p
+    nucleus = set(order[keep].tolist())
+    drawn = nucleus_sample(logits.expand(B, V).contiguous(), temperature, top_p, iterations=16, block=16)
+    assert set(drawn.tolist()) <= nucleus, (temperature, set(drawn.tolist()) - nucleus)
+    assert len(set(drawn.tolist())) >= min(3, len(nucleus)), drawn
+    freq = torch.bincount(drawn, minlength=V).float() / B
+    want = torch.zeros(V); want[order[keep]] = sp[keep] / sp[keep].sum()
+    assert (freq - want).abs().max() < 0.15, (freq - want).abs().max()
+assert nucleus_sample(logits[None].repeat(2, 1), 1.0, 0.01, iterations=16, block=16).tolist() == [int(logits.argmax())] * 2
+print("ok")
+"""
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    if importlib.util.find_spec("triton") is None:
+        env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[1]), TRITON_TARGET, env.get("PYTHONPATH", "")])
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and "ok" in done.stdout, done.stderr[-3000:]
+
+
+def test_nucleus_setting_is_checked():
+    from puzzlenas.model import fast
+
+    old = fast.NUCLEUS
+    try:
+        fast.NUCLEUS = "radix"
+        with pytest.raises(ValueError, match="fast.NUCLEUS = 'radix'; allowed: sort, threshold"):
+            fast.sample(torch.zeros(1, 4), 1.0, 0.9)
+    finally:
+        fast.NUCLEUS = old

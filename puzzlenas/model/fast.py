@@ -312,11 +312,25 @@ class FastRunner:
 # =============================================================================================
 # Sampling and generation
 # =============================================================================================
+# How `sample` finds a top-p nucleus on CUDA: "sort" (the whole vocabulary, in PyTorch) or
+# "threshold" (model/nucleus.py: a Triton kernel, no sort; not measured on a device yet, so not
+# the default; benchmarks/teacher_speed.py times both).
+NUCLEUS = "sort"
+
+
 def sample(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
     """Next tokens (B,) from logits (B, V): greedy at temperature 0, else softmax(logits / T)
     restricted to the top-p nucleus, by the Gumbel-max trick (no host synchronization)."""
     if temperature <= 0:
         return logits.argmax(-1)
+    if NUCLEUS not in ("sort", "threshold"):
+        raise ValueError(f"fast.NUCLEUS = {NUCLEUS!r}; allowed: sort, threshold")
+    if top_p < 1.0 and NUCLEUS == "threshold" and logits.is_cuda:
+        from .kernels import triton_available
+        from .nucleus import nucleus_sample
+
+        if triton_available():
+            return nucleus_sample(logits, temperature, top_p)
     logits = logits.float() / temperature
     if top_p < 1.0:
         sorted_logits, order = _descending(logits, top_p)  # (B, K): K = V, or fewer on CPU
