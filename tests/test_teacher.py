@@ -85,6 +85,15 @@ def test_repetition_measures_and_filters():
     assert T.degenerate_reason([5, 6, 7] * 10, cfg) == "repetitive"
     assert T.degenerate_reason(varied[:10] + [1, 2, 3, 4, 5, 6, 7] + varied[10:20] + [1, 2, 3, 4, 5, 6, 7], cfg) \
         == "repeated_span"
+    # the filter's one-pass check at max + 1 equals comparing the longest repeated span with max
+    assert T.degenerate_reason(varied[:10] + [1, 2, 3, 4, 5, 6] + varied[10:20] + [1, 2, 3, 4, 5, 6], cfg) is None
+    rng = np.random.default_rng(1)
+    for _ in range(200):
+        tokens = rng.integers(0, int(rng.integers(3, 60)), int(rng.integers(8, 80))).tolist()
+        span = T.longest_repeated_span(tokens)
+        assert T.has_repeated_span(tokens, span) and not T.has_repeated_span(tokens, span + 1)
+        loose = T.TeacherConfig(min_new_tokens=1, min_distinct_ratio=0.0, max_repeated_span=int(rng.integers(1, 12)))
+        assert (T.degenerate_reason(tokens, loose) == "repeated_span") == (span > loose.max_repeated_span)
 
 
 def test_dedup_drops_exact_and_near_duplicates():
