@@ -1,6 +1,8 @@
 """Where the teacher stage's time goes: one batch of the GPU preset's shape (512 prompts, 256 new
-tokens) on the fast path with the preset's sampling, then the same with cheaper sampling, and the
-filters (degenerate check, MinHash) per sample. Reads a run directory's parent (the parent stage's
+tokens) on the fast path with the preset's sampling (the nucleus by a sort, and on CUDA by the
+threshold kernel of model/nucleus.py), then with cheaper sampling; the samplers alone on one
+step's logits (time_interleaved, CUDA graphs), whether the kernel's draws lie in the sorted
+nucleus, and the filters (degenerate check, MinHash) per sample. Reads a run directory's parent (the parent stage's
 output) and the teacher corpus' prompt pool. Prints a table and writes JSON.
 
     python benchmarks/teacher_speed.py RUN_DIR --out teacher_speed.json
@@ -16,6 +18,7 @@ import torch
 
 
 def timed(fn, device) -> float:
+    """Wall seconds of one call (a whole generation: long enough for the host clock)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     t0 = time.perf_counter()
@@ -58,6 +61,8 @@ def main() -> None:
     gen(1.0, 0.95)  # compile, warm
     variants = (("T1 top-p 0.95 (preset)", 1.0, 0.95, "sort"), ("T1 top-p 0.95, threshold kernel", 1.0, 0.95, "threshold"),
                 ("T1 top-p 1.0", 1.0, 1.0, "sort"), ("greedy", 0.0, 1.0, "sort"))
+    if device.type != "cuda":  # the kernel runs on CUDA only; elsewhere that row would time the sort again
+        variants = tuple(v for v in variants if v[3] == "sort")
     for name, t, p, nucleus in variants:
         fast.NUCLEUS = nucleus
         if nucleus != "sort":
@@ -73,25 +78,19 @@ def main() -> None:
             outs = r.tokens  # the filters below run on the preset's samples
     fast.NUCLEUS = "sort"
 
-    # the pieces of one decode step, timed in a loop of 50
-    runner = fast.FastRunner(model, len(prompts), 64 + 64)  # room for the 50 timed steps
-    ids = torch.full((len(prompts), 64), tok.eos_token_id, device=device)
-    logits = runner.prefill(ids)
-    token = logits.argmax(-1)
-    n = 50
-    runner.cache.lengths.fill_(64)
-    step_s = timed(lambda: [runner.decode_step(token) for _ in range(n)], device) / n
-    sample_s = timed(lambda: [fast.sample(logits, 1.0, 0.95) for _ in range(n)], device) / n
-    sort_s = timed(lambda: [logits.float().sort(-1, descending=True) for _ in range(n)], device) / n
-    plain_s = timed(lambda: [fast.sample(logits, 1.0, 1.0) for _ in range(n)], device) / n
-    rows["pieces_ms (eager, no graph)"] = {"decode_step": round(1000 * step_s, 3), "sample_top_p": round(1000 * sample_s, 3),
-                                           "sort": round(1000 * sort_s, 3), "sample_no_top_p": round(1000 * plain_s, 3)}
+    # the samplers alone on one step's logits (B, V): timed in alternation, in CUDA graphs on a GPU
+    from puzzlenas.model.inference import time_interleaved
+
+    runner = fast.FastRunner(model, len(prompts), 64)
+    logits = runner.prefill(torch.full((len(prompts), 64), tok.eos_token_id, device=device))  # (B, V)
+    samplers = {"top_p_sort": lambda: fast.sample(logits, 1.0, 0.95), "no_top_p": lambda: fast.sample(logits, 1.0, 1.0)}
     if device.type == "cuda":
         from puzzlenas.model.nucleus import nucleus_sample
 
-        kernel_s = timed(lambda: [nucleus_sample(logits, 1.0, 0.95) for _ in range(n)], device) / n
-        rows["pieces_ms (eager, no graph)"]["threshold_kernel_top_p"] = round(1000 * kernel_s, 3)
-        # every token the kernel draws lies in its row's nucleus as the sort defines it
+        samplers["top_p_threshold_kernel"] = lambda: nucleus_sample(logits, 1.0, 0.95)
+    seconds = time_interleaved(list(samplers.values()), device)
+    rows["sampler_ms"] = {name: round(1000 * s, 3) for name, s in zip(samplers, seconds)}
+    if device.type == "cuda":  # every token the kernel draws lies in its row's nucleus as the sort defines it
         probs = torch.softmax(logits.float(), -1)
         sorted_p, _ = probs.sort(-1, descending=True)
         last = ((sorted_p.cumsum(-1) - sorted_p) < 0.95).sum(-1) - 1  # index of the nucleus' last token
@@ -99,7 +98,7 @@ def main() -> None:
         drawn = torch.stack([nucleus_sample(logits, 1.0, 0.95) for _ in range(20)], 1)  # (B, 20)
         inside = probs.gather(-1, drawn) >= floor[:, None] * (1 - 1e-5)
         rows["threshold_kernel_draws_inside_nucleus"] = float(inside.float().mean())
-    print(rows["pieces_ms (eager, no graph)"], rows.get("threshold_kernel_draws_inside_nucleus"), flush=True)
+    print(rows["sampler_ms"], rows.get("threshold_kernel_draws_inside_nucleus"), flush=True)
 
     index = NearDuplicateIndex(tcfg.near_duplicate_jaccard, 0)
     t0 = time.perf_counter()

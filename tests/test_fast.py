@@ -159,10 +159,23 @@ def test_generate_rejects_bad_input_with_the_fix():
 
 
 TRITON_TARGET = os.environ.get("PUZZLENAS_TRITON_PATH", "/tmp/triton_pkgs")
+needs_triton = pytest.mark.skipif(
+    importlib.util.find_spec("triton") is None and not os.path.isdir(f"{TRITON_TARGET}/triton"),
+    reason="needs triton (pip install triton; or PUZZLENAS_TRITON_PATH=<a --target dir>)")
 
 
-@pytest.mark.skipif(importlib.util.find_spec("triton") is None and not os.path.isdir(f"{TRITON_TARGET}/triton"),
-                    reason="needs triton (pip install triton; or PUZZLENAS_TRITON_PATH=<a --target dir>)")
+def run_in_triton_interpreter(code: str) -> None:
+    """Run `code` in a subprocess under TRITON_INTERPRET=1 (the flag is read at import), from the
+    repository root; it must exit 0 and print "ok"."""
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    root = str(Path(__file__).resolve().parents[1])
+    extra = [root] if importlib.util.find_spec("triton") else [root, TRITON_TARGET]
+    env["PYTHONPATH"] = os.pathsep.join(extra + [env.get("PYTHONPATH", "")])
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300, cwd=root)
+    assert done.returncode == 0 and "ok" in done.stdout, done.stderr[-3000:]
+
+
+@needs_triton
 def test_triton_split_kv_kernel_matches_the_reference_in_the_interpreter():
     """The Triton kernel under TRITON_INTERPRET=1 on CPU (a subprocess: the flag is read at import),
     one split and many splits, fp32 and fp16 (the interpreter mishandles bf16)."""
@@ -185,15 +198,10 @@ for B, Hq, Hkv, D, L, dtype, tol in [(3, 4, 2, 16, 40, torch.float32, 1e-5), (2,
         assert torch.equal(kc2, want_k) and torch.equal(vc2, want_v)
 print("ok")
 """
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    if importlib.util.find_spec("triton") is None:
-        env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[1]), TRITON_TARGET, env.get("PYTHONPATH", "")])
-    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0 and "ok" in done.stdout, done.stderr[-3000:]
+    run_in_triton_interpreter(code)
 
 
-@pytest.mark.skipif(importlib.util.find_spec("triton") is None and not os.path.isdir(f"{TRITON_TARGET}/triton"),
-                    reason="needs triton (pip install triton; or PUZZLENAS_TRITON_PATH=<a --target dir>)")
+@needs_triton
 def test_triton_kernel_with_rope_inside_matches_the_reference_in_the_interpreter():
     """The kernel that applies RoPE itself and reads q, k, v in place from the fused projection
     (kernels.decode_attention_qkv) under TRITON_INTERPRET=1: output and the written cache equal
@@ -250,12 +258,7 @@ with torch.no_grad():
         calls.clear()
 print("ok")
 """
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    root = str(Path(__file__).resolve().parents[1])
-    extra = [root] if importlib.util.find_spec("triton") else [root, TRITON_TARGET]
-    env["PYTHONPATH"] = os.pathsep.join(extra + [env.get("PYTHONPATH", "")])
-    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300, cwd=root)
-    assert done.returncode == 0 and "ok" in done.stdout, done.stderr[-3000:]
+    run_in_triton_interpreter(code)
 
 
 @pytest.mark.gpu
@@ -269,8 +272,7 @@ def test_compiled_graphed_decode_matches_eager_on_cuda():
     assert agree >= 0.8 * fast.generated_tokens  # bf16 vs fp32 may flip near-ties
 
 
-@pytest.mark.skipif(importlib.util.find_spec("triton") is None and not os.path.isdir(f"{TRITON_TARGET}/triton"),
-                    reason="needs triton (pip install triton; or PUZZLENAS_TRITON_PATH=<a --target dir>)")
+@needs_triton
 def test_threshold_nucleus_kernel_draws_only_inside_the_sorted_nucleus_in_the_interpreter():
     """model/nucleus.py under TRITON_INTERPRET=1: every draw lies in the nucleus the sort defines
     (at two temperatures, rows longer than a chunk), several tokens of it are drawn, their
@@ -295,11 +297,7 @@ for temperature, top_p in ((1.0, 0.8), (0.5, 0.9)):
 assert nucleus_sample(logits[None].repeat(2, 1), 1.0, 0.01, iterations=16, block=16).tolist() == [int(logits.argmax())] * 2
 print("ok")
 """
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    if importlib.util.find_spec("triton") is None:
-        env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[1]), TRITON_TARGET, env.get("PYTHONPATH", "")])
-    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0 and "ok" in done.stdout, done.stderr[-3000:]
+    run_in_triton_interpreter(code)
 
 
 def test_nucleus_setting_is_checked():
