@@ -9,7 +9,7 @@
 #   OUT=folder bash benchmarks/gkd_levers.sh "b128 gkd.batch_size=128"   # more, on the same base
 set -uo pipefail
 source benchmarks/device_common.sh
-BASE=~/runs/base
+BASE=${BASE:-~/runs/base}  # BASE=~/runs/preset: variants of the preset run (peers off in the copies)
 NO_PEERS=(--set "peers.methods=[]")
 if [ "$1" = base ]; then
   shift
