@@ -35,13 +35,15 @@ def configs() -> list[dict]:
 
 def call_with(cfg: dict, args: tuple):
     def call() -> None:
-        saved = dict(kernels.TRITON_CONFIG)
+        saved, by_group = dict(kernels.TRITON_CONFIG), dict(kernels.TRITON_CONFIG_BY_GROUP)
         kernels.TRITON_CONFIG.update(cfg)  # read while the graph is captured: baked into it
+        kernels.TRITON_CONFIG_BY_GROUP.clear()  # the swept settings for every group
         try:
             kernels.decode_attention_qkv_triton(*args)
         finally:
             kernels.TRITON_CONFIG.clear()
             kernels.TRITON_CONFIG.update(saved)
+            kernels.TRITON_CONFIG_BY_GROUP.update(by_group)
     return call
 
 
@@ -60,9 +62,11 @@ def main() -> None:
     parser.add_argument("--out", default="attention_tune.json")
     args = parser.parse_args()
     grid = configs()
-    current = {k: kernels.TRITON_CONFIG[k] for k in ("block_n", "num_warps", "programs", "one_split_from")}
-    out = {"device": torch.cuda.get_device_name(), "current": current, "by_kv": {}}
+    out = {"device": torch.cuda.get_device_name(), "by_kv": {}}
     for kv in (3, 1):
+        settings = kernels.launch_settings(HQ // kv)
+        current = {k: settings[k] for k in ("block_n", "num_warps", "programs", "one_split_from")}
+        out[f"current_kv{kv}"] = current
         times = {fill: sweep(kv, fill, grid) for fill in FILLS}
         rows = [{**c, **{f"us@{f}": times[f][i] * 1e6 for f in FILLS},
                  "mean_us": sum(times[f][i] for f in FILLS) / len(FILLS) * 1e6} for i, c in enumerate(grid)]

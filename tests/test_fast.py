@@ -65,6 +65,17 @@ def test_decode_attention_reads_only_the_filled_positions():
     assert torch.allclose(y[b], (att[..., None] * values).sum(1), atol=1e-5)
 
 
+def test_kernel_launch_settings_by_query_group():
+    """A one-KV-head block of the bundled parent (9 query heads per KV head) takes its own tuned
+    settings; other groups the general ones, which a caller's change reaches."""
+    from puzzlenas.model import kernels
+
+    nine = kernels.launch_settings(9)
+    assert (nine["block_n"], nine["num_warps"], nine["one_split_from"]) == (64, 4, 1)
+    assert kernels.launch_settings(3) == kernels.TRITON_CONFIG
+    assert split_plan(256, 1, 1152, nine["block_n"], nine["programs"], nine["one_split_from"]) == (1, 1152)
+
+
 def test_split_plan_covers_the_buffer_in_block_multiples():
     for batch, heads, L in ((256, 3, 1152), (1, 3, 2304), (4, 1, 100), (1, 1, 1)):
         splits, split_len = split_plan(batch, heads, L)
@@ -231,6 +242,17 @@ for B, Hq, Hkv, D, L, dtype, tol in [(3, 4, 2, 16, 40, torch.float32, 1e-5), (2,
             assert torch.allclose(mine.float(), ref.float(), atol=cache_tol, rtol=0), (dtype, programs)
         rows = torch.arange(B)
         assert not torch.equal(kc2[rows, :, pos], kc[rows, :, pos])  # the new k was written
+
+# the default launch settings of a one-KV-head block of 9 query heads (kernels.TRITON_CONFIG_BY_GROUP:
+# block_n 64, one split) and of the parent's shape (block_n 32, splits), on a buffer of 200
+for Hkv in (1, 3):
+    qkv = torch.randn(2, (9 + 2 * Hkv) * 64)
+    kc, vc = torch.randn(2, Hkv, 200, 64), torch.randn(2, Hkv, 200, 64)
+    pos = torch.tensor([199, 61])
+    cos, sin = rope_tables(pos, 1.0 / 10000 ** (torch.arange(0, 64, 2) / 64), torch.float32)
+    want = decode_attention_qkv_torch(qkv, cos, sin, kc.clone(), vc.clone(), pos, 9, 0.125)
+    got = decode_attention_qkv_triton(qkv, cos, sin, kc.clone(), vc.clone(), pos, 9, 0.125)
+    assert (got - want).abs().max().item() < 1e-5, Hkv
 
 from puzzlenas.model import kernels
 from puzzlenas.model.fast import FastRunner

@@ -312,10 +312,10 @@ class FastRunner:
 # =============================================================================================
 # Sampling and generation
 # =============================================================================================
-# How `sample` finds a top-p nucleus on CUDA: "sort" (the whole vocabulary, in PyTorch) or
-# "threshold" (model/nucleus.py: a Triton kernel, no sort; not measured on a device yet, so not
-# the default; benchmarks/teacher_speed.py times both).
-NUCLEUS = "sort"
+# How `sample` finds a top-p nucleus on CUDA: "threshold" (model/nucleus.py: a Triton kernel, no
+# sort; teacher generation 172k tokens/s on an H200) or "sort" (the whole vocabulary in PyTorch:
+# 95k tokens/s; benchmarks/teacher_speed.py, RESULTS.md). Without Triton, and on CPU, the sort.
+NUCLEUS = "threshold"
 
 
 def sample(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:

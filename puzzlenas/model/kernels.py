@@ -200,6 +200,17 @@ def _kernels():
 # fill; 256 pairs (one KV head) still need the splits at long fills (1.86 vs 1.72 ms at 1,151).
 TRITON_CONFIG = {"block_n": 32, "num_warps": 2, "programs": 1024,  # best of 27 on an H200 (RESULTS.md)
                  "one_split_from": 768}
+# Overrides by query heads per KV head (G), swept by benchmarks/attention_tune.py on an H200 at
+# batch 256, buffer 1,152: with 9 query heads on one KV head (the bundled parent's one-KV-head
+# block) each program does 3x the parent's work per key, and wider blocks, 4 warps and one split
+# cut the mean of fills 128/640/1151 from 22.4 to 18.0 us (7.5/18.1/28.4 us; RESULTS.md). G=3
+# (the parent's shape) was already at its best.
+TRITON_CONFIG_BY_GROUP = {9: {"block_n": 64, "num_warps": 4, "one_split_from": 1}}
+
+
+def launch_settings(group: int) -> dict:
+    """The split-KV kernel's launch settings for `group` query heads per KV head."""
+    return {**TRITON_CONFIG, **TRITON_CONFIG_BY_GROUP.get(group, {})}
 
 
 def split_plan(batch: int, kv_heads: int, max_len: int, block_n: int = 64, programs: int = 1024,
@@ -220,7 +231,7 @@ def decode_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k
                             block_n: int | None = None, num_warps: int | None = None,
                             programs: int | None = None) -> torch.Tensor:
     """Triton split-KV decode attention; same contract as `decode_attention_torch`. Launch
-    settings default to TRITON_CONFIG."""
+    settings default to `launch_settings` of the query group."""
     return _launch(q, k, v, k_cache, v_cache, pos, scale, None, None, block_n, num_warps, programs)
 
 
@@ -248,11 +259,12 @@ def _rope_table(t: torch.Tensor, qkv: torch.Tensor) -> torch.Tensor:
 def _launch(q, k, v, k_cache, v_cache, pos, scale, cos, sin, block_n, num_warps, programs) -> torch.Tensor:
     """q (B, Hq, D), k/v (B, Hkv, D) with any row and head strides (last dimension contiguous);
     cos/sin (B, D) or None: RoPE applied to q and k in the kernel."""
-    block_n = block_n or TRITON_CONFIG["block_n"]
-    num_warps = num_warps or TRITON_CONFIG["num_warps"]
-    programs = programs or TRITON_CONFIG["programs"]
     B, Hq, D = q.shape
     Hkv, L = k_cache.shape[1], k_cache.shape[2]
+    settings = launch_settings(Hq // Hkv if Hkv and Hq % Hkv == 0 else 0)
+    block_n = block_n or settings["block_n"]
+    num_warps = num_warps or settings["num_warps"]
+    programs = programs or settings["programs"]
     if Hq % Hkv or D & (D - 1) or D < 16:
         raise ValueError(f"decode_attention_triton needs Hq % Hkv == 0 and a power-of-two head_dim >= 16; "
                          f"got Hq {Hq}, Hkv {Hkv}, D {D}")
@@ -264,7 +276,7 @@ def _launch(q, k, v, k_cache, v_cache, pos, scale, cos, sin, block_n, num_warps,
         k, v = k.contiguous(), v.contiguous()
     split_kernel, merge_kernel = _kernels()
     G = Hq // Hkv
-    splits, split_len = split_plan(B, Hkv, L, block_n, programs, TRITON_CONFIG.get("one_split_from", 0))
+    splits, split_len = split_plan(B, Hkv, L, block_n, programs, settings.get("one_split_from", 0))
     out = torch.empty(B, Hq, D, dtype=q.dtype, device=q.device)
     ieee = q.dtype == torch.float32
     rope_ = cos is not None

@@ -10,8 +10,10 @@ from the set by the Gumbel-max trick in one more pass. No sort, no host synchron
 capturable in a CUDA graph. The set equals the sorted definition's up to ties and the
 bisection's resolution (2^-ITERATIONS of the top token's q).
 
-Not the fast path's default yet (`fast.NUCLEUS`): its speed is to be measured on the device
-(`benchmarks/teacher_speed.py` times both).
+The fast path's default on CUDA (`fast.NUCLEUS`): on an H200 the sampler takes 0.51 ms a step
+against the sort's 3.03 ms, and teacher generation runs at 172k tokens/s against 95k, the speed of
+sampling with no top-p at all (`benchmarks/teacher_speed.py`, RESULTS.md, session 11); every
+one of its draws checked there lay inside the sorted nucleus.
 """
 
 from __future__ import annotations
