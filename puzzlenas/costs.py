@@ -348,15 +348,7 @@ def check_against_whole_models(model_config: DeciLMConfig, table: dict, children
     groups = [names] if device.type != "cuda" else [[n] for n in names]
     rows = []
     for group in groups:
-        models = {}
-        for name in group:
-            blocks = children[name]
-            config = DeciLMConfig(**{**model_config.to_dict(),
-                                     "block_configs": [b.to_nas_dict(model_config.num_attention_heads,
-                                                                     model_config.hidden_size) for b in blocks],
-                                     "num_hidden_layers": len(blocks)})
-            with torch.device(device):
-                models[name] = DeciLMForCausalLM(config).to(dtype).eval()
+        models = {name: random_model(model_config, children[name], dtype, device) for name in group}
         for s in cfg.scenarios:
             runs = measure_generations(list(models.values()), s.batch_size, s.prompt_tokens, s.generate_tokens,
                                        iters=cfg.iters, fill_levels=cfg.decode_fills)
@@ -377,6 +369,39 @@ def check_against_whole_models(model_config: DeciLMConfig, table: dict, children
         del models
     order = {n: i for i, n in enumerate(names)}
     return sorted(rows, key=lambda r: (order[r["model"]], [s.name for s in cfg.scenarios].index(r["scenario"])))
+
+
+def random_model(model_config: DeciLMConfig, blocks: list[BlockConfig], dtype: torch.dtype,
+                 device: torch.device) -> DeciLMForCausalLM:
+    """The parent's shape with `blocks` as its layers, random weights (timings do not depend on them)."""
+    config = DeciLMConfig(**{**model_config.to_dict(),
+                             "block_configs": [b.to_nas_dict(model_config.num_attention_heads,
+                                                             model_config.hidden_size) for b in blocks],
+                             "num_hidden_layers": len(blocks)})
+    with torch.device(device):
+        return DeciLMForCausalLM(config).to(dtype).eval()
+
+
+@torch.no_grad()
+def measure_whole_models(model_config: DeciLMConfig, models: dict[str, list[BlockConfig]], scenarios: list[Scenario],
+                         cfg: CostConfig, device: torch.device) -> dict[str, dict[str, float]]:
+    """{name: {"prefill_s/<scenario>": s, "decode_s/<scenario>": s, "generate_s/<scenario>": s}}: the
+    named architectures (random weights) timed together, in alternation, on the fast path: the
+    benchmark of eval's speedups (`inference.measure_generations`), so that their ratios are
+    measured speedups. All of them are on the device at once (the search's candidates of one
+    target and the parent)."""
+    dtype = getattr(torch, cfg.dtype)
+    built = {name: random_model(model_config, blocks, dtype, device) for name, blocks in models.items()}
+    out: dict[str, dict[str, float]] = {name: {} for name in models}
+    for s in scenarios:
+        runs = measure_generations(list(built.values()), s.batch_size, s.prompt_tokens, s.generate_tokens,
+                                   iters=cfg.iters, fill_levels=cfg.decode_fills)
+        for name, measured in zip(built, runs):
+            out[name].update({f"prefill_s/{s.name}": measured["prefill_s"],
+                              f"decode_s/{s.name}": measured["decode_step_s"],
+                              f"generate_s/{s.name}": measured["generate_s"]})
+    del built
+    return out
 
 
 def fit_line(points: list[tuple[float, float]]) -> tuple[float, float] | None:

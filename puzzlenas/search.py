@@ -127,8 +127,7 @@ def _scenario_constraints(target: Target, s: dict, table: dict, parent_blocks: l
     key = f"{target.metric}_s/{s['name']}"
     fixed = table["fixed"]
     parent_time = predicted_costs(table, parent_blocks)[key]
-    work = {"decode": s["batch_size"], "prefill": s["batch_size"] * s["prompt_tokens"],
-            "generate": s["batch_size"] * s["generate_tokens"]}[target.metric]  # tokens per unit of time
+    work = metric_work(target.metric, s)
     rows = []
     if target.speedup is not None:
         rows.append(Constraint(f"{target.metric} time, {s['name']} (>= {target.speedup}x the parent{margin_note})",
@@ -145,6 +144,50 @@ def _scenario_constraints(target: Target, s: dict, table: dict, parent_blocks: l
                                {"params_bytes": 1 / 2**30, "kv_bytes_per_token": tokens / 2**30},
                                target.memory_gib, fixed["params_bytes"] / 2**30, "GiB"))
     return rows
+
+
+def metric_work(metric: str, s: dict) -> int:
+    """Tokens one unit of the metric's time serves in scenario s (a scenario dict)."""
+    return {"decode": s["batch_size"], "prefill": s["batch_size"] * s["prompt_tokens"],
+            "generate": s["batch_size"] * s["generate_tokens"]}[metric]
+
+
+def has_time_budget(target: Target) -> bool:
+    return any(v is not None for v in (target.speedup, target.throughput, target.latency_s))
+
+
+def record_scenarios(record: dict, target: Target, table: dict) -> list[dict]:
+    """The scenarios (dicts of the cost table) a solution's time budgets hold in: its own (scenario_mode
+    best) or its target's."""
+    names = [record["scenario"]] if record.get("scenario") else scenario_names(target)
+    return [scenario_of(table, name) for name in names]
+
+
+def measured_shortfall(target: Target, scenarios: list[dict], child: dict[str, float], parent: dict[str, float],
+                       margin: float = 0.0) -> float | None:
+    """How far measured times fall short of a target's time budgets, each raised by `margin`: the
+    largest required / achieved over its speedup, throughput and latency budgets in every scenario
+    (<= 1: all met; 1.03: 3% too slow). child / parent: measured seconds by cost key
+    ("decode_s/<scenario>"). None: the target has no time budget."""
+    worst = None
+    for s in scenarios:
+        key = f"{target.metric}_s/{s['name']}"
+        t = child[key]
+        ratios = []
+        if target.speedup is not None:  # wanted speedup / achieved (parent time / child time)
+            ratios.append(target.speedup * (1 + margin) * t / parent[key])
+        if target.throughput is not None:
+            ratios.append(target.throughput * (1 + margin) * t / metric_work(target.metric, s))
+        if target.latency_s is not None:
+            ratios.append(t * (1 + margin) / target.latency_s)
+        worst = max([worst, *ratios] if worst is not None else ratios) if ratios else worst
+    return worst
+
+
+def raised_margin(margin: float, shortfall: float) -> float:
+    """The time margin that would have met the budgets had the prediction erred the same way: the
+    aim (1 + margin) scaled by the measured shortfall (at most 0.49: search.time_margin's bound)."""
+    return min((1 + margin) * shortfall - 1 + 1e-3, 0.49)
 
 
 def solve_target(problem: SearchProblem, target: Target, cfg: SearchConfig, seed: int) -> list[Solution]:
@@ -218,6 +261,9 @@ def search_table(records: list[dict], front: list[dict]) -> str:
     lines = [f"{'solution':<16} {'method':<7} {'sum score':>10}  predicted speedup (per cost key)"]
     for r in records:
         sp = speedup_text(r["predicted_speedup"])
+        if "measured_key" in r:  # timed on the device (stages/search.py)
+            sp += (f"; measured {r['measured_key'].split('_s/')[0]} {r['measured_speedup'][r['measured_key']]:.2f}x"
+                   + ("" if r["meets_measured"] else " (short of the budget)"))
         lines.append(f"{r['name']:<16} {r['method']:<7} {r['objective']:>10.4f}  {sp}")
         kinds = _count_kinds(r["names"])
         lines.append(f"{'':<16} " + ", ".join(f"{n} x{c}" for n, c in kinds))
@@ -238,20 +284,26 @@ def _count_kinds(names: list[str]) -> list[tuple[str, int]]:
 
 def run_search(scores: list[dict], table: dict, parent_blocks: list[BlockConfig], cfg: SearchConfig,
                objective: str, dtype: str, num_heads: int, hidden: int, seed: int = 0,
-               log=print) -> tuple[list[dict], list[dict]]:
-    """Solve every target; returns (solution records, frontier)."""
+               log=print, margins: dict[str, float] | None = None,
+               only: set[str] | None = None) -> tuple[list[dict], list[dict]]:
+    """Solve every target (or the ones named in `only`: no frontier then); returns (solution
+    records, frontier). margins: a target's own time margin (default search.time_margin), raised
+    when its children measured slower than predicted (stages/search.py)."""
     layers, meaning = layer_choices(scores, table, len(parent_blocks), objective, DTYPE_BYTES[dtype])
     records = []
     for target in cfg.targets:
+        if only is not None and target.name not in only:
+            continue
+        margin = (margins or {}).get(target.name, cfg.time_margin)
         found, errors, variants = [], [], target_variants(target)
         for variant in variants:
-            problem = SearchProblem(layers, target_constraints(variant, table, parent_blocks, dtype, cfg.time_margin))
+            problem = SearchProblem(layers, target_constraints(variant, table, parent_blocks, dtype, margin))
             try:
                 found.append((variant, solve_target(problem, variant, cfg, seed)))
             except InfeasibleBudgetError as err:
                 where = f" on {variant.scenario}" if variant is not target else ""
                 err.args = (f"search target {target.name}{where}: {err}"
-                            f"{_speedup_hint(problem, variant, err, cfg.time_margin)}",)
+                            f"{_speedup_hint(problem, variant, err, margin)}",)
                 errors.append(err)
         if not found:
             if len(errors) > 1:  # scenario_mode best: no scenario works
@@ -266,6 +318,9 @@ def run_search(scores: list[dict], table: dict, parent_blocks: list[BlockConfig]
                     for v in variants])
             if target.candidates > 1:  # one child, picked later among these by realized KL
                 record.update(name=f"{target.name}~{k}", candidate=k)
+            if margin != cfg.time_margin:
+                record["time_margin"] = margin
             records.append(record)
-    front = frontier(layers, table, parent_blocks, cfg.targets[0], cfg.frontier, dtype) if cfg.targets else []
-    return records, front
+    if only is not None or not cfg.targets:
+        return records, []
+    return records, frontier(layers, table, parent_blocks, cfg.targets[0], cfg.frontier, dtype)

@@ -443,6 +443,16 @@ class SearchConfig:
     # predicted speedups to within -2.2%..+1% on the H100 (benchmarks/RESULTS.md).
     # Memory and parameter budgets are exact and get none.
     time_margin: float = 0.03
+    # Measured, not only predicted: each target's children (or candidates) built with random weights
+    # and timed on the run's device in alternation with the parent (eval's speedup benchmark) before
+    # one is chosen. Eligible: those whose measured speed meets every time budget with
+    # measured_margin to spare (eval measures again; ~1% apart between two measurements of one
+    # architecture on an H200). When none does, the target is solved again with its time margin
+    # raised by the measured shortfall, up to measure_rounds times; then the closest is kept, with a
+    # warning. auto: on CUDA (on a CPU one measurement takes minutes; the CPU preset predicts).
+    measure: bool | str = "auto"
+    measured_margin: float = 0.01
+    measure_rounds: int = 2
     select_tokens: int = 32768  # held-out (validation) tokens on which targets' candidates are compared
     select_batch_size: int = 8
 
@@ -455,6 +465,12 @@ class SearchConfig:
             raise ValueError("search.select_tokens and search.select_batch_size must be >= 1")
         if not 0 <= self.time_margin < 0.5:
             raise ValueError(f"search.time_margin = {self.time_margin}: must be in [0, 0.5)")
+        if self.measure not in (True, False, "auto"):
+            raise ValueError(f"search.measure = {self.measure!r}; allowed: auto, true, false")
+        if not 0 <= self.measured_margin < 0.2:
+            raise ValueError(f"search.measured_margin = {self.measured_margin}: must be in [0, 0.2)")
+        if not (isinstance(self.measure_rounds, int) and self.measure_rounds >= 0):
+            raise ValueError(f"search.measure_rounds = {self.measure_rounds!r}: must be an int >= 0")
         if not self.targets:
             raise ValueError("search.targets is empty: give at least one, e.g. [{name: decode-2x, speedup: 2.0}]")
         names = [t.name for t in self.targets]

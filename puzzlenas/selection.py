@@ -47,11 +47,16 @@ def select_candidates(records: list[dict], parent: DeciLMForCausalLM, bld_dir: P
     chosen = {}
     for target in dict.fromkeys(r["target"] for r in scored):
         group = [r for r in scored if r["target"] == target]
-        best = min(group, key=lambda r: r["realized_kl"])
+        # measured speed first (stages/search.py): only candidates that meet their budget when measured
+        eligible = [r for r in group if r.get("meets_measured", True)] or group
+        best = min(eligible, key=lambda r: r["realized_kl"])
         chosen[target] = {**{k: v for k, v in best.items() if k != "candidate"}, "name": target,
                           "selected_from": [{"candidate": r["candidate"], "objective": r["objective"],
                                              "realized_kl": r["realized_kl"],
                                              "realized_perplexity": r["realized_perplexity"],
+                                             **({"measured_speedup": r["measured_speedup"],
+                                                 "meets_measured": r["meets_measured"]}
+                                                if "meets_measured" in r else {}),
                                              "chosen": r is best} for r in group]}
     final = []
     for record in records:  # the targets' order kept: a target's child where its first candidate was
@@ -62,11 +67,15 @@ def select_candidates(records: list[dict], parent: DeciLMForCausalLM, bld_dir: P
     return final, scored
 
 
-def candidates_table(scored: list[dict]) -> str:
-    lines = [f"{'candidate':<20} {'sum score':>10} {'realized KL':>12} {'perplexity':>11}"]
+def candidates_table(scored: list[dict], chosen: list[dict] | None = None) -> str:
+    """One line per candidate; chosen: the final records (their `selected_from` marks the choice)."""
+    picked = {(r["target"], s["candidate"]) for r in chosen or [] for s in r.get("selected_from", ()) if s["chosen"]}
+    lines = [f"{'candidate':<20} {'sum score':>10} {'realized KL':>12} {'perplexity':>11} {'measured':>9}"]
     for r in scored:
-        best = min((s for s in scored if s["target"] == r["target"]), key=lambda s: s["realized_kl"])
+        measured = r["measured_speedup"][r["measured_key"]] if "meets_measured" in r else None
+        speed = f"{measured:>8.3f}x" + ("" if r["meets_measured"] else " (too slow)") if measured else f"{'-':>9}"
         lines.append(f"{r['name']:<20} {r['objective']:>10.4f} {r['realized_kl']:>12.4f} "
-                     f"{r['realized_perplexity']:>11.2f}" + ("  <- chosen" if r is best else ""))
+                     f"{r['realized_perplexity']:>11.2f} {speed}"
+                     + ("  <- chosen" if (r["target"], r["candidate"]) in picked else ""))
     lines.append(f"realized KL(parent || child) on {scored[0]['realized_tokens']:,} held-out tokens" if scored else "")
     return "\n".join(lines)

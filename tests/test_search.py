@@ -173,3 +173,98 @@ def test_with_serving_runtime_vllm_no_child_holds_a_linear_subblock(tmp_path, ti
         assert ("linear" in space) == (runtime == "hf")
     assert not any(a or f for a, f in children["vllm"])
     assert any(a or f for a, f in children["hf"])  # where they run, linear subblocks are bought
+
+
+def test_measured_shortfall_of_speedup_throughput_and_latency_budgets():
+    from puzzlenas.search import Target, measured_shortfall, raised_margin
+
+    s = {"name": "s", "batch_size": 4, "prompt_tokens": 2, "generate_tokens": 3}
+    parent, child = {"decode_s/s": 2.0}, {"decode_s/s": 1.0}  # measured 2.0x, 4 tok/s
+    assert measured_shortfall(Target("t", speedup=2.0), [s], child, parent) == pytest.approx(1.0)
+    assert measured_shortfall(Target("t", speedup=2.2), [s], child, parent) == pytest.approx(1.1)  # 10% short
+    assert measured_shortfall(Target("t", speedup=2.0), [s], child, parent, margin=0.01) == pytest.approx(1.01)
+    assert measured_shortfall(Target("t", throughput=2.0), [s], child, parent) == pytest.approx(0.5)  # 4 >= 2 tok/s
+    assert measured_shortfall(Target("t", throughput=2.0, latency_s=0.5), [s], child, parent) == pytest.approx(2.0)
+    assert measured_shortfall(Target("t", metric="generate", speedup=2.0), [s], {"generate_s/s": 1.0},
+                              {"generate_s/s": 1.5}) == pytest.approx(4 / 3)
+    assert measured_shortfall(Target("t", params=10), [s], child, parent) is None  # no time budget
+    # the margin that would have met it had the prediction erred the same way
+    assert raised_margin(0.03, 1.05) == pytest.approx(1.03 * 1.05 - 1 + 1e-3)
+    assert raised_margin(0.3, 2.0) == 0.49
+
+
+def _biased_measurement(bias: float):
+    """A stand-in for costs.measure_whole_models: every child runs `bias` x slower than the cost
+    table predicts, the parent as predicted (a prediction that flatters children)."""
+    from puzzlenas.costs import predicted_costs
+
+    calls = []
+
+    def measure(model_config, models, scenarios, cfg, device):
+        calls.append(sorted(models))
+        table = json.loads((measure.run / "costs" / "costs.json").read_text())
+        out = {}
+        for name, blocks in models.items():
+            predicted = predicted_costs(table, blocks)
+            out[name] = {f"{k}_s/{s.name}": predicted[f"{k}_s/{s.name}"] * (1 if name == "parent" else bias)
+                         for s in scenarios for k in ("prefill", "decode", "generate")}
+        return out
+
+    measure.calls = calls
+    return measure
+
+
+def test_children_measured_too_slow_are_solved_again_with_a_larger_margin(finished_run, tmp_path, monkeypatch,
+                                                                           capsys):
+    import shutil
+
+    import puzzlenas.costs
+
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    measure = _biased_measurement(1.05)
+    measure.run = run
+    monkeypatch.setattr(puzzlenas.costs, "measure_whole_models", measure)
+    targets = "[{name: fast, metric: decode, speedup: 1.3, candidates: 3}, {name: small, params: 60000}]"
+    run_pipeline(run / "config.yaml", run_dir=run, until="search",
+                 overrides=[f"search.targets={targets}", "search.select_tokens=256", "search.measure=true"])
+    out = capsys.readouterr().out
+    assert "solving again with time margin 3.0% ->" in out
+    assert len(measure.calls) == 2 and all("parent" in c for c in measure.calls)  # the 'small' target: no time budget
+    (fast, small) = [json.loads(line) for line in (run / "search" / "solutions.jsonl").read_text().splitlines()]
+    assert "measured_speedup" not in small
+    # measured 5% below the prediction: the child kept is one that meets 1.3x + 1% when measured
+    assert fast["meets_measured"] and fast["measured_speedup"]["decode_s/tiny"] >= 1.3 * 1.01 - 1e-9
+    assert fast["measured_speedup"]["decode_s/tiny"] == pytest.approx(fast["predicted_speedup"]["decode_s/tiny"] / 1.05)
+    assert fast["time_margin"] > 0.03  # raised, and the MIP held the new child to it
+    assert fast["predicted_speedup"]["decode_s/tiny"] >= 1.3 * (1 + fast["time_margin"]) - 1e-9
+    assert "measured decode" in (run / "search" / "table.txt").read_text()
+
+
+def test_when_no_child_can_meet_its_measured_budget_the_closest_is_kept_with_a_warning(finished_run, tmp_path,
+                                                                                         monkeypatch, capsys):
+    import shutil
+
+    import puzzlenas.costs
+
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    measure = _biased_measurement(3.0)  # no architecture of the library can make up for it
+    measure.run = run
+    monkeypatch.setattr(puzzlenas.costs, "measure_whole_models", measure)
+    targets = "[{name: fast, metric: decode, speedup: 1.3, candidates: 2}]"
+    run_pipeline(run / "config.yaml", run_dir=run, until="search",
+                 overrides=[f"search.targets={targets}", "search.select_tokens=256", "search.measure=true"])
+    out = capsys.readouterr().out
+    assert "no child meets its time budget when measured" in out
+    (fast,) = [json.loads(line) for line in (run / "search" / "solutions.jsonl").read_text().splitlines()]
+    assert not fast["meets_measured"] and "(too slow)" in (run / "search" / "table.txt").read_text()
+
+
+def test_search_measure_is_checked(tmp_path):
+    from puzzlenas.config import ConfigError, load_run_config
+
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump({"search": {"measure": "sometimes"}}))
+    with pytest.raises(ConfigError, match="search.measure = 'sometimes'; allowed: auto, true, false"):
+        load_run_config(path)

@@ -26,9 +26,16 @@ def run(cfg: RunConfig, run_dir: Path) -> Path:
     out = paths.solutions.parent
     out.mkdir(parents=True, exist_ok=True)
     config = DeciLMConfig.from_pretrained(paths.parent)
-    records, front = run_search(scores.read_scores(run_dir), costs.read_costs(run_dir), config.blocks, cfg.search,
-                                cfg.scoring.objective, cfg.costs.dtype, config.num_attention_heads,
-                                config.hidden_size, seed=cfg.seed)
+    table = costs.read_costs(run_dir)
+    library_scores = scores.read_scores(run_dir)
+
+    def solve(margins: dict[str, float] | None = None, only: set[str] | None = None):
+        return run_search(library_scores, table, config.blocks, cfg.search, cfg.scoring.objective, cfg.costs.dtype,
+                          config.num_attention_heads, config.hidden_size, seed=cfg.seed, margins=margins, only=only)
+
+    records, front = solve()
+    if measuring(cfg):
+        records = measure_children(cfg, config, table, records, solve)
     records, scored = select_by_realized_kl(cfg, run_dir, records)
     write_jsonl(paths.solutions, records)
     atomic_write_json(out / "frontier.json", front)
@@ -37,11 +44,88 @@ def run(cfg: RunConfig, run_dir: Path) -> Path:
         from ..selection import candidates_table
 
         write_jsonl(out / "candidates.jsonl", scored)
-        text += "\n" + candidates_table(scored)
+        text += "\n" + candidates_table(scored, records)
     atomic_write_text(out / "table.txt", text + "\n")
     print(text)
     STAGE.mark_done(cfg, run_dir, solutions=len(records))
     return out
+
+
+def measuring(cfg: RunConfig) -> bool:
+    """search.measure, auto resolved: on CUDA."""
+    from ..dist import resolve_device
+
+    if cfg.search.measure == "auto":
+        return resolve_device(cfg.device).type == "cuda"
+    return bool(cfg.search.measure)
+
+
+def measure_children(cfg: RunConfig, config, table: dict, records: list[dict], solve) -> list[dict]:
+    """The records with their measured times and speedups (`measured_s`, `measured_speedup`,
+    `measured_shortfall`, `meets_measured`). A target none of whose records meets its time budgets
+    when measured (with search.measured_margin to spare) is solved again, its time margin raised by
+    the smallest shortfall, up to search.measure_rounds times. solve(margins, only) -> (records, _)."""
+    from ..mip import InfeasibleBudgetError
+    from ..search import has_time_budget, raised_margin
+
+    targets = {t.name: t for t in cfg.search.targets}
+    margins = {name: cfg.search.time_margin for name in targets}
+    todo = {name for name, t in targets.items() if has_time_budget(t)}
+    for round_ in range(cfg.search.measure_rounds + 1):
+        for name in sorted(todo):
+            _measure_target(cfg, config, table, targets[name], [r for r in records if r["target"] == name])
+        failing = {n for n in todo if not any(r["meets_measured"] for r in records if r["target"] == n)}
+        if not failing or round_ == cfg.search.measure_rounds:
+            break
+        for name in sorted(failing):
+            closest = min(r["measured_shortfall"] for r in records if r["target"] == name)
+            print(f"[search] {name}: no child measured fast enough (the closest {closest - 1:.1%} short of the "
+                  f"budget + {cfg.search.measured_margin:.0%}); solving again with time margin "
+                  f"{margins[name]:.1%} -> {raised_margin(margins[name], closest):.1%}")
+            margins[name] = raised_margin(margins[name], closest)
+        try:
+            redone, _ = solve(margins, failing)
+        except InfeasibleBudgetError as err:
+            print(f"[search] warning: re-solving with the raised margin is infeasible ({err}); keeping the measured children")
+            break
+        order = list(targets)
+        records = sorted([r for r in records if r["target"] not in failing] + redone,
+                         key=lambda r: order.index(r["target"]))  # stable: each target's order kept
+        todo = failing
+    for name in sorted(todo):
+        if not any(r["meets_measured"] for r in records if r["target"] == name):
+            print(f"[search] warning: {name}: no child meets its time budget when measured (closest: "
+                  f"{min(r['measured_shortfall'] for r in records if r['target'] == name) - 1:+.1%}); the closest "
+                  f"is kept. Raise search.time_margin or search.measure_rounds, or lower the target")
+    return records
+
+
+def _measure_target(cfg: RunConfig, config, table: dict, target, group: list[dict]) -> None:
+    """Time the parent and a target's records in alternation; annotate the records in place."""
+    from ..costs import measure_whole_models
+    from ..dist import resolve_device
+    from ..model.blocks import BlockConfig
+    from ..search import measured_shortfall, record_scenarios
+
+    names = {s["name"] for r in group for s in record_scenarios(r, target, table)}
+    scenarios = [s for s in cfg.costs.scenarios if s.name in names]
+    models = {"parent": config.blocks}
+    for r in group:
+        models[r["name"]] = [BlockConfig.from_nas_dict(b, config.num_attention_heads, config.hidden_size)
+                             for b in r["block_configs"]]
+    times = measure_whole_models(config, models, scenarios, cfg.costs, resolve_device(cfg.device))
+    parent = times.pop("parent")
+    for r in group:
+        mine = times[r["name"]]
+        shortfall = measured_shortfall(target, record_scenarios(r, target, table), mine, parent,
+                                       cfg.search.measured_margin)
+        r.update(measured_s=mine, measured_speedup={k: parent[k] / v for k, v in mine.items() if v > 0},
+                 measured_shortfall=shortfall, meets_measured=shortfall <= 1)
+        key = f"{target.metric}_s/{record_scenarios(r, target, table)[0]['name']}"
+        r["measured_key"] = key
+        print(f"[search] {r['name']}: {target.metric} {r['measured_speedup'][key]:.3f}x measured, "
+              f"{r['predicted_speedup'][key]:.3f}x predicted: {'meets' if shortfall <= 1 else 'misses'} its "
+              f"budget + {cfg.search.measured_margin:.0%}")
 
 
 def select_by_realized_kl(cfg: RunConfig, run_dir: Path, records: list[dict]) -> tuple[list[dict], list[dict]]:
