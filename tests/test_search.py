@@ -200,7 +200,7 @@ def _biased_measurement(bias: float):
 
     calls = []
 
-    def measure(model_config, models, scenarios, cfg, device):
+    def measure(model_config, models, scenarios, cfg, device, iters=None):
         calls.append(sorted(models))
         table = json.loads((measure.run / "costs" / "costs.json").read_text())
         out = {}
@@ -233,8 +233,8 @@ def test_children_measured_too_slow_are_solved_again_with_a_larger_margin(finish
     assert len(measure.calls) == 2 and all("parent" in c for c in measure.calls)  # the 'small' target: no time budget
     (fast, small) = [json.loads(line) for line in (run / "search" / "solutions.jsonl").read_text().splitlines()]
     assert "measured_speedup" not in small
-    # measured 5% below the prediction: the child kept is one that meets 1.3x + 1% when measured
-    assert fast["meets_measured"] and fast["measured_speedup"]["decode_s/tiny"] >= 1.3 * 1.01 - 1e-9
+    # measured 5% below the prediction: the child kept is one that meets 1.3x + 0.5% when measured
+    assert fast["meets_measured"] and fast["measured_speedup"]["decode_s/tiny"] >= 1.3 * 1.005 - 1e-9
     assert fast["measured_speedup"]["decode_s/tiny"] == pytest.approx(fast["predicted_speedup"]["decode_s/tiny"] / 1.05)
     assert fast["time_margin"] > 0.03  # raised, and the MIP held the new child to it
     assert fast["predicted_speedup"]["decode_s/tiny"] >= 1.3 * (1 + fast["time_margin"]) - 1e-9

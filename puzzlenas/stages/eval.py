@@ -16,8 +16,9 @@ if TYPE_CHECKING:
 
 
 def model_names(cfg: RunConfig, run_dir: Path) -> list[str]:
-    """The parent, then each child as assembled and after GKD (those that exist)."""
-    names = ["parent"] + [f"{kind}-{r['name']}" for r in solutions(run_dir, cfg) for kind in ("child", "gkd")]
+    """The parent, then each child as assembled (eval.before_gkd) and after GKD (those that exist)."""
+    kinds = ("child", "gkd") if cfg.eval.before_gkd else ("gkd",)
+    names = ["parent"] + [f"{kind}-{r['name']}" for r in solutions(run_dir, cfg) for kind in kinds]
     return [n for n in names if (run_dir / n / "config.json").is_file()]
 
 

@@ -12,7 +12,15 @@ from .common import load_data, load_parent_for, passes, validation_batches, writ
 if TYPE_CHECKING:
     from ..config import RunConfig
 
-STAGE = Stage("search", config=("search",), upstream=(scores.STAGE, costs.STAGE))
+def measured_settings(cfg: RunConfig) -> dict | None:
+    """What the search's measurement adds to its fingerprint: None where it does not measure."""
+    if not measuring(cfg):
+        return None
+    return {k: getattr(cfg.search, k) for k in cfg.search.MEASURE_FIELDS if k != "measure"}
+
+
+STAGE = Stage("search", config=("search", ("measured", lambda cfg: measured_settings(cfg))),
+              upstream=(scores.STAGE, costs.STAGE))
 
 
 def run(cfg: RunConfig, run_dir: Path) -> Path:
@@ -113,7 +121,8 @@ def _measure_target(cfg: RunConfig, config, table: dict, target, group: list[dic
     for r in group:
         models[r["name"]] = [BlockConfig.from_nas_dict(b, config.num_attention_heads, config.hidden_size)
                              for b in r["block_configs"]]
-    times = measure_whole_models(config, models, scenarios, cfg.costs, resolve_device(cfg.device))
+    times = measure_whole_models(config, models, scenarios, cfg.costs, resolve_device(cfg.device),
+                                 iters=cfg.search.measure_iters)
     parent = times.pop("parent")
     for r in group:
         mine = times[r["name"]]
