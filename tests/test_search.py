@@ -268,3 +268,13 @@ def test_search_measure_is_checked(tmp_path):
     path.write_text(yaml.safe_dump({"search": {"measure": "sometimes"}}))
     with pytest.raises(ConfigError, match="search.measure = 'sometimes'; allowed: auto, true, false"):
         load_run_config(path)
+
+
+def test_measurement_groups_fit_the_device_beside_the_parent():
+    from puzzlenas.stages.search import measurement_groups
+
+    sizes = {"a": 3.0, "b": 3.0, "c": 5.0, "d": 1.0}
+    assert measurement_groups(sizes, parent=4.0, budget=100.0) == [["a", "b", "c", "d"]]  # all at once
+    assert measurement_groups(sizes, parent=4.0, budget=10.0) == [["a", "b"], ["c", "d"]]
+    assert measurement_groups(sizes, parent=4.0, budget=6.0) == [["a"], ["b"], ["c"], ["d"]]  # c alone all the same
+    assert measurement_groups({}, parent=4.0, budget=6.0) == []
