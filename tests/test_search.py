@@ -193,16 +193,22 @@ def test_measured_shortfall_of_speedup_throughput_and_latency_budgets():
     assert raised_margin(0.3, 2.0) == 0.49
 
 
-def _biased_measurement(bias: float):
-    """A stand-in for costs.measure_whole_models: every child runs `bias` x slower than the cost
-    table predicts, the parent as predicted (a prediction that flatters children)."""
+def _search_measured_with_bias(finished_run, run, monkeypatch, bias: float, targets: str) -> tuple[list, list[dict]]:
+    """The search stage of a copy of the tiny run, measuring (search.measure) through a stand-in for
+    costs.measure_whole_models in which every child runs `bias` x slower than the cost table
+    predicts, the parent as predicted (a prediction that flatters children). Returns (the stand-in's
+    calls: the model names of each, the solution records)."""
+    import shutil
+
+    import puzzlenas.costs
     from puzzlenas.costs import predicted_costs
 
+    shutil.copytree(finished_run, run)
+    table = json.loads((run / "costs" / "costs.json").read_text())
     calls = []
 
     def measure(model_config, models, scenarios, cfg, device, iters=None):
         calls.append(sorted(models))
-        table = json.loads((measure.run / "costs" / "costs.json").read_text())
         out = {}
         for name, blocks in models.items():
             predicted = predicted_costs(table, blocks)
@@ -210,28 +216,20 @@ def _biased_measurement(bias: float):
                          for s in scenarios for k in ("prefill", "decode", "generate")}
         return out
 
-    measure.calls = calls
-    return measure
+    monkeypatch.setattr(puzzlenas.costs, "measure_whole_models", measure)
+    run_pipeline(run / "config.yaml", run_dir=run, until="search",
+                 overrides=[f"search.targets={targets}", "search.select_tokens=256", "search.measure=true"])
+    return calls, [json.loads(line) for line in (run / "search" / "solutions.jsonl").read_text().splitlines()]
 
 
 def test_children_measured_too_slow_are_solved_again_with_a_larger_margin(finished_run, tmp_path, monkeypatch,
                                                                            capsys):
-    import shutil
-
-    import puzzlenas.costs
-
     run = tmp_path / "run"
-    shutil.copytree(finished_run, run)
-    measure = _biased_measurement(1.05)
-    measure.run = run
-    monkeypatch.setattr(puzzlenas.costs, "measure_whole_models", measure)
     targets = "[{name: fast, metric: decode, speedup: 1.3, candidates: 3}, {name: small, params: 60000}]"
-    run_pipeline(run / "config.yaml", run_dir=run, until="search",
-                 overrides=[f"search.targets={targets}", "search.select_tokens=256", "search.measure=true"])
+    calls, (fast, small) = _search_measured_with_bias(finished_run, run, monkeypatch, 1.05, targets)
     out = capsys.readouterr().out
     assert "solving again with time margin 3.0% ->" in out
-    assert len(measure.calls) == 2 and all("parent" in c for c in measure.calls)  # the 'small' target: no time budget
-    (fast, small) = [json.loads(line) for line in (run / "search" / "solutions.jsonl").read_text().splitlines()]
+    assert len(calls) == 2 and all("parent" in c for c in calls)  # the 'small' target: no time budget
     assert "measured_speedup" not in small
     # measured 5% below the prediction: the child kept is one that meets 1.3x + 0.5% when measured
     assert fast["meets_measured"] and fast["measured_speedup"]["decode_s/tiny"] >= 1.3 * 1.005 - 1e-9
@@ -243,21 +241,10 @@ def test_children_measured_too_slow_are_solved_again_with_a_larger_margin(finish
 
 def test_when_no_child_can_meet_its_measured_budget_the_closest_is_kept_with_a_warning(finished_run, tmp_path,
                                                                                          monkeypatch, capsys):
-    import shutil
-
-    import puzzlenas.costs
-
     run = tmp_path / "run"
-    shutil.copytree(finished_run, run)
-    measure = _biased_measurement(3.0)  # no architecture of the library can make up for it
-    measure.run = run
-    monkeypatch.setattr(puzzlenas.costs, "measure_whole_models", measure)
     targets = "[{name: fast, metric: decode, speedup: 1.3, candidates: 2}]"
-    run_pipeline(run / "config.yaml", run_dir=run, until="search",
-                 overrides=[f"search.targets={targets}", "search.select_tokens=256", "search.measure=true"])
-    out = capsys.readouterr().out
-    assert "no child meets its time budget when measured" in out
-    (fast,) = [json.loads(line) for line in (run / "search" / "solutions.jsonl").read_text().splitlines()]
+    _, (fast,) = _search_measured_with_bias(finished_run, run, monkeypatch, 3.0, targets)  # nothing makes up for 3x
+    assert "no child meets its time budget when measured" in capsys.readouterr().out
     assert not fast["meets_measured"] and "(too slow)" in (run / "search" / "table.txt").read_text()
 
 
