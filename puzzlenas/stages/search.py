@@ -12,6 +12,7 @@ from .common import load_data, load_parent_for, passes, validation_batches, writ
 if TYPE_CHECKING:
     from ..config import RunConfig
 
+
 def measured_settings(cfg: RunConfig) -> dict | None:
     """What the search's measurement adds to its fingerprint: None where it does not measure."""
     if not measuring(cfg):
@@ -88,7 +89,7 @@ def measure_children(cfg: RunConfig, config, table: dict, records: list[dict], s
         for name in sorted(failing):
             closest = min(r["measured_shortfall"] for r in records if r["target"] == name)
             print(f"[search] {name}: no child measured fast enough (the closest {closest - 1:.1%} short of the "
-                  f"budget + {cfg.search.measured_margin:.0%}); solving again with time margin "
+                  f"budget + {cfg.search.measured_margin:.1%}); solving again with time margin "
                   f"{margins[name]:.1%} -> {raised_margin(margins[name], closest):.1%}")
             margins[name] = raised_margin(margins[name], closest)
         try:
