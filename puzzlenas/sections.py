@@ -460,15 +460,21 @@ class SearchConfig(InertFieldsRepr):
     measure_iters: int = 6  # timed rounds (eval's throughput benchmark: 6 at least)
     select_tokens: int = 32768  # held-out (validation) tokens on which targets' candidates are compared
     select_batch_size: int = 8
+    # A target's candidates compared after a short GKD each (the run's gkd settings, this many tokens,
+    # the same batches for every candidate; the child's own GKD still starts from the assembled
+    # weights): how well a candidate repairs, not only how much it breaks. 0: compared as assembled.
+    select_gkd_tokens: int = 0
 
     def inert_fields(self) -> tuple[str, ...]:
-        return self.MEASURE_FIELDS
+        return self.MEASURE_FIELDS + (("select_gkd_tokens",) if not self.select_gkd_tokens else ())
 
     def validate(self) -> None:
         if self.method not in METHODS:
             raise ValueError(f"search.method = {self.method!r}; allowed: {', '.join(METHODS)}")
         if not 0 < self.alpha <= 1:
             raise ValueError(f"search.alpha = {self.alpha}: must be in (0, 1]")
+        if not (isinstance(self.select_gkd_tokens, int) and self.select_gkd_tokens >= 0):
+            raise ValueError(f"search.select_gkd_tokens = {self.select_gkd_tokens!r}: must be an int >= 0")
         if self.select_tokens < 1 or self.select_batch_size < 1:
             raise ValueError("search.select_tokens and search.select_batch_size must be >= 1")
         if not 0 <= self.time_margin < 0.5:

@@ -11,6 +11,7 @@ other candidates' numbers in `selected_from`.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -19,31 +20,45 @@ from .eval.metrics import final_hidden, lm_metrics
 from .model.modeling import DeciLMForCausalLM
 
 
-@torch.no_grad()
 def realized_kl(parent: DeciLMForCausalLM, bld_dir: Path, space, record: dict, batches: list[torch.Tensor],
-                parent_hidden: list[torch.Tensor], chunk: int) -> dict[str, float]:
+                parent_hidden: list[torch.Tensor], chunk: int,
+                repair: Callable[[DeciLMForCausalLM], None] | None = None) -> dict[str, float]:
     """KL to the parent, perplexity and agreement of one candidate, assembled in memory next to
-    the parent (its BLD weights are read from disk, the parent's blocks copied)."""
+    the parent (its BLD weights are read from disk, the parent's blocks copied). repair: trains
+    the assembled child in place before it is measured (a short GKD: search.select_gkd_tokens);
+    the KL as assembled is then kept as "assembled_kl"."""
     device = parent.model.embed_tokens.weight.device
-    child = assemble_child(parent, bld_dir, pairs_from_record(record, space)).to(device).eval()
-    return lm_metrics({"child": child}, parent, batches, chunk, parent_hidden)["child"]
+    with torch.no_grad():
+        child = assemble_child(parent, bld_dir, pairs_from_record(record, space)).to(device).eval()
+        metrics = lm_metrics({"child": child}, parent, batches, chunk, parent_hidden)["child"]
+    if repair is None:
+        return metrics
+    repair(child)
+    with torch.no_grad():
+        repaired = lm_metrics({"child": child.eval()}, parent, batches, chunk, parent_hidden)["child"]
+    return {**repaired, "assembled_kl": metrics["kl_to_parent"]}
 
 
 def select_candidates(records: list[dict], parent: DeciLMForCausalLM, bld_dir: Path, space,
-                      batches: list[torch.Tensor], chunk: int, log=print) -> tuple[list[dict], list[dict]]:
+                      batches: list[torch.Tensor], chunk: int, log=print,
+                      repair: Callable[[DeciLMForCausalLM], None] | None = None) -> tuple[list[dict], list[dict]]:
     """(the records with each target's candidates replaced by its best one; every candidate with
-    its realized metrics). Records without candidates pass through unchanged."""
+    its realized metrics). Records without candidates pass through unchanged. repair: see
+    `realized_kl` (each candidate then judged after it)."""
     if not any("candidate" in r for r in records):
         return records, []
     device = parent.model.embed_tokens.weight.device
-    parent_hidden = [final_hidden(parent, b.to(device)) for b in batches]  # (B, T, C) each, once
+    with torch.no_grad():
+        parent_hidden = [final_hidden(parent, b.to(device)) for b in batches]  # (B, T, C) each, once
     scored = []
     for record in (r for r in records if "candidate" in r):
-        m = realized_kl(parent, bld_dir, space, record, batches, parent_hidden, chunk)
+        m = realized_kl(parent, bld_dir, space, record, batches, parent_hidden, chunk, repair)
         scored.append({**record, "realized_kl": m["kl_to_parent"], "realized_perplexity": m["perplexity"],
-                       "realized_tokens": m["tokens"]})
+                       "realized_tokens": m["tokens"],
+                       **({"assembled_kl": m["assembled_kl"]} if "assembled_kl" in m else {})})
         log(f"[search] {record['name']}: sum of scores {record['objective']:.4f}, realized KL "
-            f"{m['kl_to_parent']:.4f}, perplexity {m['perplexity']:.2f}")
+            f"{m['kl_to_parent']:.4f}" + (f" after a short GKD (as assembled {m['assembled_kl']:.4f})"
+                                         if "assembled_kl" in m else "") + f", perplexity {m['perplexity']:.2f}")
     chosen = {}
     for target in dict.fromkeys(r["target"] for r in scored):
         group = [r for r in scored if r["target"] == target]
@@ -54,6 +69,7 @@ def select_candidates(records: list[dict], parent: DeciLMForCausalLM, bld_dir: P
                           "selected_from": [{"candidate": r["candidate"], "objective": r["objective"],
                                              "realized_kl": r["realized_kl"],
                                              "realized_perplexity": r["realized_perplexity"],
+                                             **({"assembled_kl": r["assembled_kl"]} if "assembled_kl" in r else {}),
                                              **({"measured_speedup": r["measured_speedup"],
                                                  "meets_measured": r["meets_measured"]}
                                                 if "meets_measured" in r else {}),
@@ -70,12 +86,17 @@ def select_candidates(records: list[dict], parent: DeciLMForCausalLM, bld_dir: P
 def candidates_table(scored: list[dict], chosen: list[dict] | None = None) -> str:
     """One line per candidate; chosen: the final records (their `selected_from` marks the choice)."""
     picked = {(r["target"], s["candidate"]) for r in chosen or [] for s in r.get("selected_from", ()) if s["chosen"]}
-    lines = [f"{'candidate':<20} {'sum score':>10} {'realized KL':>12} {'perplexity':>11} {'measured':>9}"]
+    repaired = any("assembled_kl" in r for r in scored)
+    lines = [f"{'candidate':<20} {'sum score':>10} " + (f"{'assembled KL':>12} " if repaired else "")
+             + f"{'realized KL':>12} {'perplexity':>11} {'measured':>9}"]
     for r in scored:
         measured = r["measured_speedup"][r["measured_key"]] if "meets_measured" in r else None
         speed = f"{measured:>8.3f}x" + ("" if r["meets_measured"] else " (too slow)") if measured else f"{'-':>9}"
-        lines.append(f"{r['name']:<20} {r['objective']:>10.4f} {r['realized_kl']:>12.4f} "
+        lines.append(f"{r['name']:<20} {r['objective']:>10.4f} " + (f"{r['assembled_kl']:>12.4f} " if repaired else "")
+                     + f"{r['realized_kl']:>12.4f} "
                      f"{r['realized_perplexity']:>11.2f} {speed}"
                      + ("  <- chosen" if (r["target"], r["candidate"]) in picked else ""))
-    lines.append(f"realized KL(parent || child) on {scored[0]['realized_tokens']:,} held-out tokens" if scored else "")
+    lines.append((f"realized KL(parent || child) on {scored[0]['realized_tokens']:,} held-out tokens"
+                  + (", after each candidate's short GKD (search.select_gkd_tokens)" if repaired else ""))
+                 if scored else "")
     return "\n".join(lines)

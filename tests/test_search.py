@@ -265,3 +265,40 @@ def test_measurement_groups_fit_the_device_beside_the_parent():
     assert measurement_groups(sizes, parent=4.0, budget=10.0) == [["a", "b"], ["c", "d"]]
     assert measurement_groups(sizes, parent=4.0, budget=6.0) == [["a"], ["b"], ["c"], ["d"]]  # c alone all the same
     assert measurement_groups({}, parent=4.0, budget=6.0) == []
+
+
+def test_candidates_compared_after_a_short_gkd_each(finished_run, tmp_path):
+    import shutil
+
+    from puzzlenas.config import load_run_config
+    from puzzlenas.eval.metrics import lm_metrics
+    from puzzlenas.model.parent import load_parent
+    from puzzlenas.stages.common import load_data, validation_batches
+
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    overrides = ["search.targets=[{name: fast, metric: decode, speedup: 1.3, candidates: 3}]",
+                 "search.select_tokens=256", "search.select_gkd_tokens=2048", "gkd.lr=1e-4"]
+    run_pipeline(run / "config.yaml", run_dir=run, until="assemble", overrides=overrides)
+    candidates = [json.loads(line) for line in (run / "search" / "candidates.jsonl").read_text().splitlines()]
+    assert len(candidates) >= 2
+    # each candidate distilled a little before it is judged: its KL to the parent falls from the assembled one
+    assert all(c["realized_kl"] < c["assembled_kl"] for c in candidates)
+    (fast,) = [json.loads(line) for line in (run / "search" / "solutions.jsonl").read_text().splitlines()]
+    assert fast["realized_kl"] == min(c["realized_kl"] for c in candidates)
+    assert all("assembled_kl" in s for s in fast["selected_from"])
+    assert "assembled KL" in (run / "search" / "table.txt").read_text()
+    assert "short GKD, each candidate" in (run / "search" / "passes.json").read_text()
+    # the child's own GKD starts from the assembled weights, not from its short GKD
+    cfg = load_run_config(run / "config.yaml")
+    parent, child = load_parent(run / "parent"), load_parent(run / "child-fast")
+    batches = validation_batches(load_data(cfg, run), 256, cfg.search.select_batch_size)
+    kl = lm_metrics({"c": child.eval()}, parent, batches, 2048)["c"]["kl_to_parent"]
+    assert kl == pytest.approx(fast["assembled_kl"], rel=1e-4)
+
+
+def test_search_select_gkd_tokens_is_inert_at_zero():
+    from puzzlenas.sections import SearchConfig
+
+    assert repr(SearchConfig()) == repr(SearchConfig(select_gkd_tokens=0))
+    assert "select_gkd_tokens=1024" in repr(SearchConfig(select_gkd_tokens=1024))

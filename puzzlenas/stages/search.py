@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 
 from . import costs, scores
 from .base import RunDir, Stage
-from .common import load_data, load_parent_for, passes, validation_batches, write_passes
+from .common import load_data, load_parent_for, passes, train_batches, validation_batches, write_passes
 
 if TYPE_CHECKING:
     from ..config import RunConfig
@@ -178,13 +178,43 @@ def select_by_realized_kl(cfg: RunConfig, run_dir: Path, records: list[dict]) ->
     from ..library import read_space
     from ..selection import select_candidates
 
-    parent = load_parent_for(cfg, run_dir)
+    parent = load_parent_for(cfg, run_dir, frozen=True)
     dataset = load_data(cfg, run_dir)
     batches = validation_batches(dataset, cfg.search.select_tokens, cfg.search.select_batch_size)
-    write_passes(RunDir(run_dir).solutions.parent, "search", [passes(
-        cfg, dataset, "candidate selection, each candidate", cfg.search.select_tokens, "validation", first=True)])
+    read = [passes(cfg, dataset, "candidate selection, each candidate", cfg.search.select_tokens, "validation",
+                   first=True)]
+    repair = None
+    if cfg.search.select_gkd_tokens:
+        repair, tokens = short_gkd(cfg, dataset, parent)
+        read.append(passes(cfg, dataset, "candidate selection's short GKD, each candidate", tokens,
+                           teacher_share=cfg.gkd.teacher_share))
+    write_passes(RunDir(run_dir).solutions.parent, "search", read)
     space = read_space(RunDir(run_dir).space)
-    return select_candidates(records, parent.eval(), RunDir(run_dir).bld, space, batches, cfg.eval.logits_chunk)
+    return select_candidates(records, parent.eval(), RunDir(run_dir).bld, space, batches, cfg.eval.logits_chunk,
+                             repair=repair)
+
+
+def short_gkd(cfg: RunConfig, dataset, teacher):
+    """(repair(child): search.select_gkd_tokens of GKD on the child in place, its tokens). The run's
+    GKD settings without chat transcripts, on-policy phase or checkpoints; every candidate reads the
+    same batches, so that they are compared on equal footing."""
+    import dataclasses
+    import tempfile
+
+    from ..gkd import GKDTrainer
+
+    gkd_cfg = dataclasses.replace(cfg.gkd, tokens=cfg.search.select_gkd_tokens, chat_fraction=0.0,
+                                  on_policy_fraction=0.0, checkpoint_every=10**9)
+
+    def repair(child) -> None:
+        child.float()  # fp32 master weights, as GKD trains them
+        with tempfile.TemporaryDirectory() as work:
+            trainer = GKDTrainer(child, teacher, gkd_cfg, Path(work), dataset.seq_len, log=lambda *_: None)
+            trainer.train(train_batches(cfg, dataset, gkd_cfg.batch_size, gkd_cfg.tokens, seed=cfg.seed + 1,
+                                        teacher_share=gkd_cfg.teacher_share))
+
+    steps = -(-gkd_cfg.tokens // (gkd_cfg.batch_size * dataset.seq_len))
+    return repair, steps * gkd_cfg.batch_size * dataset.seq_len
 
 
 def frontier_key(cfg: RunConfig, run_dir: Path) -> str:
