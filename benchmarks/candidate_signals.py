@@ -8,6 +8,7 @@ to choose: this asks whether a signal the search may use predicts it. Prints a t
 rank correlation of each signal with the mean out-of-genre log-perplexity ratio after GKD; writes JSON.
 
     python benchmarks/candidate_signals.py RUN_DIR --short-tokens 65536 [--gkd-tokens N] [--target NAME]
+    python benchmarks/candidate_signals.py RUN_DIR --short-tokens 4096 --no-full   # the short GKD's KL alone
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ def main() -> None:
     ap.add_argument("--short-tokens", type=int, default=65536, help="the short GKD (search.select_gkd_tokens)")
     ap.add_argument("--gkd-tokens", type=int, default=None, help="the full GKD (default: the run's gkd.tokens)")
     ap.add_argument("--target", default=None, help="one target's candidates (default: every target)")
+    ap.add_argument("--no-full", action="store_true", help="the short GKD's KL only (no full GKD, no eval)")
     ap.add_argument("--max-candidates", type=int, default=None, help="the first N only (a smoke test)")
     ap.add_argument("--out", default="candidate_signals.json")
     args = ap.parse_args()
@@ -94,6 +96,10 @@ def main() -> None:
         row = {"name": c["name"], "target": c["target"], "objective": c["objective"], "assembled_kl": kl(child)}
         repair(child)
         row["short_gkd_kl"] = kl(child)
+        if args.no_full:
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+            continue
         child = assemble_child(parent, RunDir(run).bld, pairs).to(device).float()  # the full GKD from assembled
         with tempfile.TemporaryDirectory() as work:
             gkd_cfg = dataclasses.replace(cfg.gkd, chat_fraction=0.0, on_policy_fraction=0.0, checkpoint_every=10**9)
@@ -113,6 +119,9 @@ def main() -> None:
         rows.append(row)
         print(json.dumps({k: v for k, v in row.items() if k != "chat"}), flush=True)
 
+    if args.no_full:
+        Path(args.out).write_text(json.dumps({"rows": rows, "short_tokens": args.short_tokens}, indent=1))
+        return
     print(f"\n{'candidate':<20} {'sum score':>9} {'assembled KL':>12} {'short GKD KL':>12} {'GKD KL':>8}  "
           f"out-of-genre ratios after GKD")
     for r in rows:
