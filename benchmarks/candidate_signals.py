@@ -55,7 +55,6 @@ def main() -> None:
     from puzzlenas.eval.metrics import final_hidden, lm_metrics
     from puzzlenas.gkd import GKDTrainer
     from puzzlenas.library import read_space
-    from puzzlenas.model.parent import load_parent  # noqa: F401  (tokenizer files live with the parent)
     from puzzlenas.stages.base import RunDir
     from puzzlenas.stages.common import load_data, load_parent_for, train_batches, validation_batches
     from puzzlenas.stages.eval import ChatQualityEval, GenreEval

@@ -343,30 +343,23 @@ def check_against_whole_models(model_config: DeciLMConfig, table: dict, children
     CPU the models are timed together, in alternation (`inference.measure_generations`), so that
     the calibration fits models measured under the same load; on CUDA one at a time (its timings
     hold, and several large models need not fit at once)."""
-    dtype = getattr(torch, cfg.dtype)
     names = list(children)
     groups = [names] if device.type != "cuda" else [[n] for n in names]
     rows = []
     for group in groups:
-        models = {name: random_model(model_config, children[name], dtype, device) for name in group}
+        times = measure_whole_models(model_config, {n: children[n] for n in group}, cfg.scenarios, cfg, device)
         for s in cfg.scenarios:
-            runs = measure_generations(list(models.values()), s.batch_size, s.prompt_tokens, s.generate_tokens,
-                                       iters=cfg.iters, fill_levels=cfg.decode_fills)
-            for name, measured in zip(group, runs):
+            for name in group:
                 predicted = predicted_costs(table, children[name])
-                row = {"model": name, "scenario": s.name, "read_bytes": predicted.get(f"read_bytes/{s.name}"),
-                       "prefill_s": measured["prefill_s"], "prefill_s_predicted": predicted[f"prefill_s/{s.name}"],
-                       "decode_s": measured["decode_step_s"], "decode_s_predicted": predicted[f"decode_s/{s.name}"],
-                       "generate_s": measured["generate_s"],
-                       "generate_s_predicted": predicted[f"generate_s/{s.name}"]}
+                row = {"model": name, "scenario": s.name, "read_bytes": predicted.get(f"read_bytes/{s.name}")}
                 for k in ("prefill_s", "decode_s", "generate_s"):
+                    row[k], row[f"{k}_predicted"] = times[name][f"{k}/{s.name}"], predicted[f"{k}/{s.name}"]
                     row[f"{k}_error"] = row[f"{k}_predicted"] / row[k] - 1
                 rows.append(row)
                 log(f"  {name:<10} {s.name}: decode step measured {row['decode_s'] * 1e3:.3f} ms, predicted "
                     f"{row['decode_s_predicted'] * 1e3:.3f} ms ({row['decode_s_error']:+.1%}); prefill "
                     f"{row['prefill_s'] * 1e3:.2f} vs {row['prefill_s_predicted'] * 1e3:.2f} ms "
                     f"({row['prefill_s_error']:+.1%})")
-        del models
     order = {n: i for i, n in enumerate(names)}
     return sorted(rows, key=lambda r: (order[r["model"]], [s.name for s in cfg.scenarios].index(r["scenario"])))
 

@@ -159,13 +159,11 @@ def _measure_target(cfg: RunConfig, config, table: dict, target, group: list[dic
         times.update(measured)
         parents.update({n: parent for n in names_})
     for r in group:
-        mine, parent = times[r["name"]], parents[r["name"]]
-        shortfall = measured_shortfall(target, record_scenarios(r, target, table), mine, parent,
-                                       cfg.search.measured_margin)
+        mine, parent, own = times[r["name"]], parents[r["name"]], record_scenarios(r, target, table)
+        shortfall = measured_shortfall(target, own, mine, parent, cfg.search.measured_margin)
+        key = f"{target.metric}_s/{own[0]['name']}"
         r.update(measured_s=mine, measured_speedup={k: parent[k] / v for k, v in mine.items() if v > 0},
-                 measured_shortfall=shortfall, meets_measured=shortfall <= 1)
-        key = f"{target.metric}_s/{record_scenarios(r, target, table)[0]['name']}"
-        r["measured_key"] = key
+                 measured_shortfall=shortfall, meets_measured=shortfall <= 1, measured_key=key)
         print(f"[search] {r['name']}: {target.metric} {r['measured_speedup'][key]:.3f}x measured, "
               f"{r['predicted_speedup'][key]:.3f}x predicted: {'meets' if shortfall <= 1 else 'misses'} its "
               f"budget + {cfg.search.measured_margin:.1%}")
