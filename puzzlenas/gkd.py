@@ -258,7 +258,9 @@ class GKDTrainer:
                            "use gkd.parallel=ddp (or on_policy_fraction=0)")
         if cfg.activation_checkpointing:
             child.model.gradient_checkpointing = True
-        self._compile_proven = False
+        # The step functions that ran compiled once (off-policy and on-policy steps compile apart:
+        # the on-policy phase's first step can fail to compile long after the first step did).
+        self._compile_proven: set[str] = set()
         self._set_step_functions(self._use_compile())
 
     def _autocast(self):
@@ -312,7 +314,7 @@ class GKDTrainer:
         return self._guarded(self._on_policy_loss_and_backward, ids, predicts)
 
     def _guarded(self, step_fn, *args) -> dict[str, torch.Tensor]:
-        if not self.compiled or self._compile_proven:
+        if not self.compiled or step_fn.__name__ in self._compile_proven:
             return step_fn(*args)
         try:
             parts = step_fn(*args)
@@ -324,7 +326,7 @@ class GKDTrainer:
             self.child.zero_grad(set_to_none=True)
             self._set_step_functions(False)
             return step_fn(*args)
-        self._compile_proven = True
+        self._compile_proven.add(step_fn.__name__)
         return parts
 
     def _loss_and_backward(self, batch: torch.Tensor) -> dict[str, torch.Tensor]:
