@@ -101,3 +101,31 @@ def test_missing_parent_and_unreachable_hub(monkeypatch):
     monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
     with pytest.raises(ParentError, match="could not download 'meta-llama/Llama-3.1-8B'"):
         resolve_parent_dir("meta-llama/Llama-3.1-8B")
+
+
+def test_gguf_parsed_once_memoizes_inside_and_restores_after(tmp_path):
+    """The bundled parent's GGUF is parsed once while transformers reads config, weights and
+    tokenizer (three parses before); outside the context gguf is the library's own again."""
+    import gguf
+    import numpy as np
+
+    from puzzlenas.model.parent import _gguf_parsed_once
+
+    path = tmp_path / "tiny.gguf"
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_block_count(2)
+    writer.add_tensor("token_embd.weight", np.arange(12, dtype=np.float32).reshape(3, 4))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    reader_cls, name_map = gguf.GGUFReader, gguf.get_tensor_name_map
+    with _gguf_parsed_once():
+        first, again = gguf.GGUFReader(path), gguf.GGUFReader(str(path))
+        assert first is again
+        assert np.array_equal(np.asarray(first.tensors[0].data).reshape(3, 4),
+                              np.arange(12, dtype=np.float32).reshape(3, 4))
+        arch = gguf.MODEL_ARCH.LLAMA
+        assert gguf.get_tensor_name_map(arch, 2) is gguf.get_tensor_name_map(arch, 2)
+    assert gguf.GGUFReader is reader_cls and gguf.get_tensor_name_map is name_map
+    assert gguf.GGUFReader(path) is not gguf.GGUFReader(path)

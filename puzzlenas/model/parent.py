@@ -11,6 +11,8 @@ Sources, wherever a parent is expected:
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import importlib.util
 import json
 import os
@@ -156,10 +158,40 @@ def _load_gguf_with_transformers(gguf_path: Path):
             raise ParentError(f"reading the bundled GGUF parent needs {pip_name}: pip install {pip_name}")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name,
-                                                 dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    with _gguf_parsed_once():
+        model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name,
+                                                     dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
     return model, tokenizer
+
+
+@contextlib.contextmanager
+def _gguf_parsed_once():
+    """Why: transformers reads a GGUF file's metadata three times (config, weights, tokenizer; ~5 s
+    each on 2 cores for the bundled parent's 49k-token vocabulary and merges) and rebuilds gguf's
+    tensor-name map for each of its ~400 module names (~6 s), about two thirds of the parent stage
+    on a bare machine. Inside this context both are memoized: one parse of the file, one name map
+    per (architecture, layers); the same objects the library would build, so the same results.
+    transformers imports both from `gguf` at call time, which is where they are swapped."""
+    import gguf
+
+    reader_cls, name_map = getattr(gguf, "GGUFReader", None), getattr(gguf, "get_tensor_name_map", None)
+    if reader_cls is None or name_map is None:  # another gguf layout: read it the library's way
+        yield
+        return
+    readers: dict[tuple[str, str], object] = {}
+
+    def parsed_once(path, mode="r"):
+        key = (os.path.realpath(os.fspath(path)), mode)
+        if key not in readers:
+            readers[key] = reader_cls(path, mode)
+        return readers[key]
+
+    gguf.GGUFReader, gguf.get_tensor_name_map = parsed_once, functools.lru_cache(maxsize=None)(name_map)
+    try:
+        yield
+    finally:
+        gguf.GGUFReader, gguf.get_tensor_name_map = reader_cls, name_map
 
 
 # =============================================================================================
