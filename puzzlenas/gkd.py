@@ -230,12 +230,17 @@ class GKDTrainer:
     """Distills one child from the parent; writes checkpoints and the final model to out_dir."""
 
     def __init__(self, child: DeciLMForCausalLM, parent: DeciLMForCausalLM, cfg: GKDConfig, out_dir: Path,
-                 seq_len: int, world_size: int = 1, log=print, fingerprint: str = "", data_parallel: bool = False):
+                 seq_len: int, world_size: int = 1, log=print, fingerprint: str = "", data_parallel: bool = False,
+                 compile_tokens: int | None = None):
         """world_size > 1: child and parent sharded with `parallelize` over the ranks, or with
         `data_parallel` both whole on every rank (gradients averaged after each backward).
         fingerprint: what else the checkpoint must have been made with to be resumed (the
-        child's identity, the data...); the GKD settings and seq_len are always covered."""
+        child's identity, the data...); the GKD settings and seq_len are always covered.
+        compile_tokens: the tokens that gkd.compile=auto weighs a compile against (default
+        cfg.tokens); the search's short GKDs pass the run's GKD tokens, since torch.compile keeps
+        the graphs per block kind in the process and the run's GKD reuses them."""
         self.child, self.parent, self.cfg, self.out_dir, self.log = child, parent, cfg, out_dir, log
+        self.compile_tokens = cfg.tokens if compile_tokens is None else compile_tokens
         self.device = next(child.parameters()).device
         self.world = world_size
         self.sharded = world_size > 1 and not data_parallel
@@ -276,7 +281,7 @@ class GKDTrainer:
         # auto: a GPU, the whole child on it (one GPU or data parallel; not FSDP2-sharded models;
         # on the CPU compiling costs more than it saves), and a run long enough to repay the
         # compile of each new block kind (benchmarks/RESULTS.md, "GKD compiled per block kind").
-        long_enough = self.cfg.tokens >= COMPILE_MIN_TOKENS
+        long_enough = self.compile_tokens >= COMPILE_MIN_TOKENS
         return self.cfg.compile == "on" or (self.device.type == "cuda" and not self.sharded and long_enough)
 
     def _set_step_functions(self, compiled: bool) -> None:

@@ -10,6 +10,7 @@ other candidates' numbers in `selected_from`.
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -52,13 +53,15 @@ def select_candidates(records: list[dict], parent: DeciLMForCausalLM, bld_dir: P
         parent_hidden = [final_hidden(parent, b.to(device)) for b in batches]  # (B, T, C) each, once
     scored = []
     for record in (r for r in records if "candidate" in r):
+        started = time.perf_counter()
         m = realized_kl(parent, bld_dir, space, record, batches, parent_hidden, chunk, repair)
         scored.append({**record, "realized_kl": m["kl_to_parent"], "realized_perplexity": m["perplexity"],
                        "realized_tokens": m["tokens"],
                        **({"assembled_kl": m["assembled_kl"]} if "assembled_kl" in m else {})})
         log(f"[search] {record['name']}: sum of scores {record['objective']:.4f}, realized KL "
             f"{m['kl_to_parent']:.4f}" + (f" after a short GKD (as assembled {m['assembled_kl']:.4f})"
-                                         if "assembled_kl" in m else "") + f", perplexity {m['perplexity']:.2f}")
+                                         if "assembled_kl" in m else "") + f", perplexity {m['perplexity']:.2f}, "
+            f"{time.perf_counter() - started:.1f} s")
     chosen = {}
     for target in dict.fromkeys(r["target"] for r in scored):
         group = [r for r in scored if r["target"] == target]

@@ -186,3 +186,22 @@ def test_gkd_lowers_its_loss_and_the_report_exists(finished_run):
     assert "decode_step_s" in results["gkd-fast"]["speedup"]["tiny"]
     for name in ("README.md", "frontier.png", "layers.png"):
         assert (finished_run / "report" / name).is_file()
+
+
+def test_auto_compile_weighs_the_tokens_its_graphs_serve(tmp_path):
+    """gkd.compile=auto on a GPU compiles long runs only; a short GKD whose graphs the run's long
+    GKD reuses in the same process (the search's candidate repair) is weighed by those tokens."""
+    from puzzlenas.gkd import COMPILE_MIN_TOKENS
+
+    parent, child = pair()
+    short = GKDConfig(batch_size=2, tokens=16)
+    alone = GKDTrainer(child, parent, short, tmp_path / "a", 8)
+    shared = GKDTrainer(child, parent, short, tmp_path / "b", 8, compile_tokens=COMPILE_MIN_TOKENS)
+    assert not alone._use_compile() and not shared._use_compile()  # never on the CPU
+    alone.device = shared.device = torch.device("cuda")  # the decision a GPU run makes (no kernel runs)
+    assert not alone._use_compile()
+    assert shared._use_compile()
+    off = GKDTrainer(child, parent, GKDConfig(batch_size=2, tokens=16, compile="off"), tmp_path / "c", 8,
+                     compile_tokens=COMPILE_MIN_TOKENS)
+    off.device = torch.device("cuda")
+    assert not off._use_compile()

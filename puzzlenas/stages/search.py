@@ -195,7 +195,9 @@ def select_by_realized_kl(cfg: RunConfig, run_dir: Path, records: list[dict]) ->
 def short_gkd(cfg: RunConfig, dataset, teacher):
     """(repair(child): search.select_gkd_tokens of GKD on the child in place, its tokens). The run's
     GKD settings without chat transcripts, on-policy phase or checkpoints; every candidate reads the
-    same batches, so that they are compared on equal footing."""
+    same batches, so that they are compared on equal footing. Compiled when the run's GKD will be
+    (gkd.compile auto: its tokens decide): the graphs of the candidates' block kinds, compiled for
+    the first candidate, serve the others and the run's GKD in this process."""
     import dataclasses
     import tempfile
 
@@ -207,7 +209,8 @@ def short_gkd(cfg: RunConfig, dataset, teacher):
     def repair(child) -> None:
         child.float()  # fp32 master weights, as GKD trains them
         with tempfile.TemporaryDirectory() as work:
-            trainer = GKDTrainer(child, teacher, gkd_cfg, Path(work), dataset.seq_len, log=lambda *_: None)
+            trainer = GKDTrainer(child, teacher, gkd_cfg, Path(work), dataset.seq_len, log=lambda *_: None,
+                                 compile_tokens=cfg.gkd.tokens)
             trainer.train(train_batches(cfg, dataset, gkd_cfg.batch_size, gkd_cfg.tokens, seed=cfg.seed + 1,
                                         teacher_share=gkd_cfg.teacher_share))
 
