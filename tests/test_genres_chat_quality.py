@@ -79,6 +79,26 @@ def test_repetition_stats_on_hand_made_answers():
     assert stats["distinct_1"] == pytest.approx((4 / 16 + 10 / 11 + 1) / 3)  # an empty answer repeats nothing
     assert C.repetition_stats([varied])["distinct_2"] == 1.0
     assert C.repetition_stats([looping], empty=[True])["empty_rate"] == 1.0
+    spans = [12, 1, 0]  # standard errors of the mean over the answers (sample sd / sqrt(n))
+    mean = sum(spans) / 3
+    sd = (sum((x - mean) ** 2 for x in spans) / 2) ** 0.5
+    assert stats["longest_repeated_span_se"] == pytest.approx(sd / 3 ** 0.5)
+    ratios = [C.distinct_ngram_ratio(a, 2) for a in (looping, varied, [])]
+    assert stats["distinct_2_se"] == pytest.approx(torch.tensor(ratios).std().item() / 3 ** 0.5, rel=1e-6)
+    assert C.repetition_stats([varied])["distinct_2_se"] == 0.0  # one answer: no spread to measure
+
+
+def test_the_fixed_chat_prompts_are_many_distinct_and_off_the_teacher_topics():
+    from puzzlenas.data.teacher import TOPICS
+    from puzzlenas.eval.config import EvalConfig
+
+    prompts = C.CHAT_PROMPTS
+    assert len(prompts) == EvalConfig().chat_quality_prompts == 100
+    assert len({p.lower() for p in prompts}) == len(prompts)
+    later = " ".join(prompts[20:]).lower()  # the first 20 predate the rule
+    assert not [t for t in TOPICS if t.lower() in later]
+    with pytest.raises(ValueError, match="at most 100"):
+        EvalConfig(chat_quality_prompts=101).validate()
 
 
 def test_chat_quality_of_the_parent_and_a_broken_child(tiny_run_inputs):

@@ -17,6 +17,7 @@ reports
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import torch
@@ -47,6 +48,90 @@ CHAT_PROMPTS: tuple[str, ...] = (
     "What is 15% of 80? Show your steps.",
     "Describe the water cycle in simple terms.",
     "I feel nervous before job interviews. Any advice?",
+    # 21-100: more of the same mix (facts, explanations, how-to, writing, code, arithmetic, advice),
+    # away from the teacher corpus' topics (data/teacher.TOPICS), so that the repetition measures
+    # average over enough answers to tell children apart (one answer in a loop moves distinct-2 of
+    # 20 answers by ~0.03).
+    "Why do cats purr?",
+    "How many legs does a spider have?",
+    "Write a haiku about the ocean.",
+    "What is the boiling point of water at sea level in Fahrenheit?",
+    "Explain how a rainbow forms.",
+    "Give me a recipe idea for leftover rice.",
+    "What is the tallest mountain in the world?",
+    "Write a limerick about a forgetful wizard.",
+    "How do airplanes stay in the air?",
+    "What does a librarian do all day?",
+    "Name five fruits that are high in vitamin C.",
+    "Explain the rules of tic-tac-toe.",
+    "Write a thank-you note to a teacher.",
+    "What is the difference between a lake and a pond?",
+    "How can I make my houseplants grow better?",
+    "What is a prime number? Give two examples.",
+    "Write a JavaScript function that checks whether a number is even.",
+    "Convert 5 kilometers to miles.",
+    "Why is the ocean salty?",
+    "Tell me a short story about a robot who learns to paint.",
+    "What are the primary colors?",
+    "How do I change a flat bicycle tire?",
+    "What causes thunder?",
+    "Describe a sunset to someone who has never seen one.",
+    "What is the capital of Japan?",
+    "Explain what a noun is, with examples.",
+    "How can I reduce food waste at home?",
+    "Write a get-well-soon message for a friend.",
+    "Who wrote Pride and Prejudice?",
+    "What is the speed of light?",
+    "How do magnets work?",
+    "Suggest three board games for a family evening.",
+    "Explain the difference between 'their', 'there' and 'they're'.",
+    "What should I do if my phone falls into water?",
+    "Write a short motivational speech for a school choir before a concert.",
+    "How does a refrigerator keep food cold?",
+    "What is the largest planet in our solar system?",
+    "Give me ideas for a rainy afternoon indoors.",
+    "Why do we have seasons?",
+    "Write a Python function that counts the vowels in a word.",
+    "What is the square root of 144?",
+    "Explain how the gears on a bicycle work.",
+    "Recommend a good morning habit and explain why.",
+    "What is the difference between a crocodile and an alligator?",
+    "Write a short review of an imaginary restaurant.",
+    "How do I politely decline an invitation?",
+    "What is the Pythagorean theorem?",
+    "Describe the taste of a lemon.",
+    "What are some ways to remember people's names better?",
+    "Explain what an algorithm is.",
+    "Write a dialogue between a cat and a dog.",
+    "What language is spoken in Brazil?",
+    "How do I make a paper airplane?",
+    "What is a synonym for 'happy'?",
+    "Why do we yawn?",
+    "List the days of the week in French.",
+    "Explain what gravity is.",
+    "Write a short apology for missing a meeting.",
+    "How long does light from the Sun take to reach Earth?",
+    "What are the benefits of reading books?",
+    "Give me a simple explanation of how the internet works.",
+    "Write a four-line poem about a city at night.",
+    "What is 7 times 8?",
+    "How do birds know where to migrate?",
+    "Suggest a weekend project for someone who likes woodworking.",
+    "What is the difference between an ocean and a sea?",
+    "Explain how to tie a simple knot.",
+    "Write a short social media post announcing a new bookstore.",
+    "What are the three states of matter?",
+    "How can I be a better listener?",
+    "Describe the life cycle of a butterfly.",
+    "What is the currency of the United Kingdom?",
+    "Write a short riddle and give its answer.",
+    "How do I write a good cover letter?",
+    "Why is the sky dark at night?",
+    "What is a haiku?",
+    "Explain why we should drink water every day.",
+    "Give me a fun science experiment for kids.",
+    "What is the opposite of 'generous'?",
+    "Tell me about the planet Mars.",
 )
 
 
@@ -85,10 +170,23 @@ def repetition_stats(answers: Sequence[Sequence], empty: Sequence[bool] | None =
     spans = [longest_repeated_span(a) for a in answers]
     stats = {"answers": len(answers), "empty_rate": sum(empty) / len(answers),
              "mean_tokens": sum(len(a) for a in answers) / len(answers),
-             "longest_repeated_span": sum(spans) / len(spans), "longest_repeated_span_max": max(spans)}
+             "longest_repeated_span": sum(spans) / len(spans), "longest_repeated_span_max": max(spans),
+             "longest_repeated_span_se": standard_error(spans)}
     for n in (1, 2, 3):
-        stats[f"distinct_{n}"] = sum(distinct_ngram_ratio(a, n) for a in answers) / len(answers)
+        ratios = [distinct_ngram_ratio(a, n) for a in answers]
+        stats[f"distinct_{n}"] = sum(ratios) / len(ratios)
+        stats[f"distinct_{n}_se"] = standard_error(ratios)
     return stats
+
+
+def standard_error(values: Sequence[float]) -> float:
+    """Standard error of the mean over prompts (sample standard deviation / sqrt(n); 0 for one value):
+    how far two models' means must be apart before the prompts tell them apart."""
+    n = len(values)
+    if n < 2:
+        return 0.0
+    mean = sum(values) / n
+    return math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1) / n)
 
 
 @torch.no_grad()

@@ -287,6 +287,11 @@ def genres_markdown(results: dict) -> list[str]:
     return lines
 
 
+def with_se(value: float, se: float | None, digits: int) -> str:
+    """"0.664 +- 0.021" (the value alone for results written before standard errors were)."""
+    return f"{value:.{digits}f}" + ("" if se is None else f" +- {se:.{digits}f}")
+
+
 def chat_markdown(results: dict) -> list[str]:
     """Chat quality of every model (instruct parents)."""
     rows = {n: r["chat_quality"] for n, r in results.items() if r.get("chat_quality")}
@@ -294,13 +299,15 @@ def chat_markdown(results: dict) -> list[str]:
         return []
     lines = ["## Chat quality", "", "Greedy answers to fixed prompts through the chat template "
              "(`puzzlenas/eval/chat_quality.py`).", "",
-             "| model | empty answers | mean tokens | distinct-2 | longest repeated span (mean / max) | "
+             "| model | empty answers | mean tokens | distinct-2 (+- se) | longest repeated span (mean +- se / max) | "
              "KL on the parent's answers | agreement |", "|---|---|---|---|---|---|---|"]
     for n, c in rows.items():
-        lines.append(f"| {n} | {c['empty_rate']:.2f} | {c['mean_tokens']:.1f} | {c['distinct_2']:.3f} | "
-                     f"{c['longest_repeated_span']:.1f} / {c['longest_repeated_span_max']} | {c['kl_to_parent']:.4f} | "
-                     f"{c['top1_agreement']:.3f} |")
-    return lines + [""]
+        lines.append(f"| {n} | {c['empty_rate']:.2f} | {c['mean_tokens']:.1f} | "
+                     f"{with_se(c['distinct_2'], c.get('distinct_2_se'), 3)} | "
+                     f"{with_se(c['longest_repeated_span'], c.get('longest_repeated_span_se'), 1)} / "
+                     f"{c['longest_repeated_span_max']} | {c['kl_to_parent']:.4f} | {c['top1_agreement']:.3f} |")
+    prompts = len(next(iter(rows.values())).get("answers", {}))
+    return lines + ["", f"{prompts} prompts; se: the standard error of the mean over the prompts.", ""]
 
 
 def passes_markdown(run_dir: Path, records: list[dict]) -> list[str]:

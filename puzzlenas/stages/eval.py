@@ -283,18 +283,23 @@ def genre_table(results: dict) -> str:
 
 def chat_table(results: dict) -> str:
     """Chat quality of every model: empty answers, repetition, KL on the parent's answers."""
+    from ..eval.report import with_se
+
     if not any(r.get("chat_quality") for r in results.values()):
         return ""
     w = max([22, *map(len, results)])
     lines = ["chat quality (greedy answers to fixed prompts through the chat template)",
-             f"{'model':<{w}} {'empty':>6} {'tokens':>7} {'distinct-2':>10} {'rep. span':>9} {'max span':>8} "
-             f"{'KL on parent answers':>20} {'agree':>6}"]
+             f"{'model':<{w}} {'empty':>6} {'tokens':>7} {'distinct-2 +- se':>16} {'rep. span +- se':>15} "
+             f"{'max span':>8} {'KL on parent answers':>20} {'agree':>6}"]
     for n, r in results.items():
         c = r.get("chat_quality")
         if c:
-            lines.append(f"{n:<{w}} {c['empty_rate']:>6.2f} {c['mean_tokens']:>7.1f} {c['distinct_2']:>10.3f} "
-                         f"{c['longest_repeated_span']:>9.1f} {c['longest_repeated_span_max']:>8} "
-                         f"{c['kl_to_parent']:>20.4f} {c['top1_agreement']:>6.3f}")
+            lines.append(f"{n:<{w}} {c['empty_rate']:>6.2f} {c['mean_tokens']:>7.1f} "
+                         f"{with_se(c['distinct_2'], c.get('distinct_2_se'), 3):>16} "
+                         f"{with_se(c['longest_repeated_span'], c.get('longest_repeated_span_se'), 1):>15} "
+                         f"{c['longest_repeated_span_max']:>8} {c['kl_to_parent']:>20.4f} {c['top1_agreement']:>6.3f}")
+    answers = next((c["answers"] for c in (r.get("chat_quality") for r in results.values()) if c), {})
+    lines.append(f"{len(answers)} prompts; se: standard error of the mean over the prompts")
     return "\n".join(lines)
 
 
