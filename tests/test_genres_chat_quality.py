@@ -126,3 +126,26 @@ def test_chat_quality_of_the_parent_and_a_broken_child(tiny_run_inputs):
     assert set(out["child"]["answers"]) == set(prompts)
     with pytest.raises(ValueError, match="chat template"):
         C.chat_answers(parent, AutoTokenizer.from_pretrained(tiny_run_inputs["parent"]), prompts)
+
+
+def test_kl_on_transcripts_batched_equals_one_at_a_time(tiny_run_inputs):
+    """Right-padded batches of transcripts score exactly the positions one-at-a-time reading does."""
+    from puzzlenas.model.parent import load_parent
+
+    parent = load_parent(tiny_run_inputs["parent"]).eval()
+    child = load_parent(tiny_run_inputs["parent"]).eval()
+    with torch.no_grad():
+        child.lm_head.weight.add_(0.3 * torch.randn(child.lm_head.weight.shape,
+                                                    generator=torch.Generator().manual_seed(1)))
+    g = torch.Generator().manual_seed(0)
+    transcripts = [(torch.randint(3, 128, (p,), generator=g).tolist(), torch.randint(3, 128, (a,), generator=g).tolist())
+                   for p, a in ((5, 7), (2, 1), (9, 0), (3, 12), (1, 4))]  # lengths differ; one empty answer
+    one = C.kl_on_transcripts({"child": child, "parent": parent}, parent, transcripts, batch_size=1)
+    batched = C.kl_on_transcripts({"child": child, "parent": parent}, parent, transcripts, batch_size=3)
+    assert one["child"]["answer_tokens"] == batched["child"]["answer_tokens"] == 7 + 1 + 12 + 4
+    assert batched["child"]["kl_to_parent"] == pytest.approx(one["child"]["kl_to_parent"], rel=1e-4)
+    assert batched["child"]["top1_agreement"] == one["child"]["top1_agreement"]
+    assert one["child"]["kl_to_parent"] > 1e-3
+    assert batched["parent"]["kl_to_parent"] == pytest.approx(0.0, abs=1e-6)
+    with pytest.raises(ValueError, match="every answer is empty"):
+        C.kl_on_transcripts({"child": child}, parent, [([1, 2], [])])
