@@ -93,7 +93,7 @@ def test_the_fixed_chat_prompts_are_many_distinct_and_off_the_teacher_topics():
     from puzzlenas.eval.config import EvalConfig
 
     prompts = C.CHAT_PROMPTS
-    assert len(prompts) == EvalConfig().chat_quality_prompts == 100
+    assert len(prompts) == 100 and EvalConfig().chat_quality_prompts == 20  # runs made before keep 20
     assert len({p.lower() for p in prompts}) == len(prompts)
     later = " ".join(prompts[20:]).lower()  # the first 20 predate the rule
     assert not [t for t in TOPICS if t.lower() in later]

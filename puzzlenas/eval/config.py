@@ -38,12 +38,12 @@ class EvalConfig(InertFieldsRepr):
     genres: list[str] = field(default_factory=lambda: list(DEFAULT_GENRES))
     genre_tokens: int = 16384
     # Chat quality (eval/chat_quality.py) of instruct parents and their children: greedy answers
-    # to the first chat_quality_prompts of its 100 fixed prompts; empty-answer rate, repetition
-    # (with standard errors over the prompts), KL on the parent's own answers. auto = when the
-    # parent's tokenizer has a chat template; on / off. On a GPU all 100 answer in one batch, as
-    # fast as 20 (the number before session 14, whose distinct-2 had a standard error of ~0.04).
+    # to the first chat_quality_prompts of its 100 fixed prompts (eval/chat_prompts.py); empty-answer
+    # rate, repetition (with standard errors over the prompts), KL on the parent's own answers.
+    # auto = when the parent's tokenizer has a chat template; on / off. Over 20 prompts distinct-2
+    # has a standard error of ~0.05; the GPU preset asks all 100 (one batch there, as fast as 20).
     chat_quality: str = "auto"
-    chat_quality_prompts: int = 100
+    chat_quality_prompts: int = 20
     chat_quality_max_new_tokens: int = 128
     # The assembled children before GKD too (what GKD changed); off saves about 40% of the stage
     # (the GPU preset's 10-minute bound) and the report shows "-" for them.
@@ -64,7 +64,7 @@ class EvalConfig(InertFieldsRepr):
             raise ValueError(f"eval.chat_quality = {self.chat_quality!r}; allowed: auto, on, off")
         if min(self.genre_tokens, self.chat_quality_prompts, self.chat_quality_max_new_tokens) < 1:
             raise ValueError("eval.genre_tokens, chat_quality_prompts, chat_quality_max_new_tokens must be >= 1")
-        from .chat_quality import CHAT_PROMPTS
+        from .chat_prompts import CHAT_PROMPTS
 
         if self.chat_quality_prompts > len(CHAT_PROMPTS):
             raise ValueError(f"eval.chat_quality_prompts = {self.chat_quality_prompts}, but there are "
