@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..sections import InertFieldsRepr
+from .chat_prompts import CHAT_PROMPTS
 
 # The out-of-genre evaluation texts of eval/genres.py. "reviews" (movie reviews shipped in gensim's
 # test data: research use only, no licence stated) is left out of the default: docs/tasks.md.
@@ -64,8 +65,6 @@ class EvalConfig(InertFieldsRepr):
             raise ValueError(f"eval.chat_quality = {self.chat_quality!r}; allowed: auto, on, off")
         if min(self.genre_tokens, self.chat_quality_prompts, self.chat_quality_max_new_tokens) < 1:
             raise ValueError("eval.genre_tokens, chat_quality_prompts, chat_quality_max_new_tokens must be >= 1")
-        from .chat_prompts import CHAT_PROMPTS
-
         if self.chat_quality_prompts > len(CHAT_PROMPTS):
             raise ValueError(f"eval.chat_quality_prompts = {self.chat_quality_prompts}, but there are "
                              f"{len(CHAT_PROMPTS)} fixed chat prompts; ask for at most {len(CHAT_PROMPTS)}")
