@@ -124,7 +124,10 @@ class _FusedHeadKL(torch.autograd.Function):
     def forward(ctx, rows_c, weight_c, rows_p, weight_p, labels, kl_w, lm_w, chunk, mm_dtype, reduce_chunk):
         n = rows_c.shape[0]
         grad_rows = torch.empty_like(rows_c)
-        grad_weight = torch.zeros(weight_c.shape, dtype=torch.float32, device=weight_c.device)
+        # a frozen head (gkd.train_embeddings false) needs no weight gradient: one matmul fewer a chunk
+        want_weight = ctx.needs_input_grad[1]
+        grad_weight = torch.zeros(weight_c.shape if want_weight else (0,), dtype=torch.float32,
+                                  device=weight_c.device)
         kl = torch.zeros((), dtype=torch.float32, device=rows_c.device)
         lm = torch.zeros((), dtype=torch.float32, device=rows_c.device)
         wc, wp = weight_c.to(mm_dtype), weight_p.to(mm_dtype)
@@ -137,17 +140,19 @@ class _FusedHeadKL(torch.autograd.Function):
             lm += lm_sum
             grad_z = grad_z.to(mm_dtype)
             grad_rows[sl] = (grad_z @ wc).to(rows_c.dtype)
-            grad_weight += (grad_z.t() @ hc).float()  # product in mm_dtype, fp32 sum (as autocast does)
+            if want_weight:
+                grad_weight += (grad_z.t() @ hc).float()  # product in mm_dtype, fp32 sum (as autocast does)
         kl, lm = kl / n, lm / n
         ctx.save_for_backward(grad_rows, grad_weight)
-        ctx.weight_dtype = weight_c.dtype
+        ctx.weight_dtype, ctx.want_weight = weight_c.dtype, want_weight
         ctx.mark_non_differentiable(kl, lm)
         return kl_w * kl + lm_w * lm, kl, lm
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_kl, _grad_lm):
         grad_rows, grad_weight = ctx.saved_tensors
-        return (grad_rows * grad_loss, (grad_weight * grad_loss).to(ctx.weight_dtype),
+        grad_w = (grad_weight * grad_loss).to(ctx.weight_dtype) if ctx.want_weight else None
+        return (grad_rows * grad_loss, grad_w,
                 None, None, None, None, None, None, None, None)
 
 
@@ -226,6 +231,13 @@ def fused_head_divergence(child: DeciLMForCausalLM, parent: DeciLMForCausalLM, h
                               1.0, 0.0, cfg.logits_chunk, dtype, reduce_chunk)
 
 
+def freeze_embeddings(child: DeciLMForCausalLM) -> None:
+    """gkd.train_embeddings false: the token embedding and the LM head (one tensor when tied) keep
+    the parent's values; GKD trains the decoder layers and the norms."""
+    child.model.embed_tokens.weight.requires_grad_(False)
+    child.lm_head.weight.requires_grad_(False)
+
+
 class GKDTrainer:
     """Distills one child from the parent; writes checkpoints and the final model to out_dir."""
 
@@ -246,6 +258,8 @@ class GKDTrainer:
         self.sharded = world_size > 1 and not data_parallel
         self.steps = math.ceil(cfg.tokens / (cfg.batch_size * seq_len * world_size)) if cfg.tokens else 0
         self.autocast_dtype = autocast_dtype(cfg.autocast, self.device)
+        if not cfg.train_embeddings:
+            freeze_embeddings(child)
         params = [p for p in child.parameters() if p.requires_grad]
         self.optimizer = adamw(params, cfg, self.device, sharded=self.sharded)
         self.scheduler = lr_scheduler(self.optimizer, self.steps, cfg)

@@ -264,12 +264,18 @@ class GKDConfig(OptimizerConfig):
     # keeps on text of other genres (issue 11), and changing teacher.train_share instead redoes
     # every teacher-dependent stage (library, BLD, scores, search).
     teacher_share: float | None = None
+    # False: the token embedding (and the LM head, tied or not) stays the parent's during GKD. The
+    # corpus and the teacher text use a fraction of the vocabulary; the rows of the other tokens
+    # only decay and drift, and text of other genres reads them (issue 11). Also skips the head's
+    # weight gradient (one of the child head's three (N, V) matmuls).
+    train_embeddings: bool = True
     REPR_ORDER = ("tokens", "batch_size", "lr", "min_lr_fraction", "warmup_fraction", "weight_decay", "betas",
                   "grad_clip", "cosine_weight", "kl_weight", "lm_loss_weight", "logits_chunk", "compile",
                   "activation_checkpointing", "checkpoint_every", "autocast", "validation_tokens", "chat_fraction",
                   "chat_requests", "chat_max_new_tokens", "chat_temperature", "chat_batch_size", "parallel",
                   "on_policy_fraction", "on_policy_divergence", "on_policy_temperature", "on_policy_top_p",
-                  "on_policy_max_new_tokens", "on_policy_prompt_tokens", "on_policy_chat_share", "teacher_share")
+                  "on_policy_max_new_tokens", "on_policy_prompt_tokens", "on_policy_chat_share", "teacher_share",
+                  "train_embeddings")
     RUN_ONLY = ("parallel",)
     ON_POLICY = ("on_policy_fraction", "on_policy_divergence", "on_policy_temperature", "on_policy_top_p",
                  "on_policy_max_new_tokens", "on_policy_prompt_tokens", "on_policy_chat_share")
@@ -278,8 +284,10 @@ class GKDConfig(OptimizerConfig):
         # With the on-policy phase off its settings change nothing: runs made before it existed
         # keep their stage and checkpoint fingerprints.
         # teacher_share None (teacher.train_share) reproduces the runs made before the field.
+        # train_embeddings True (the embedding trained) reproduces the runs made before the field.
         return self.RUN_ONLY + (self.ON_POLICY if not self.on_policy_fraction else ()) + \
-            (("teacher_share",) if self.teacher_share is None else ())
+            (("teacher_share",) if self.teacher_share is None else ()) + \
+            (("train_embeddings",) if self.train_embeddings else ())
 
     def validate(self) -> None:
         self.validate_optimizer("gkd")

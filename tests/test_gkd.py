@@ -105,6 +105,30 @@ def test_a_gkd_step_has_the_gradient_of_the_plain_loss(tmp_path, checkpointing, 
         torch.testing.assert_close(fast[name], plain[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
+def test_frozen_embeddings_keep_the_parents_rows_and_the_other_gradients(tmp_path):
+    """gkd.train_embeddings false: the tied embedding / head gets no gradient and no decay (so it
+    stays the parent's), every other gradient is the one of the trained-embedding step."""
+    parent, child = pair()
+    ids = torch.randint(0, 128, (2, 8))
+    base = dict(logits_chunk=4, cosine_weight=0.0, batch_size=2, tokens=64, lr=1e-2, weight_decay=0.1)
+    child.train()
+    GKDTrainer(child, parent, GKDConfig(**base), tmp_path / "a", 8, log=lambda *a: None).loss_and_backward(ids)
+    trained = grads(child)
+    embedding = child.model.embed_tokens.weight.detach().clone()
+    trainer = GKDTrainer(child, parent, GKDConfig(**base, train_embeddings=False), tmp_path / "b", 8,
+                         log=lambda *a: None)
+    parts = trainer.loss_and_backward(ids)
+    frozen = grads(child)
+    assert "lm_head.weight" in trained and "lm_head.weight" not in frozen
+    assert frozen.keys() == trained.keys() - {"lm_head.weight", "model.embed_tokens.weight"}
+    for name in frozen:
+        torch.testing.assert_close(frozen[name], trained[name], rtol=1e-5, atol=1e-7, msg=name)
+    history = trainer.train([ids] * 4)
+    assert torch.equal(child.model.embed_tokens.weight, embedding)  # neither trained nor decayed
+    assert history[-1]["kl"] < parts["kl"].item()  # the rest of the child still learns
+    assert "train_embeddings" not in repr(GKDConfig()) and "train_embeddings=False" in repr(trainer.cfg)
+
+
 @pytest.mark.slow  # ~40 s on 2 CPU cores with a cold Inductor cache (C++ codegen)
 def test_compiled_gkd_step_compiles_one_graph_per_block_kind_and_keeps_the_gradient(tmp_path):
     """gkd.compile=on: the layers run through one compiled function; every layer of a kind reuses

@@ -20,7 +20,14 @@ def measured_settings(cfg: RunConfig) -> dict | None:
     return {k: getattr(cfg.search, k) for k in cfg.search.MEASURE_FIELDS if k != "measure"}
 
 
-STAGE = Stage("search", config=("search", ("measured", lambda cfg: measured_settings(cfg))),
+def selection_gkd_settings(cfg: RunConfig) -> str | None:
+    """What the candidates' short GKD adds to the fingerprint (its GKD settings come from the gkd
+    section: a new gkd.lr must redo the selection): None without a short GKD."""
+    return repr(short_gkd_config(cfg)) if cfg.search.select_gkd_tokens else None
+
+
+STAGE = Stage("search", config=("search", ("measured", lambda cfg: measured_settings(cfg)),
+                                ("selection_gkd", selection_gkd_settings)),
               upstream=(scores.STAGE, costs.STAGE))
 
 
@@ -198,13 +205,11 @@ def short_gkd(cfg: RunConfig, dataset, teacher):
     same batches, so that they are compared on equal footing. Compiled when the run's GKD will be
     (gkd.compile auto: its tokens decide): the graphs of the candidates' block kinds, compiled for
     the first candidate, serve the others and the run's GKD in this process."""
-    import dataclasses
     import tempfile
 
     from ..gkd import GKDTrainer
 
-    gkd_cfg = dataclasses.replace(cfg.gkd, tokens=cfg.search.select_gkd_tokens, chat_fraction=0.0,
-                                  on_policy_fraction=0.0, checkpoint_every=10**9)
+    gkd_cfg = short_gkd_config(cfg)
 
     def repair(child) -> None:
         child.float()  # fp32 master weights, as GKD trains them
@@ -216,6 +221,15 @@ def short_gkd(cfg: RunConfig, dataset, teacher):
 
     steps = -(-gkd_cfg.tokens // (gkd_cfg.batch_size * dataset.seq_len))
     return repair, steps * gkd_cfg.batch_size * dataset.seq_len
+
+
+def short_gkd_config(cfg: RunConfig):
+    """The run's GKD settings for the candidates' short GKD: select_gkd_tokens, no chat
+    transcripts, no on-policy phase, no checkpoints."""
+    import dataclasses
+
+    return dataclasses.replace(cfg.gkd, tokens=cfg.search.select_gkd_tokens, chat_fraction=0.0,
+                               on_policy_fraction=0.0, checkpoint_every=10**9)
 
 
 def frontier_key(cfg: RunConfig, run_dir: Path) -> str:
