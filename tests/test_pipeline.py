@@ -130,6 +130,28 @@ def test_derived_fingerprints_equal_the_old_hand_chained_ones(tmp_path, peers):
     assert got == {**LEGACY_FINGERPRINTS, **(LEGACY_WITH_PEERS if peers else {})}
 
 
+def test_the_search_fingerprint_holds_the_gkd_settings_only_with_a_short_gkd(tmp_path):
+    """The candidates' short GKD (search.select_gkd_tokens) trains with the gkd section's settings:
+    a new gkd.lr must redo the selection; without a short GKD gkd settings do not touch the search."""
+    from puzzlenas.config import load_run_config
+    from puzzlenas.stages import search
+
+    path = tmp_path / "cfg.yaml"
+    path.write_text(LEGACY_CONFIG)
+
+    def fingerprint(*overrides):
+        return search.STAGE.fingerprint(load_run_config(path, ["serving.runtime=hf", *overrides]))
+
+    assert fingerprint() == fingerprint("gkd.lr=0.01") == LEGACY_FINGERPRINTS["search"]
+    short = fingerprint("search.select_gkd_tokens=256")
+    assert short != fingerprint()
+    assert fingerprint("search.select_gkd_tokens=256", "gkd.lr=0.01") != short
+    assert fingerprint("search.select_gkd_tokens=256", "gkd.train_embeddings=false") != short
+    # settings the short GKD replaces or does not use leave it alone
+    assert fingerprint("search.select_gkd_tokens=256", "gkd.tokens=4096", "gkd.checkpoint_every=3",
+                       "gkd.on_policy_fraction=0.5") == short
+
+
 def _copy(run, to):
     import shutil
 
