@@ -1,6 +1,6 @@
 """Where does a child lose the parent out of genre? (issue 11)
 
-For each evaluation genre and the test split, every predicted token of every row is put in one of
+For each evaluation genre and the run's test split (same-genre text, for comparison), every predicted token of every row is put in one of
 two classes:
   * "copy": the bigram (previous token, this token) already occurred earlier in the row, the
     pattern induction heads complete by attending back (names, defined terms, repeated clauses);
@@ -12,6 +12,7 @@ out of genre lies mostly in "copy" positions, the attention the search removes (
 text) is what the out-of-genre gap is made of.
 
   python benchmarks/oog_positions.py RUN_DIR [--models gkd-decode-1.5x ...] [--tokens 16384] [--out f.json]
+Rows are data.seq_len tokens long (the run's), as eval reads them.
 """
 
 from __future__ import annotations
@@ -66,38 +67,48 @@ def summarize(excess: torch.Tensor, kl: torch.Tensor, copy: torch.Tensor) -> dic
     return out
 
 
+@torch.no_grad()
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("run_dir", type=Path)
     ap.add_argument("--models", nargs="*", default=None, help="model folders in the run (default: gkd-*)")
-    ap.add_argument("--genres", nargs="*", default=["dialogue", "legal", "readme"])
+    ap.add_argument("--genres", nargs="*", default=["test", "dialogue", "legal", "readme"],
+                    help="evaluation genres; test: the run's test split")
     ap.add_argument("--tokens", type=int, default=16384, help="per genre")
-    ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
 
     from transformers import AutoTokenizer
 
-    from puzzlenas.data.tokenizer import tokenize_documents  # noqa: F401  (genre_rows imports it)
+    from puzzlenas.config import load_run_config
     from puzzlenas.eval.genres import genre_rows
     from puzzlenas.integrity import load_model_checked
     from puzzlenas.stages.base import RunDir
+    from puzzlenas.stages.common import load_data
+
+    cfg = load_run_config(args.run_dir / "config.yaml")
+    seq_len = cfg.data.seq_len
+
+    def rows_of(genre: str) -> torch.Tensor:
+        if genre == "test":
+            rows = load_data(cfg, args.run_dir, teacher=False).split("test")[: max(1, args.tokens // seq_len)]
+        else:
+            rows = genre_rows(genre, tokenizer, seq_len, args.tokens)
+        return torch.from_numpy(np.asarray(rows).astype(np.int64))
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     tokenizer = AutoTokenizer.from_pretrained(RunDir(args.run_dir).parent)
     parent = load_model_checked(RunDir(args.run_dir).parent, dtype).to(device).eval()
     names = args.models or sorted(p.name for p in args.run_dir.glob("gkd-*") if (p / "config.json").exists())
-    texts = {g: torch.from_numpy(genre_rows(g, tokenizer, args.seq_len, args.tokens).astype(np.int64))
-             for g in args.genres}
+    texts = {g: rows_of(g) for g in args.genres}
     results: dict = {}
     for genre, rows in texts.items():
         rows = rows.to(device)
         copy = copy_mask(rows.cpu())
         p_logp = [F.log_softmax(parent(b).logits[:, :-1].float(), -1).cpu() for b in rows.split(args.batch)]
         p_nll = torch.cat([-lp.gather(-1, b[:, 1:, None].cpu())[..., 0] for lp, b in zip(p_logp, rows.split(args.batch))])
-        it = iter(p_logp)
         results[genre] = {"parent_nll": p_nll.mean().item(), "copy_share": copy.float().mean().item(),
                           "parent_nll_copy": p_nll[copy].mean().item(), "parent_nll_other": p_nll[~copy].mean().item()}
         for name in names:
