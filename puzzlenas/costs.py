@@ -494,3 +494,62 @@ def costs_table(table: dict, check: list[dict]) -> str:
         lines.append(f"  calibration {key}: measured = {fit['scale']:.3f} x block sum + "
                      f"{fit['offset_s'] * 1e3:.3f} ms (fit on {fit['models']} models; folded into the table above)")
     return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------
+# Other processes' load while the costs are measured (CPU)
+# --------------------------------------------------------------------------------------------
+OTHER_LOAD_WARNING = 0.2  # share of the machine's CPU other processes may use before costs are suspect
+
+
+def machine_cpu_ticks(stat: str = "/proc/stat") -> tuple[int, int] | None:
+    """(all ticks, busy ticks) of the machine so far, from the aggregate `cpu` line of /proc/stat
+    (idle and iowait count as idle); None where it cannot be read."""
+    try:
+        fields = [int(v) for v in open(stat).readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    if len(fields) < 4:
+        return None
+    total = sum(fields[:8])
+    return total, total - fields[3] - (fields[4] if len(fields) > 4 else 0)
+
+
+def own_cpu_seconds() -> float:
+    """This process's CPU time so far (every thread), user + system."""
+    import os
+
+    t = os.times()
+    return t.user + t.system
+
+
+class OtherLoad:
+    """The share of the machine's CPU that other processes used between construction and
+    `share()`: the machine's busy ticks minus this process's own CPU time, over all ticks. Block
+    costs measured beside a busy process are biased, not uniformly slower: beside the test suite
+    on 2 cores an FFN 1536 decode step read 2.7x an FFN 768 one (other runs: 1.7-2.0x), and the search
+    chose a child that missed its target (benchmarks/RESULTS.md, session 15)."""
+
+    def __init__(self, stat: str = "/proc/stat", own=own_cpu_seconds, ticks_per_second: int | None = None):
+        import os
+
+        self.stat, self.own = stat, own
+        self.hz = ticks_per_second or os.sysconf("SC_CLK_TCK")
+        self.start, self.own_start = machine_cpu_ticks(stat), own()
+
+    def share(self) -> float | None:
+        end = machine_cpu_ticks(self.stat)
+        if self.start is None or end is None or end[0] <= self.start[0]:
+            return None
+        total, busy = end[0] - self.start[0], end[1] - self.start[1]
+        own = (self.own() - self.own_start) * self.hz
+        return max(0.0, min(1.0, (busy - own) / total))
+
+
+def other_load_warning(share: float | None) -> str | None:
+    """The warning for costs measured while other processes used `share` of the CPU, or None."""
+    if share is None or share < OTHER_LOAD_WARNING:
+        return None
+    return (f"warning: other processes used {share:.0%} of the CPU while the costs were measured: block costs "
+            f"measured beside a busy process are biased (not uniformly slower) and the children chosen on them can "
+            f"miss their targets; rerun the stage on an idle machine: puzzlenas run --force costs")

@@ -235,3 +235,24 @@ def test_small_functions_get_more_calls_per_sample(monkeypatch):
     assert inference._calls_for(costs(1e-4), torch.device("cpu")) == 50  # 5 ms / 0.1 ms
     assert inference._calls_for(costs(1.0), torch.device("cpu")) == 1
     assert inference.trimmed_mean([1.0, 1.0, 1.0, 50.0]) == 1.0 and inference.trimmed_mean([3.0, 1.0]) == 2.0
+
+
+def test_other_processes_load_is_the_machines_busy_time_less_this_process(tmp_path):
+    """OtherLoad: (machine busy ticks - own CPU time) / all ticks between start and share();
+    the warning names the fix only from OTHER_LOAD_WARNING on."""
+    from puzzlenas.costs import OTHER_LOAD_WARNING, OtherLoad, other_load_warning
+
+    stat = tmp_path / "stat"
+
+    def write(user, idle, iowait=0):  # cpu user nice system idle iowait irq softirq steal
+        stat.write_text(f"cpu  {user} 0 0 {idle} {iowait} 0 0 0 0 0\ncpu0 1 2 3 4\n")
+
+    own = iter([10.0, 14.0])  # seconds of this process: 4 s = 400 ticks at 100 Hz
+    write(1000, 5000)
+    load = OtherLoad(str(stat), own=lambda: next(own), ticks_per_second=100)
+    write(1000 + 900, 5000 + 900, iowait=200)  # 2,000 ticks: 900 busy (400 ours), 1,100 idle or iowait
+    assert load.share() == pytest.approx(500 / 2000)
+    assert "25% of the CPU" in other_load_warning(0.25) and "--force costs" in other_load_warning(0.25)
+    assert other_load_warning(OTHER_LOAD_WARNING - 0.01) is None and other_load_warning(None) is None
+    stat.write_text("garbage")
+    assert OtherLoad(str(stat), own=lambda: 0.0).share() is None  # unreadable: no claim either way

@@ -6,6 +6,7 @@ trained weights: retraining the library never remeasures them.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -24,8 +25,8 @@ STAGE = Stage("costs", config=("library", "costs", "device", ("runtime", runtime
 def run(cfg: RunConfig, run_dir: Path) -> Path:
     """Write costs/costs.json (per subblock and scenario) and check.json (whole models measured)."""
     from ..checkpoint import atomic_write_json, atomic_write_text
-    from ..costs import (calibrate, calibrated_check, check_against_whole_models, costs_table, load_recorded_table,
-                         measure_costs, random_children)
+    from ..costs import (OtherLoad, calibrate, calibrated_check, check_against_whole_models, costs_table,
+                         load_recorded_table, measure_costs, other_load_warning, random_children)
     from ..dist import resolve_device
     from ..library import read_space
     from ..model.modeling import DeciLMConfig
@@ -38,6 +39,8 @@ def run(cfg: RunConfig, run_dir: Path) -> Path:
     space = read_space(paths.space)
     attention = [v.config for att, _ in space for v in att]
     ffn = [v.config for _, f in space for v in f]
+    # A GPU's timings do not share its cores; under torchrun the other ranks are this run's own processes.
+    other_load = OtherLoad() if device.type == "cpu" and os.environ.get("WORLD_SIZE", "1") == "1" else None
     if cfg.costs.recorded:  # priced elsewhere (or earlier): the check below reports how well it fits here
         table = load_recorded_table(cfg.costs.recorded, attention, ffn, cfg.costs.scenarios)
     else:
@@ -52,6 +55,9 @@ def run(cfg: RunConfig, run_dir: Path) -> Path:
     atomic_write_json(paths.costs, table)
     atomic_write_json(out / "check.json", check)
     text = costs_table(table, check)
+    warning = other_load_warning(other_load.share()) if other_load is not None else None
+    if warning:
+        text += "\n" + warning
     atomic_write_text(out / "table.txt", text + "\n")
     print(text)
     STAGE.mark_done(cfg, run_dir, device=table["device"].get("name"))
